@@ -1,0 +1,69 @@
+"""The Faust application the workers run, configured from :class:`Settings`.
+
+One app per worker deployment: ``shadowpipe worker all`` registers every processor in one
+process (the embedded default); ``shadowpipe worker join`` only the joiner. The app id,
+and so the consumer group, is named after the processors it runs, so a group's members
+always subscribe to the same topics.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from shadowpipe.config import Settings
+
+
+def app_id(settings: Settings, processors: Sequence[str]) -> str:
+    """``shadowpipe.worker-join``; ``shadowpipe.worker-all`` for every processor."""
+    return f"{settings.topic_prefix}worker-{'-'.join(processors)}"
+
+
+def credentials(settings: Settings) -> Any:
+    """Faust broker credentials mirroring the confluent-kafka security pass-through."""
+    import faust
+
+    protocol = settings.kafka_security_protocol
+    context = None
+    if protocol.endswith("SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_ca_location or None)
+        if settings.kafka_ssl_certificate_location:
+            context.load_cert_chain(
+                settings.kafka_ssl_certificate_location, settings.kafka_ssl_key_location or None
+            )
+    if protocol.startswith("SASL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    return faust.SSLCredentials(context) if context else None
+
+
+def make_app(settings: Settings, processors: Sequence[str], web_port: int | None = None) -> Any:
+    """A Faust app for ``processors`` with raw (bytes) serialisation: decoding is ours."""
+    import faust
+
+    return faust.App(
+        app_id(settings, processors),
+        broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",")],
+        broker_credentials=credentials(settings),
+        key_serializer="raw",
+        value_serializer="raw",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=False,  # topics are created by `stack up` / deploy, not by workers
+        # The embedded broker answers JoinGroup only after session timeout / 2.
+        broker_session_timeout=6,
+        broker_heartbeat_interval=1,
+        broker_commit_interval=1.0,
+        web_enabled=True,
+        web_bind=settings.web_host,
+        web_port=web_port or settings.web_port,
+        web_host=settings.web_host,
+        datadir=str(settings.home_path / "faust"),
+        stream_buffer_maxsize=8192,
+        consumer_auto_offset_reset="earliest",
+    )

@@ -1,0 +1,61 @@
+"""``shadowpipe worker NAME``: run processors in a Faust worker.
+
+Each processor is a module ``shadowpipe.processors.<name>.agent`` with an
+``install(app, settings)`` function that checks its own requirements (raising
+:class:`~shadowpipe.config.ConfigError` before anything starts) and declares its agents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from shadowpipe.config import Settings
+
+PROCESSORS = ("shadow", "join", "monitor")
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    worker = sub.add_parser("worker", parents=[common], help="run processors (Faust worker)")
+    worker.add_argument("name", choices=("all", *PROCESSORS), help="which processor(s) to run")
+    worker.set_defaults(func=worker_cmd)
+
+
+def worker_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    names = PROCESSORS if args.name == "all" else (args.name,)
+    run(settings, names)
+    return 0
+
+
+def build(settings: Settings, names: Sequence[str]) -> Any:
+    """Check the stack, then build the app with ``names`` installed."""
+    from shadowpipe.processors.app import make_app
+
+    from shadowpipe.kafka import check_reachable, ensure_topics
+
+    check_reachable(settings, f"worker {'+'.join(names)}")
+    ensure_topics(settings)
+    app = make_app(settings, names)
+    for name in names:
+        importlib.import_module(f"shadowpipe.processors.{name}.agent").install(app, settings)
+    return app
+
+
+def run(settings: Settings, names: Sequence[str]) -> None:
+    """Run the worker until interrupted."""
+    import faust
+
+    app = build(settings, names)
+    log.info("starting worker %s", app.conf.id)
+    worker = faust.Worker(
+        app,
+        loglevel=settings.log_level,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+    )
+    worker.execute_from_commandline()

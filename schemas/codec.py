@@ -1,0 +1,220 @@
+"""Wire formats: one encoder, one decoder that recognises all three formats.
+
+* **Confluent framing** (``0x00`` + 4-byte big-endian schema id + Avro body) when a schema
+  registry URL is configured; ids are resolved through the registry and cached, or from
+  ``known_ids`` given up front.
+* **Avro single-object encoding** (``C3 01`` + 8-byte little-endian CRC-64-AVRO fingerprint
+  + Avro body) otherwise; fingerprints resolve against the current and released schemas in
+  ``schemas/``, so data written with any released version reads with the current one.
+* **JSON**: a UTF-8 JSON object of the record's shape, for services that cannot produce
+  Avro. Missing fields take their schema defaults.
+
+Anything else raises :class:`DecodeError` with a reason, which workers dead-letter.
+
+>>> codec = Codec()
+>>> fb = {"request_id": "r1", "label": "spam", "event_time": 1700000000000}
+>>> data = codec.encode("Feedback", fb)
+>>> data[:2]
+b'\\xc3\\x01'
+>>> codec.decode(data, "Feedback")["label"]
+'spam'
+>>> codec.decode(b'{"request_id": "r1", "label": "spam", "event_time": 1700000000000}',
+...              "Feedback") == codec.decode(data, "Feedback")
+True
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import urllib.request
+from typing import Any
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from shadowpipe.schemas import NAMES, released, released_versions, schema
+
+SINGLE_OBJECT_MARKER = b"\xc3\x01"
+CONFLUENT_MAGIC = 0
+_JSON_START = frozenset(b"{ \t\r\n")
+
+Record = dict[str, Any]
+
+
+class DecodeError(ValueError):
+    """A message that is not a valid record of the expected kind; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
+    """CRC-64-AVRO fingerprint of a schema's canonical form, as the 8 bytes on the wire."""
+    hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
+    return int(hex_fp, 16).to_bytes(8, "little")
+
+
+class SchemaRegistryClient:
+    """Minimal Confluent Schema Registry REST client (register and fetch by id).
+
+    >>> SchemaRegistryClient("http://127.0.0.1:8081").url
+    'http://127.0.0.1:8081'
+    """
+
+    def __init__(self, url: str, timeout_s: float = 5.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/vnd.schemaregistry.v1+json"},
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+            return json.loads(resp.read())
+
+    def register(self, subject: str, parsed: dict[str, Any]) -> int:
+        """Register ``parsed`` under ``subject`` and return its global id."""
+        canonical = to_parsing_canonical_form(parsed)
+        return int(self._call("POST", f"/subjects/{subject}/versions", {"schema": canonical})["id"])
+
+    def schema_by_id(self, schema_id: int) -> dict[str, Any]:
+        """The writer schema registered under ``schema_id``."""
+        reply = self._call("GET", f"/schemas/ids/{schema_id}")
+        return fastavro.parse_schema(json.loads(reply["schema"]))
+
+
+class Codec:
+    """Encode records for the wire and decode any of the three accepted formats.
+
+    Parameters
+    ----------
+    registry_url
+        Confluent Schema Registry URL; empty selects single-object encoding.
+    known_ids
+        Schema ids known without asking a registry (``{id: parsed_schema}``).
+    """
+
+    def __init__(
+        self, registry_url: str = "", *, known_ids: dict[int, dict[str, Any]] | None = None
+    ) -> None:
+        self.registry = SchemaRegistryClient(registry_url) if registry_url else None
+        self._by_id: dict[int, dict[str, Any]] = dict(known_ids or {})
+        self._id_for: dict[str, int] = {}
+        self._by_fingerprint: dict[bytes, dict[str, Any]] = {}
+        self._header: dict[str, bytes] = {}
+        for name in NAMES:
+            current = schema(name)
+            self._by_fingerprint[schema_fingerprint(current)] = current
+            self._header[name] = SINGLE_OBJECT_MARKER + schema_fingerprint(current)
+            for version in released_versions():
+                old = released(version, name)
+                if old is not None:
+                    self._by_fingerprint.setdefault(schema_fingerprint(old), old)
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def encode(self, name: str, record: Record, *, subject: str | None = None) -> bytes:
+        """Encode ``record`` as schema ``name``: Confluent-framed with a registry, else
+        single-object. ``subject`` (default ``<name>-value``) is the registry subject."""
+        buf = io.BytesIO()
+        buf.write(self._prefix(name, subject))
+        fastavro.schemaless_writer(buf, schema(name), record)
+        return buf.getvalue()
+
+    def _prefix(self, name: str, subject: str | None) -> bytes:
+        if self.registry is None:
+            return self._header[name]
+        key = subject or f"{name}-value"
+        if key not in self._id_for:
+            schema_id = self.registry.register(key, schema(name))
+            self._id_for[key] = schema_id
+            self._by_id[schema_id] = schema(name)
+        return struct.pack(">bI", CONFLUENT_MAGIC, self._id_for[key])
+
+    def confluent_frame(self, schema_id: int, name: str, record: Record) -> bytes:
+        """Encode with Confluent framing under a known ``schema_id`` (no registry call)."""
+        self._by_id.setdefault(schema_id, schema(name))
+        buf = io.BytesIO()
+        buf.write(struct.pack(">bI", CONFLUENT_MAGIC, schema_id))
+        fastavro.schemaless_writer(buf, schema(name), record)
+        return buf.getvalue()
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def decode(self, data: bytes | None, name: str) -> Record:
+        """Decode ``data`` into a record of the current schema ``name``.
+
+        Raises :class:`DecodeError` with a reason for anything that is not one.
+        """
+        if not data:
+            raise DecodeError("empty message")
+        if data[:2] == SINGLE_OBJECT_MARKER:
+            return self._decode_single_object(data, name)
+        if data[0] == CONFLUENT_MAGIC:
+            return self._decode_confluent(data, name)
+        if data[0] in _JSON_START:
+            return self._decode_json(data, name)
+        raise DecodeError(f"unrecognised framing: first byte 0x{data[0]:02x} is not Avro or JSON")
+
+    def _decode_single_object(self, data: bytes, name: str) -> Record:
+        if len(data) < 10:
+            raise DecodeError("truncated single-object header")
+        writer = self._by_fingerprint.get(data[2:10])
+        if writer is None:
+            raise DecodeError(f"unknown schema fingerprint {data[2:10][::-1].hex()}")
+        return self._read_body(data, 10, writer, name)
+
+    def _decode_confluent(self, data: bytes, name: str) -> Record:
+        if len(data) < 5:
+            raise DecodeError("truncated Confluent header")
+        (schema_id,) = struct.unpack_from(">I", data, 1)
+        writer = self._by_id.get(schema_id)
+        if writer is None and self.registry is not None:
+            try:
+                writer = self._by_id[schema_id] = self.registry.schema_by_id(schema_id)
+            except OSError as exc:
+                raise DecodeError(f"schema id {schema_id}: registry lookup failed: {exc}") from exc
+        if writer is None:
+            raise DecodeError(f"unknown schema id {schema_id} (no registry configured)")
+        return self._read_body(data, 5, writer, name)
+
+    def _read_body(self, data: bytes, start: int, writer: dict[str, Any], name: str) -> Record:
+        reader = schema(name)
+        if writer["name"] != reader["name"]:
+            raise DecodeError(f"expected {reader['name']}, got {writer['name']}")
+        buf = io.BytesIO(data)
+        buf.seek(start)
+        try:
+            record = fastavro.schemaless_reader(
+                buf, writer, None if writer is reader else reader
+            )
+        except Exception as exc:  # fastavro raises many types on corrupt bodies
+            raise DecodeError(f"corrupt Avro body for {name}: {type(exc).__name__}: {exc}") from exc
+        if buf.tell() != len(data):
+            raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after {name} body")
+        return record
+
+    def _decode_json(self, data: bytes, name: str) -> Record:
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise DecodeError(f"invalid JSON: {exc}") from exc
+        if not isinstance(obj, dict):
+            raise DecodeError(f"JSON message is a {type(obj).__name__}, not an object")
+        for field in schema(name)["fields"]:
+            if field["name"] not in obj and "default" in field:
+                obj[field["name"]] = field["default"]
+        # Round-trip through Avro: validates types and rejects unknown fields.
+        buf = io.BytesIO()
+        try:
+            fastavro.schemaless_writer(buf, schema(name), obj, strict=True)
+        except Exception as exc:
+            raise DecodeError(f"JSON does not match {name}: {exc}") from exc
+        buf.seek(0)
+        return fastavro.schemaless_reader(buf, schema(name), None)

@@ -1,0 +1,65 @@
+"""Redis and ClickHouse clients built from :class:`~shadowpipe.config.Settings`.
+
+ClickHouse URLs: ``http(s)://user:password@host:port/database`` for a server, or
+``chdb:///absolute/path`` for the embedded engine (one process owns a data directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from shadowpipe.config import ConfigError, Settings, env_name
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> Any:
+    """A ``redis.Redis`` client for ``settings.redis_url``."""
+    import redis
+
+    return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def check_redis(settings: Settings, service: str) -> None:
+    """Raise :class:`ConfigError` naming the Redis setting if Redis does not answer PING."""
+    import redis
+
+    try:
+        redis_client(settings, socket_connect_timeout=3, socket_timeout=3).ping()
+    except redis.RedisError as exc:
+        raise ConfigError(
+            env_name("redis_url"), f"Redis at {settings.redis_url} unreachable: {exc}", service
+        ) from None
+
+
+def clickhouse_client(settings: Settings, **kwargs: Any) -> Any:
+    """A clickhouse-connect client: HTTP for a server, chdb for the embedded engine."""
+    import clickhouse_connect
+
+    url = urlparse(settings.clickhouse)
+    if url.scheme == "chdb":
+        path = Path(unquote(url.path)).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(interface="chdb", path=str(path), **kwargs)
+    return clickhouse_connect.get_client(
+        interface=url.scheme,
+        host=url.hostname,
+        port=url.port or (8443 if url.scheme == "https" else 8123),
+        username=unquote(url.username or "default"),
+        password=unquote(url.password or ""),
+        **kwargs,
+    )
+
+
+def check_clickhouse(settings: Settings, service: str) -> Any:
+    """Connect and ``SELECT 1``; return the client or raise :class:`ConfigError`."""
+    try:
+        client = clickhouse_client(settings)
+        client.command("SELECT 1")
+        return client
+    except Exception as exc:  # clickhouse-connect and chdb raise assorted types
+        raise ConfigError(
+            env_name("clickhouse_url"),
+            f"ClickHouse at {settings.clickhouse} unusable: {str(exc).splitlines()[0]}",
+            service,
+        ) from None

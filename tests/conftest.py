@@ -1,0 +1,63 @@
+"""Test fixtures: the real embedded stack, started once per session on free ports.
+
+Tests get :class:`Settings` pointing at it with a topic prefix of their own (topics
+created), so they never see each other's messages.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shadowpipe.config import Settings
+from shadowpipe.kafka import ensure_topics
+from shadowpipe.stack import EmbeddedStack
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def stack_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of a running embedded stack (broker, Redis, ClickHouse dir) for the session."""
+    home = tmp_path_factory.mktemp("stack")
+    settings = Settings.load(env={
+        "SHADOWPIPE_HOME": str(home),
+        "SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "SHADOWPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "SHADOWPIPE_CLICKHOUSE_URL": f"chdb://{home / 'clickhouse'}",
+        "SHADOWPIPE_WEB_PORT": str(free_port()),
+    })
+    stack = EmbeddedStack(settings)
+    stack.up()
+    yield settings
+    stack.down()
+
+
+@pytest.fixture
+def settings(stack_settings: Settings) -> Settings:
+    """Stack settings with a fresh topic prefix whose topics exist."""
+    fresh = stack_settings.replace(
+        topic_prefix=f"t{uuid.uuid4().hex[:10]}.", web_port=free_port()
+    )
+    ensure_topics(fresh)
+    return fresh
+
+
+def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """Run ``shadowpipe ARGS`` in a child process configured by ``settings``' env vars."""
+    env = {**os.environ, **settings.to_env()}
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "shadowpipe.cli", *args], env=env, stdout=out, stderr=out
+    )
