@@ -81,6 +81,18 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+# A recorded pid is only signalled if its command line still names the service's binary,
+# so a pid recycled by the OS since `up` is never killed.
+_BINARY_MARK = {"kafka": "tansu", "redis": "redis-server"}
+
+
+def _runs(pid: int, mark: str) -> bool:
+    try:
+        return mark in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
 class EmbeddedStack:
     """Start, inspect and stop the embedded services for ``settings``."""
 
@@ -198,10 +210,10 @@ class EmbeddedStack:
         return rows
 
     def down(self, timeout_s: float = 10.0) -> list[str]:
-        """Stop exactly the processes ``up`` recorded."""
+        """Stop exactly the processes ``up`` recorded (and only if the pid is still theirs)."""
         report = []
         for name, pid in self._recorded().items():
-            if _pid_alive(pid):
+            if _pid_alive(pid) and _runs(pid, _BINARY_MARK[name]):
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + timeout_s
                 while _pid_alive(pid) and time.monotonic() < deadline:
