@@ -1,0 +1,1 @@
+"""``shadowpipe demo``: a realistic shadow evaluation end to end on the embedded stack."""
