@@ -1,1 +1,1 @@
-"""x"""
+"""Faust workers: ``shadow`` (challengers) -> ``join`` (Redis state) -> ``monitor`` (ClickHouse)."""
