@@ -83,6 +83,17 @@ class Settings:
         6066, "web port of the worker (bound to --web-host)", min=1, max=65535
     )
     web_host: str = _opt("127.0.0.1", "address the workers' web endpoints bind to")
+    # Producer library (shadowpipe.producers)
+    producer_sample_rates: tuple[str, ...] = _opt(
+        (), "sampling rates MODEL=RATE, '*' for any other model (comma list; default all 1)")
+    producer_drop_fields: tuple[str, ...] = _opt((), "feature/context fields never sent")
+    producer_hash_fields: tuple[str, ...] = _opt(
+        (), "feature/context fields sent as HMAC-SHA256 with --producer-hash-key")
+    producer_hash_key: str = _opt("", "secret key of the hashed fields")
+    producer_max_event_bytes: int = _opt(65536, "larger events are dropped, bytes", min=256)
+    producer_max_buffer_bytes: int = _opt(
+        32 << 20, "memory bound of events waiting for the broker, bytes", min=1 << 20)
+    producer_block_ms: int = _opt(0, "max wait for queue space before dropping, ms", min=0)
     challengers: str = _opt("", "challengers file (TOML or JSON) for the shadow worker")
     shadow_batch_size: int = _opt(500, "max events per micro-batch in the shadow worker", min=1)
     shadow_batch_ms: int = _opt(50, "max wait to fill a micro-batch, ms", min=1)
