@@ -51,11 +51,6 @@ def run(settings: Settings, names: Sequence[str]) -> None:
 
     app = build(settings, names)
     log.info("starting worker %s", app.conf.id)
-    worker = faust.Worker(
-        app,
-        loglevel=settings.log_level,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
-        web_host=settings.web_host,
-    )
+    # The web port/bind/host are app settings (make_app); faust.Worker rejects them.
+    worker = faust.Worker(app, loglevel=settings.log_level)
     worker.execute_from_commandline()

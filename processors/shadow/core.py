@@ -1,0 +1,175 @@
+"""Scoring one micro-batch: decode, validate, sample, run every challenger, encode.
+
+Pure of Kafka: :meth:`ShadowProcessor.score` takes raw messages and returns the messages
+to publish (ShadowPredictions and DeadLetters). The consumer loop
+(:mod:`~shadowpipe.processors.shadow.service`) owns the I/O and the offsets.
+
+>>> from shadowpipe.config import Settings
+>>> from shadowpipe.processors.shadow.challengers import parse_specs
+>>> from shadowpipe.schemas.codec import Codec
+>>> specs = parse_specs([{"name": "echo", "version": "1", "kind": "callable",
+...     "location": "shadowpipe.processors.shadow.challengers:echo_label"}], 1000)
+>>> proc = ShadowProcessor(Settings.load(env={}), specs)
+>>> event = {"request_id": "r1", "event_time": 1000, "model": "m", "model_version": "1",
+...          "cat_features": {"label": "yes"}, "output": {}, "latency_ms": 1.0}
+>>> raw = Raw("t", 0, 7, b"r1", Codec().encode("InferenceEvent", event), None)
+>>> out = proc.score([raw, Raw("t", 0, 8, b"x", b"garbage", None)], consumed_at_ms=1500)
+>>> [(k, Codec().decode(v, "ShadowPrediction")["output"]["label"]) for k, v in out.predictions]
+[(b'r1', 'yes')]
+>>> Codec().decode(out.dead_letters[0][1], "DeadLetter")["source_offset"]
+8
+>>> proc.close()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.shadow import sampling
+from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
+from shadowpipe.processors.shadow.encode import PredictionEncoder
+from shadowpipe.processors.shadow.runner import Pending, Result, Runner
+from shadowpipe.processors.shadow.stats import Stats
+from shadowpipe.schemas.codec import Codec, DecodeError
+
+from shadowpipe.config import Settings
+
+WORKER = "shadow"
+
+
+class Raw(NamedTuple):
+    """One consumed message."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None
+
+
+@dataclass
+class Scored:
+    """What a batch produced: (key, value) pairs for each output topic."""
+
+    predictions: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead_letters: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Challenger:
+    """A loaded challenger with its runner, encoder and sampling bound."""
+
+    spec: ChallengerSpec
+    runner: Runner
+    encoder: PredictionEncoder
+    bound: bytes | None
+
+
+def invalid_reason(record: dict[str, Any]) -> str | None:
+    """Why a decoded InferenceEvent cannot be scored, or None."""
+    if not record["request_id"].strip():
+        return "empty request_id"
+    if record["event_time"] <= 0:
+        return f"event_time {record['event_time']} is not a positive epoch-ms"
+    return None
+
+
+class ShadowProcessor:
+    """Scores micro-batches of InferenceEvents with every challenger."""
+
+    def __init__(
+        self, settings: Settings, specs: Sequence[ChallengerSpec],
+        models: Sequence[Model] | None = None, codec: Codec | None = None,
+    ) -> None:
+        self.codec = codec or Codec(settings.schema_registry_url)
+        models = list(models) if models is not None else [load(s) for s in specs]
+        self.challengers = [
+            Challenger(
+                spec,
+                Runner(spec.name, model, spec.timeout_ms, spec.max_batch),
+                PredictionEncoder(self.codec, spec.name, spec.version, spec.is_control),
+                sampling.threshold(spec.sample_rate),
+            )
+            for spec, model in zip(specs, models, strict=True)
+        ]
+        self._hash = any(c.bound is not None for c in self.challengers)
+        self.stats = Stats(s.name for s in specs)
+
+    def score(self, batch: Sequence[Raw], consumed_at_ms: int) -> Scored:
+        """Score ``batch``; undecodable or invalid messages become dead letters."""
+        out = Scored()
+        records, lags = self._decode(batch, consumed_at_ms, out)
+        self.stats.record_batch(len(batch), lags)
+        if not records:
+            return out
+        digests = [sampling.digest(r["request_id"]) for r in records] if self._hash else None
+        running = []
+        for ch in self.challengers:
+            picked = self._pick(ch, digests, len(records))
+            running.append((ch, picked, ch.runner.submit([records[i] for i in picked])))
+        scored_at = int(time.time() * 1000)
+        for ch, picked, pending in running:
+            results = ch.runner.collect(pending)
+            self._encode(ch, picked, pending, results, records, lags, scored_at, out)
+        return out
+
+    def _decode(
+        self, batch: Sequence[Raw], consumed_at_ms: int, out: Scored
+    ) -> tuple[list[dict[str, Any]], list[float]]:
+        records, lags = [], []
+        decode = self.codec.decode
+        for raw in batch:
+            try:
+                record = decode(raw.value, "InferenceEvent")
+            except DecodeError as exc:
+                self._dead(raw, "decode", exc.reason, out)
+                continue
+            reason = invalid_reason(record)
+            if reason is not None:
+                self._dead(raw, "invalid", reason, out)
+                continue
+            records.append(record)
+            lags.append(float(consumed_at_ms - record["event_time"]))
+        return records, lags
+
+    def _dead(self, raw: Raw, kind: str, reason: str, out: Scored) -> None:
+        rec = dead_letter(kind, reason, WORKER, raw.topic, raw.partition, raw.offset,
+                          raw.key, raw.value, raw.timestamp)
+        out.dead_letters.append((raw.key, self.codec.encode("DeadLetter", rec)))
+        self.stats.dead_letters[kind] += 1
+
+    def _pick(self, ch: Challenger, digests: list[bytes] | None, n: int) -> list[int]:
+        if ch.bound is None or digests is None:
+            return list(range(n))
+        bound = ch.bound
+        return [i for i, d in enumerate(digests) if d < bound]
+
+    def _encode(
+        self, ch: Challenger, picked: list[int], pending: Pending, results: list[Result],
+        records: list[dict[str, Any]], lags: list[float], scored_at: int, out: Scored,
+    ) -> None:
+        share_ms = pending.elapsed_s() * 1000 / max(len(picked), 1)
+        encode, append = ch.encoder.encode, out.predictions.append
+        errors = timeouts = 0
+        for i, res in zip(picked, results, strict=True):
+            rec = records[i]
+            rid = rec["request_id"]
+            if res.error_kind is not None:
+                if res.error_kind == "timeout":
+                    timeouts += 1
+                else:
+                    errors += 1
+            append((rid.encode(), encode(rid, rec["event_time"], scored_at, res.output, share_ms,
+                                         lags[i], res.error, res.error_kind)))
+        ok = len(picked) - errors - timeouts
+        self.stats.challengers[ch.spec.name].add(ok, errors, timeouts, len(records) - len(picked))
+        self.stats.outputs += len(picked)
+
+    def close(self) -> None:
+        for ch in self.challengers:
+            ch.runner.close()

@@ -1,0 +1,152 @@
+"""Isolation: each challenger runs its batch calls on its own thread, under a deadline.
+
+* A call that raises in a vectorised batch is retried record by record, so only the bad
+  records carry an error (``error_kind="exception"``).
+* At the deadline the records not yet scored are marked ``"timeout"``; the call is told to
+  stop (per-record loops check between records) and the worker moves on.
+* While a hung call still occupies the challenger's thread, the next batches fail fast
+  as ``"timeout"`` instead of queueing behind it: memory stays bounded and the stream
+  keeps its pace; the challenger recovers by itself as soon as the hung call returns.
+
+>>> from shadowpipe.processors.shadow.challengers import CallableModel
+>>> runner = Runner("inv", CallableModel(lambda f: 1 / f["x"], False), timeout_ms=1000)
+>>> records = [{"num_features": {"x": x}, "cat_features": {}, "null_features": []}
+...            for x in (2.0, 0.0)]
+>>> [(r.output, r.error_kind) for r in runner.collect(runner.submit(records))]
+[({'label': None, 'probabilities': {}, 'value': 0.5}, None), (None, 'exception')]
+>>> runner.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Any
+
+from shadowpipe.processors.shadow.challengers import InvalidOutput, Model, features, to_output
+
+ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One record's outcome: an Output dict, or an error and its kind."""
+
+    output: dict[str, Any] | None
+    error: str | None = None
+    error_kind: str | None = None
+
+
+def failure(exc: BaseException) -> Result:
+    """The Result for an exception raised (or returned) for one record."""
+    if isinstance(exc, TimeoutError):
+        kind = "timeout"
+    elif isinstance(exc, InvalidOutput):
+        kind = "invalid_output"
+    else:
+        kind = "exception"
+    text = f"{type(exc).__name__}: {exc}"
+    return Result(None, text[:ERROR_CHARS], kind)
+
+
+def _result(raw: Any, normalized: bool) -> Result:
+    if isinstance(raw, BaseException):
+        return failure(raw)
+    if normalized:
+        return Result(raw)
+    try:
+        return Result(to_output(raw))
+    except InvalidOutput as exc:
+        return failure(exc)
+
+
+@dataclass
+class Pending:
+    """A submitted batch call: its slots fill in as records are scored."""
+
+    slots: list[Result | None]
+    started: float
+    future: Future | None
+    cancel: threading.Event
+    reason: str = ""
+    finished: float | None = None
+
+    def elapsed_s(self) -> float:
+        """Duration of the call (so far, if it is still running)."""
+        return (self.finished or time.perf_counter()) - self.started
+
+
+class Runner:
+    """Run one challenger's model on batches with a per-call deadline."""
+
+    def __init__(self, name: str, model: Model, timeout_ms: int, max_batch: int = 0) -> None:
+        self.name = name
+        self.model = model
+        self.timeout_s = timeout_ms / 1000
+        self.max_batch = max_batch
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"challenger-{name}")
+        self._last: Future | None = None
+        self._normalized = getattr(model, "normalized", False)
+
+    def submit(self, records: Sequence[dict[str, Any]]) -> Pending:
+        """Start scoring ``records``; fails fast if the previous call is still hung."""
+        pending = Pending([None] * len(records), time.perf_counter(), None, threading.Event())
+        if self._last is not None and not self._last.done():
+            pending.reason = "previous call still running past its timeout"
+            return pending
+        pending.future = self._last = self._pool.submit(self._score, records, pending)
+        return pending
+
+    def _score(self, records: Sequence[dict[str, Any]], pending: Pending) -> None:
+        step = self.max_batch or len(records) or 1
+        for start in range(0, len(records), step):
+            if pending.cancel.is_set():
+                break
+            self._score_chunk(records[start:start + step], pending.slots, start, pending.cancel)
+        pending.finished = time.perf_counter()
+
+    def _score_chunk(
+        self, records: Sequence[dict[str, Any]], slots: list[Result | None], offset: int,
+        cancel: threading.Event,
+    ) -> None:
+        norm = self._normalized
+        if self.model.vectorized:
+            try:
+                raws = self.model.predict_batch(records)
+                if len(raws) != len(records):
+                    raise InvalidOutput(f"{len(raws)} outputs for {len(records)} inputs")
+            except Exception:  # find the bad records: retry one by one
+                raws = None
+            if raws is not None:
+                for i, raw in enumerate(raws, offset):
+                    slots[i] = _result(raw, norm)
+                return
+        for i, record in enumerate(records, offset):
+            if cancel.is_set():
+                return
+            try:
+                slots[i] = _result(self.model.predict_one(features(record)), norm)
+            except Exception as exc:
+                slots[i] = failure(exc)
+
+    def collect(self, pending: Pending, deadline: float | None = None) -> list[Result]:
+        """Wait until the call ends or ``deadline`` (default: submit time + timeout)."""
+        if pending.future is not None:
+            end = pending.started + self.timeout_s if deadline is None else deadline
+            wait_futures([pending.future], timeout=max(0.0, end - time.perf_counter()))
+            if not pending.future.done():
+                pending.cancel.set()
+                pending.reason = f"no answer within {self.timeout_s * 1000:.0f} ms"
+            elif pending.future.exception() is not None:
+                pending.reason = f"call failed: {pending.future.exception()!r}"
+        timed_out = Result(None, f"timeout: {pending.reason}", "timeout")
+        return [r if r is not None else timed_out for r in list(pending.slots)]
+
+    def close(self) -> None:
+        """Stop the thread (without waiting for a hung call) and release the model."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.model.close()

@@ -1,0 +1,107 @@
+"""Worker counters: per challenger, per batch, and queue lag; a JSON-able snapshot.
+
+Written by the scoring thread, read by the web view and the periodic log line; plain
+integer updates are atomic under the GIL, and a snapshot tolerates a batch in progress.
+
+>>> stats = Stats(["lr"])
+>>> stats.record_batch(3, [10.0, 20.0, 30.0])
+>>> stats.challengers["lr"].add(ok=2, errors=1, timeouts=0, skipped=0)
+>>> snap = stats.snapshot()
+>>> snap["consumed"], snap["challengers"]["lr"]["scored"], snap["queue_lag_ms"]["max"]
+(3, 2, 30.0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+LAG_WINDOW = 20_000  # recent records the lag percentiles are computed over
+
+
+@dataclass
+class ChallengerCounters:
+    """What happened to the records routed to one challenger."""
+
+    scored: int = 0  # a prediction without error
+    errors: int = 0  # exception or invalid output
+    timeouts: int = 0
+    skipped: int = 0  # not in this challenger's sample
+
+    def add(self, ok: int, errors: int, timeouts: int, skipped: int) -> None:
+        self.scored += ok
+        self.errors += errors
+        self.timeouts += timeouts
+        self.skipped += skipped
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending sequence (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+class Stats:
+    """Counters of one shadow worker."""
+
+    def __init__(self, challengers: Iterable[str]) -> None:
+        self.started = time.time()
+        self.challengers = {name: ChallengerCounters() for name in challengers}
+        self.consumed = 0
+        self.batches = 0
+        self.max_batch = 0
+        self.last_batch = 0
+        self.dead_letters: Counter[str] = Counter()
+        self.outputs = 0
+        self.commits = 0
+        self.delivery_retries = 0
+        self._lags: deque[float] = deque(maxlen=LAG_WINDOW)
+
+    def record_batch(self, size: int, lags: Iterable[float]) -> None:
+        self.consumed += size
+        self.batches += 1
+        self.last_batch = size
+        self.max_batch = max(self.max_batch, size)
+        self._lags.extend(lags)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, JSON-serialisable."""
+        lags = sorted(self._lags)
+        uptime = max(time.time() - self.started, 1e-9)
+        return {
+            "uptime_s": round(uptime, 3),
+            "consumed": self.consumed,
+            "events_per_s": round(self.consumed / uptime, 1),
+            "outputs": self.outputs,
+            "commits": self.commits,
+            "delivery_retries": self.delivery_retries,
+            "dead_letters": {"total": sum(self.dead_letters.values()), **self.dead_letters},
+            "batches": {
+                "count": self.batches, "last": self.last_batch, "max": self.max_batch,
+                "mean": round(self.consumed / self.batches, 1) if self.batches else None,
+            },
+            "queue_lag_ms": {
+                "window": len(lags), "p50": percentile(lags, 0.5),
+                "p99": percentile(lags, 0.99), "max": lags[-1] if lags else None,
+            },
+            "challengers": {name: asdict(c) for name, c in self.challengers.items()},
+        }
+
+    def summary(self) -> str:
+        """One log line."""
+        snap = self.snapshot()
+        per = " ".join(
+            f"{n}[ok={c['scored']} err={c['errors']} timeout={c['timeouts']}]"
+            for n, c in snap["challengers"].items()
+        )
+        return (
+            f"consumed={snap['consumed']} ({snap['events_per_s']}/s) "
+            f"batches={snap['batches']['count']} mean_batch={snap['batches']['mean']} "
+            f"lag_p99_ms={snap['queue_lag_ms']['p99']} "
+            f"dead_letters={snap['dead_letters']['total']} {per}"
+        )
