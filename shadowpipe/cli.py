@@ -23,7 +23,9 @@ COMMAND_MODULES = [
     "shadowpipe.processors.worker",
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
-BENCH_MODULES: list[str] = []
+BENCH_MODULES: list[str] = [
+    "shadowpipe.processors.shadow.bench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,281 @@
+"""``shadowpipe bench shadow``: the shadow worker's throughput against a plain-loop ceiling.
+
+On the configured broker (or an embedded stack started on free ports in a temporary
+directory when it is unreachable), with fresh 4-partition topics and a scikit-learn
+LogisticRegression challenger on 20 features:
+
+1. pre-produce ``--events`` InferenceEvents;
+2. **ceiling**: a plain confluent-kafka loop consumes them, decodes each with the Codec and
+   calls ``predict_proba`` per batch (no outputs), timed from first to last message;
+3. **worker**: ``shadowpipe worker shadow`` runs as a child process over the same events;
+   its sustained rate is taken from the broker timestamps of its ShadowPredictions
+   (5th to 95th percentile, so start-up and the tail are excluded);
+4. **lag**: with the worker caught up, events are produced at ``--lag-rate`` events/s and
+   ``p99_queue_lag_ms`` is the 99th percentile of their ShadowPredictions' queue_lag_ms.
+
+One JSON object on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from shadowpipe.config import ConfigError, Settings
+
+FEATURES = tuple(f"x{i}" for i in range(20))
+
+
+def register(bench_sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = bench_sub.add_parser("shadow", parents=[common], help="shadow worker vs plain-loop ceiling")
+    p.add_argument("--events", type=int, default=100_000, help="pre-produced events")
+    p.add_argument("--lag-events", type=int, default=20_000, help="events of the lag phase")
+    p.add_argument("--lag-rate", type=int, default=5_000, help="events/s of the lag phase")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.set_defaults(func=bench_cmd)
+
+
+def say(msg: str) -> None:
+    print(f"[bench shadow] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stack(settings: Settings, stack: ExitStack) -> Settings:
+    """``settings`` if its broker answers, else an embedded stack in a temp dir."""
+    from shadowpipe.kafka import check_reachable
+    from shadowpipe.stack import EmbeddedStack
+
+    try:
+        check_reachable(settings, "bench", timeout_s=3)
+        return settings
+    except ConfigError:
+        home = stack.enter_context(tempfile.TemporaryDirectory(prefix="shadowpipe-bench-"))
+        settings = settings.replace(
+            home=home, kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            redis_url=f"redis://127.0.0.1:{_free_port()}/0", clickhouse_url="",
+        )
+        embedded = EmbeddedStack(settings)
+        say(f"no broker at the configured address: embedded stack in {home}")
+        embedded.up()
+        stack.callback(embedded.down)
+        return settings
+
+
+def _model(path: Path) -> Any:
+    import joblib
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(5000, len(FEATURES)))
+    y = np.where(x @ rng.normal(size=len(FEATURES)) > 0, "yes", "no")
+    model = LogisticRegression().fit(x, y)
+    joblib.dump(model, path)
+    return model
+
+
+def _event(rid: str, values: Any, now_ms: int) -> dict[str, Any]:
+    return {
+        "request_id": rid, "event_time": now_ms, "model": "primary", "model_version": "1",
+        "num_features": dict(zip(FEATURES, values, strict=True)),
+        "output": {"label": "yes", "probabilities": {"yes": 0.7, "no": 0.3}, "value": None},
+        "latency_ms": 1.0,
+    }
+
+
+def _produce(settings: Settings, n: int, prefix: str, rate: float | None = None) -> None:
+    import numpy as np
+    from shadowpipe.schemas.codec import Codec
+
+    from shadowpipe import kafka
+
+    codec, producer = Codec(settings.schema_registry_url), kafka.producer(settings)
+    topic = settings.topic("inference")
+    rows = np.random.default_rng(11).normal(size=(min(n, 5000), len(FEATURES))).tolist()
+    start = time.perf_counter()
+    for i in range(n):
+        if rate is not None:  # paced: wait for this event's slot
+            delay = start + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        rid = f"{prefix}-{i}"
+        value = codec.encode("InferenceEvent", _event(rid, rows[i % len(rows)], _now_ms()))
+        producer.produce(topic, value, rid)
+        producer.poll(0)
+    producer.flush(60)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ceiling(settings: Settings, model: Any, n: int) -> float:
+    """Events/s of consume + decode + batched predict_proba, no Faust, no outputs."""
+    import numpy as np
+    from shadowpipe.processors.shadow.service import CONSUMER_OVERRIDES
+    from shadowpipe.schemas.codec import Codec
+
+    from shadowpipe import kafka
+
+    codec = Codec(settings.schema_registry_url)
+    consumer = kafka.consumer(settings, f"bench-ceiling-{uuid.uuid4().hex}", **CONSUMER_OVERRIDES)
+    consumer.subscribe([settings.topic("inference")])
+    seen, first = 0, None
+    deadline = time.monotonic() + 300
+    try:
+        while seen < n and time.monotonic() < deadline:
+            msgs = consumer.consume(settings.shadow_batch_size, settings.shadow_batch_ms / 1000)
+            if not msgs:
+                continue
+            first = first or time.perf_counter()
+            records = [codec.decode(m.value(), "InferenceEvent") for m in msgs]
+            x = np.array([[r["num_features"][f] for f in FEATURES] for r in records])
+            model.predict_proba(x)
+            seen += len(msgs)
+        elapsed = time.perf_counter() - (first or time.perf_counter())
+    finally:
+        consumer.close()
+    if seen < n:
+        raise RuntimeError(f"ceiling loop saw {seen} of {n} events")
+    return seen / elapsed
+
+
+def _stats(port: int) -> dict[str, Any]:
+    url = f"http://127.0.0.1:{port}/shadowpipe/shadow/stats"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_consumed(port: int, target: int, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with code {proc.returncode}")
+        try:
+            if _stats(port)["consumed"] >= target:
+                return
+        except OSError:
+            pass  # web server not up yet
+        time.sleep(0.5)
+    raise RuntimeError(f"the worker did not consume {target} events in {timeout_s:.0f} s")
+
+
+def _read_predictions(settings: Settings, n: int) -> list[tuple[int, bytes]]:
+    """(broker timestamp ms, value) of the first ``n`` ShadowPredictions."""
+    from shadowpipe import kafka
+
+    consumer = kafka.consumer(settings, f"bench-read-{uuid.uuid4().hex}")
+    consumer.subscribe([settings.topic("predictions")])
+    out: list[tuple[int, bytes]] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(out) < n and time.monotonic() < deadline:
+            out.extend((m.timestamp()[1], m.value())
+                       for m in consumer.consume(10000, 0.5) if m.error() is None)
+    finally:
+        consumer.close()
+    return out
+
+
+def _sustained_rate(timestamps: list[int]) -> float:
+    ts = sorted(timestamps)
+    lo, hi = int(len(ts) * 0.05), int(len(ts) * 0.95)
+    return (hi - lo) / max((ts[hi] - ts[lo]) / 1000, 1e-3)
+
+
+def _spawn_worker(settings: Settings, challengers: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, **settings.to_env(), "SHADOWPIPE_CHALLENGERS": str(challengers),
+           "SHADOWPIPE_LOG_LEVEL": "WARNING"}
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "shadow"],
+                                env=env, stdout=out, stderr=out)
+
+
+def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int) -> dict[str, Any]:
+    """Run the three phases; return the figures."""
+    from shadowpipe.schemas.codec import Codec
+
+    from shadowpipe.kafka import ensure_topics
+
+    with ExitStack() as stack:
+        settings = _stack(settings, stack)
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shadow-bench-")))
+        settings = settings.replace(
+            topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=4, web_port=_free_port()
+        )
+        ensure_topics(settings)
+        model = _model(work / "lr.joblib")
+        challengers = work / "challengers.toml"
+        challengers.write_text(
+            '[[challengers]]\nname = "lr"\nversion = "1"\nkind = "sklearn"\n'
+            f'location = "{work / "lr.joblib"}"\nfeatures = {json.dumps(list(FEATURES))}\n'
+        )
+        say(f"producing {events} events to {settings.topic('inference')} (4 partitions)")
+        _produce(settings, events, "bulk")
+        say("ceiling: plain confluent-kafka consume + decode + batched predict")
+        ceiling = _ceiling(settings, model, events)
+        say(f"ceiling {ceiling:.0f} events/s; starting `shadowpipe worker shadow`")
+        proc = _spawn_worker(settings, challengers, work / "worker.log")
+        stack.callback(_stop, proc)
+        _wait_consumed(settings.web_port, events, proc, timeout_s=600)
+        say(f"worker caught up; lag phase: {lag_events} events at {lag_rate}/s")
+        _produce(settings, lag_events, "paced", rate=lag_rate)
+        _wait_consumed(settings.web_port, events + lag_events, proc, timeout_s=300)
+        stats = _stats(settings.web_port)
+        outputs = _read_predictions(settings, events + lag_events)
+        codec = Codec(settings.schema_registry_url)
+        bulk_ts, lags = [], []
+        for ts, value in outputs:
+            rec = codec.decode(value, "ShadowPrediction")
+            if rec["request_id"].startswith("bulk-"):
+                bulk_ts.append(ts)
+            else:
+                lags.append(rec["queue_lag_ms"])
+        worker = _sustained_rate(bulk_ts)
+        lags.sort()
+        return {
+            "events": events,
+            "partitions": settings.partitions,
+            "batch_size": settings.shadow_batch_size,
+            "worker_events_per_s": round(worker, 1),
+            "ceiling_events_per_s": round(ceiling, 1),
+            "efficiency": round(worker / ceiling, 3),
+            "p99_queue_lag_ms": lags[int(0.99 * (len(lags) - 1))] if lags else None,
+            "p50_queue_lag_ms": lags[len(lags) // 2] if lags else None,
+            "lag_phase_events": len(lags),
+            "lag_phase_rate_events_per_s": lag_rate,
+            "predictions": len(outputs),
+            "worker_errors": sum(c["errors"] + c["timeouts"]
+                                 for c in stats["challengers"].values()),
+            "worker_mean_batch": stats["batches"]["mean"],
+        }
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    result = run_bench(settings, args.events, args.lag_events, args.lag_rate)
+    print(json.dumps(result))
+    return 0
