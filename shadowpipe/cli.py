@@ -21,9 +21,11 @@ from shadowpipe.config import ConfigError, Settings
 COMMAND_MODULES = [
     "shadowpipe.commands",
     "shadowpipe.processors.worker",
+    "shadowpipe.processors.monitor.commands",
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
 BENCH_MODULES: list[str] = [
+    "shadowpipe.processors.monitor.bench",
     "shadowpipe.processors.shadow.bench",
 ]
 

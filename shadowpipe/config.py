@@ -104,6 +104,19 @@ class Settings:
     segments: tuple[str, ...] = _opt((), "context attributes to slice metrics by (comma list)")
     drift_features: tuple[str, ...] = _opt((), "numeric features watched for covariate drift")
     alert_cooldown_s: int = _opt(600, "the same alert is not repeated within this, s", min=0)
+    monitor_agreement_min_pct: int = _opt(
+        80, "monitor rule: alert when a window's agreement is below this %", min=0, max=100)
+    monitor_error_rate_max_pct: int = _opt(
+        5, "monitor rule: alert when a challenger's error+timeout rate exceeds this %", min=0)
+    monitor_model_time_sla_ms: int = _opt(
+        250, "monitor rule: alert when a challenger's p95 model time exceeds this, ms", min=1)
+    monitor_rule_min_records: int = _opt(50, "windows with fewer records trip no rule", min=1)
+    monitor_drift_delta_exp: int = _opt(
+        5, "ADWIN confidence: delta = 10^-N (higher = fewer false alarms, later)", min=1, max=12)
+    monitor_psi_threshold_pct: int = _opt(
+        25, "distribution drift alert when PSI vs the reference exceeds N/100", min=1)
+    monitor_batch_size: int = _opt(5000, "max records per monitor micro-batch", min=1)
+    monitor_batch_ms: int = _opt(200, "max wait to fill a monitor micro-batch, ms", min=1)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR",
                           choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

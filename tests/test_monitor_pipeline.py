@@ -1,0 +1,159 @@
+"""The monitor pipeline on the real embedded stack (Kafka, Redis, chdb): alerts on the
+topic and in ClickHouse, ClickHouse outages, restarts from the checkpoint."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from shadowpipe.processors.monitor import synthetic
+from shadowpipe.processors.monitor.alerts import follow
+from shadowpipe.processors.monitor.pipeline import Message, Pipeline
+from shadowpipe.processors.publisher import Publisher
+from shadowpipe.schemas.codec import Codec
+
+from shadowpipe.config import Settings
+from shadowpipe.stores import clickhouse_client
+
+CODEC = Codec()
+# Recent event times: older rows would fall to the joined records' TTL on insert.
+RECENT_MS = (int(time.time()) // 3600 - 2) * 3_600_000
+
+
+def _monitor_settings(settings: Settings) -> Settings:
+    return settings.replace(clickhouse_database=f"m{uuid.uuid4().hex[:10]}",
+                            segments=("region",), drift_features=("amount",))
+
+
+def _messages(records: list[dict]) -> list[Message]:
+    return [Message(CODEC.encode("JoinedRecord", r), r["request_id"].encode(), "joined", 0, i)
+            for i, r in enumerate(records)]
+
+
+def _drive(pipeline: Pipeline, settings: Settings, messages: list[Message],
+           batch: int = 2000) -> list[dict]:
+    """What the agent does per batch: process, publish, checkpoint."""
+    publisher, alerts = Publisher(settings), []
+    for i in range(0, len(messages), batch):
+        result = pipeline.process(messages[i:i + batch])
+        for alert in result.alerts:
+            publisher.produce(settings.topic("alerts"), alert["challenger"],
+                              CODEC.encode("Alert", alert))
+        publisher.flush_sync()
+        pipeline.checkpoint()
+        alerts += result.alerts
+    return alerts
+
+
+def _client(settings: Settings) -> Any:
+    return clickhouse_client(settings)
+
+
+def _count(settings: Settings, sql: str) -> int:
+    return int(_client(settings).command(sql.replace("{db}", settings.clickhouse_database)))
+
+
+def test_accuracy_drift_alert_on_topic_and_in_clickhouse(settings: Settings) -> None:
+    s = _monitor_settings(settings)
+    change = 1_700_000_000_000 + 150_000
+    drift = synthetic.Drift(at_ms=change, challenger="c1", attribute="region", value="us")
+    records = synthetic.stream(synthetic.Spec(requests=8000, seed=21, interval_ms=25,
+                                              drift=drift))
+    pipeline = Pipeline(s)
+    pipeline.migrate()
+    alerts = _drive(pipeline, s, _messages(records))
+    seg = [a for a in alerts if a["metric"] == "error_rate" and a["arm"] == "challenger"
+           and a["segment"] == "region=us"]
+    assert seg, alerts
+    fired = int(seg[0]["details"]["event_time"])
+    assert sum(1 for r in records if r["state"] == "labelled"
+               and change <= r["label_time"] <= fired) <= 2000
+    published = []
+    for alert in follow(s, stop=lambda: len(published) >= len(alerts)):
+        published.append(alert)
+    assert seg[0] in published
+    row = _client(s).query(
+        f"SELECT challenger, detector, segment FROM {s.clickhouse_database}.alerts FINAL "
+        "WHERE alert_id = {id:String}", parameters={"id": seg[0]["alert_id"]}).result_rows
+    assert row == [("c1", "ADWIN", "region=us")]
+
+
+def test_no_accuracy_drift_alert_without_the_change(settings: Settings) -> None:
+    s = _monitor_settings(settings)
+    records = synthetic.stream(synthetic.Spec(requests=8000, seed=21, interval_ms=25))
+    pipeline = Pipeline(s)
+    pipeline.migrate()
+    alerts = _drive(pipeline, s, _messages(records))
+    assert not [a for a in alerts if a["metric"] == "error_rate"]
+    assert _count(s, "SELECT count() FROM {db}.alerts FINAL WHERE metric = 'error_rate'") == 0
+
+
+class FlakyClient:
+    """Fault injection on the real engine: inserts fail while ``down`` is set."""
+
+    def __init__(self, real: Any, state: dict[str, Any]) -> None:
+        self.real, self.state = real, state
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state["down"]:
+            self.state["failures"] += 1
+            if self.state["failures"] >= 3:
+                self.state["down"] = False  # back after three failed attempts
+            raise ConnectionError("ClickHouse unreachable (injected)")
+        return self.real.insert(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_clickhouse_down_mid_run_then_back_loses_and_duplicates_nothing(
+        settings: Settings) -> None:
+    s = _monitor_settings(settings)
+    state = {"down": False, "failures": 0}
+    real = _client(s)
+    pipeline = Pipeline(s, client_factory=lambda: FlakyClient(real, state),
+                        sleep=lambda _s: None)
+    pipeline.migrate()
+    records = synthetic.stream(synthetic.Spec(requests=3000, challengers=("c1", "c2"),
+                                              seed=4, interval_ms=100,
+                                              start_ms=RECENT_MS))
+    messages = _messages(records)
+    half = len(messages) // 2
+    _drive(pipeline, s, messages[:half])
+    state["down"] = True
+    _drive(pipeline, s, messages[half - 500:])  # overlap: redelivered records
+    assert state["failures"] >= 3 and pipeline.sink.failures >= 3
+    pipeline.close_all()
+    joined = {(r["request_id"], r["challenger"]) for r in records}
+    db = "{db}"
+    assert _count(s, f"SELECT count() FROM {db}.joined_records FINAL") == len(joined)
+    assert _count(s, f"SELECT countIf(state = 'labelled') FROM {db}.joined_records FINAL") \
+        == sum(1 for r in records if r["state"] == "labelled")
+    windows = _client(s).query(
+        f"SELECT challenger, segment, toUnixTimestamp64Milli(window_start), published "
+        f"FROM {s.clickhouse_database}.windows FINAL WHERE segment = ''").result_rows
+    closed = {(c, w): n for c, _seg, w, n in windows}
+    assert len(closed) == len(windows)  # one row per window after FINAL
+    assert sum(closed.values()) == sum(1 for r in records if r["state"] == "predicted")
+    for (challenger, start), n in closed.items():
+        assert n == sum(1 for r in records if r["state"] == "predicted"
+                        and r["challenger"] == challenger
+                        and start <= r["event_time"] < start + 60_000)
+
+
+def test_restart_from_checkpoint_replays_without_double_counting(settings: Settings) -> None:
+    s = _monitor_settings(settings)
+    records = synthetic.stream(synthetic.Spec(requests=1500, seed=8, interval_ms=200))
+    messages = _messages(records)
+    first = Pipeline(s)
+    first.migrate()
+    _drive(first, s, messages[:2000])
+    first.process(messages[2000:2400])  # processed, never checkpointed: a crash
+    second = Pipeline(s)  # restart: state from Redis, replay from the last commit
+    _drive(second, s, messages[1800:])
+    second.close_all()
+    total = _count(s, "SELECT sum(published) FROM {db}.windows FINAL WHERE segment = ''")
+    assert total == sum(1 for r in records if r["state"] == "predicted")
+    labelled = _count(s, "SELECT sum(labelled) FROM {db}.windows FINAL WHERE segment = ''")
+    assert labelled == sum(1 for r in records if r["state"] == "labelled")
