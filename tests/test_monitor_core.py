@@ -155,3 +155,13 @@ def test_stats_helpers() -> None:
     low, high = wilson(50, 100)
     assert low < 0.5 < high
     assert psi([50, 50], [90, 10]) > 0.25
+
+
+def test_docs_show_the_queries_compare_runs() -> None:
+    from pathlib import Path
+
+    from shadowpipe.processors.monitor.queries import QUERIES, render
+
+    text = (Path(__file__).parents[1] / "docs" / "monitor.md").read_text()
+    for name in QUERIES:
+        assert render(name, "shadowpipe").strip() in text, name
