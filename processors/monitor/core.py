@@ -124,13 +124,17 @@ class Detector:
     adwin: Any
     seen: int = 0
 
+    before: float = 0.0
+
     def update(self, x: float) -> tuple[float, float] | None:
         """Feed ``x``; on an upward change return (mean before, mean after)."""
-        before = self.adwin.estimation
-        self.adwin.update(x)
+        adwin = self.adwin
         self.seen += 1
-        if self.adwin.drift_detected and self.adwin.estimation > before:
-            return before, self.adwin.estimation
+        if self.seen % adwin.clock == 0:  # ADWIN only tests for change on its clock ticks
+            self.before = adwin.estimation
+        adwin.update(x)
+        if adwin.drift_detected and adwin.estimation > self.before:
+            return self.before, adwin.estimation
         return None
 
 

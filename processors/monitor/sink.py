@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from shadowpipe.config import ConfigError, Settings, env_name
@@ -171,8 +172,12 @@ def joined_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
              "model_time_ms", "queue_lag_ms", "label", "label_value", "label_time",
              "label_delay_ms", "feedback_source", "feedback_weight", "inclusion_prob",
              "joined_at", "trace_id"]
-    for name in plain:
-        cols[name] = [r.get(name) for r in records]
+    if records:  # decoded records hold every schema field: transpose in C
+        rows = map(itemgetter(*plain), records)
+        for name, values in zip(plain, zip(*rows, strict=True), strict=True):
+            cols[name] = list(values)
+    else:
+        cols.update((name, []) for name in plain)
     cols["event_time"] = [r.get("event_time") or r["joined_at"] for r in records]
     for arm, field in (("primary", "primary_output"), ("shadow", "shadow_output")):
         outs = [_out(r, field) for r in records]
