@@ -25,6 +25,8 @@ COMMAND_MODULES = [
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
 BENCH_MODULES: list[str] = [
+    "shadowpipe.producers.bench",
+    "shadowpipe.processors.join.bench",
     "shadowpipe.processors.monitor.bench",
     "shadowpipe.processors.shadow.bench",
 ]

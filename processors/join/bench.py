@@ -1,0 +1,255 @@
+"""``shadowpipe bench join``: the join core against the real Redis (and broker), one run.
+
+What it measures: synthetic InferenceEvents (20 features by default), ShadowPredictions from
+``--n-challengers`` challengers and Feedback for ``--feedback-ratio`` of the requests, encoded
+as on the wire and arriving interleaved (predictions shortly after or even before their
+primary, feedback much later). They are fed in micro-batches to the same
+:class:`~shadowpipe.processors.join.core.JoinCore` the worker runs (decode, pipelined Lua
+merges in Redis, JoinedRecord encoding), and the outputs are published to the joined topic
+and flushed per batch, as the agent does. Faust's own consumer overhead is **not** included.
+
+* ``joins_per_s``: JoinedRecords emitted and flushed per second of wall time.
+* ``p99_join_latency_ms``: per record, from the start of the batch holding the part that
+  completed it to the broker's acknowledgement of the flushed output.
+* ``redis_bytes_per_pending_request``: ``MEMORY USAGE`` of the state keys (sampled) plus the
+  deadline index's share, while every request is still pending (within the horizon).
+* ``baseline_set_per_s``: pipelined plain ``SET`` of the same parts, same run: the ceiling a
+  non-atomic store would have (``merge_vs_set`` is the ratio).
+
+When the configured stack does not answer, an embedded one is started on free ports in a
+temporary directory and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import socket
+import sys
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from shadowpipe.config import ConfigError, Settings
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    bench = sub.add_parser("join", parents=[common], help="joiner throughput, latency, memory")
+    bench.add_argument("--requests", type=int, default=100_000)
+    bench.add_argument("--n-challengers", type=int, default=2)
+    bench.add_argument("--feedback-ratio", type=float, default=0.3)
+    bench.add_argument("--features", type=int, default=20)
+    bench.add_argument("--batch", type=int, default=2000, help="messages per micro-batch")
+    bench.add_argument("--no-publish", action="store_true", help="do not produce the outputs")
+    bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(func=bench_cmd)
+
+
+def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    with _stack(settings) as live:
+        live = live.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
+        result = run(live, args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<36} {value}")
+    return 0
+
+
+@contextmanager
+def _stack(settings: Settings) -> Iterator[Settings]:
+    from shadowpipe.kafka import check_reachable
+    from shadowpipe.stack import EmbeddedStack
+    from shadowpipe.stores import check_redis
+
+    try:
+        check_reachable(settings, "bench join", timeout_s=2.0)
+        check_redis(settings, "bench join")
+        yield settings
+        return
+    except ConfigError as exc:
+        _progress(f"configured stack unusable ({exc}); starting an embedded one")
+    with tempfile.TemporaryDirectory(prefix="shadowpipe-bench-") as home:
+        embedded = settings.replace(
+            home=home, kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        )
+        stack = EmbeddedStack(embedded)
+        stack.up()
+        try:
+            yield embedded
+        finally:
+            stack.down()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _progress(text: str) -> None:
+    print(f"bench join: {text}", file=sys.stderr, flush=True)
+
+
+def workload(args: argparse.Namespace, partitions: int) -> list[Any]:
+    """Encoded input messages in arrival order."""
+    from shadowpipe.processors.join.core import Message
+    from shadowpipe.schemas.codec import Codec
+
+    codec, rng = Codec(), random.Random(args.seed)
+    names = [f"feature_{n:02d}" for n in range(args.features)]
+    base = 1_700_000_000_000
+    timed: list[tuple[float, str, str, bytes]] = []
+    for n in range(args.requests):
+        rid = f"req-{n:09d}-{rng.getrandbits(32):08x}"
+        event_time = base + n
+        label = rng.choice(("fraud", "ok"))
+        prob = rng.random()
+        inference = {
+            "request_id": rid, "event_time": event_time, "model": "fraud", "model_version": "7",
+            "num_features": {name: rng.random() * 100 for name in names[:-2]},
+            "cat_features": {names[-2]: rng.choice(("FR", "DE", "US"))},
+            "null_features": [names[-1]],
+            "output": {"label": label, "probabilities": {"fraud": prob, "ok": 1 - prob},
+                       "value": None},
+            "latency_ms": 3.5, "context": {"country": "FR"}, "inclusion_prob": 1.0,
+            "trace_id": None,
+        }
+        timed.append((n, "inference", rid, codec.encode("InferenceEvent", inference)))
+        for c in range(args.n_challengers):
+            pred = {
+                "request_id": rid, "challenger": f"challenger-{c}", "challenger_version": "1",
+                "is_control": c == 0, "event_time": event_time, "scored_at": event_time + 20,
+                "output": {"label": rng.choice(("fraud", "ok")),
+                           "probabilities": {"fraud": prob, "ok": 1 - prob}, "value": None},
+                "model_time_ms": 0.2, "queue_lag_ms": 20.0, "error": None, "error_kind": None,
+            }
+            arrival = n + rng.uniform(-200, 2000)  # usually after its primary, sometimes before
+            timed.append((arrival, "predictions", rid, codec.encode("ShadowPrediction", pred)))
+        if rng.random() < args.feedback_ratio:
+            fb = {"request_id": rid, "label": rng.choice(("fraud", "ok")),
+                  "event_time": event_time + 60_000, "value": None}
+            timed.append((n + rng.uniform(-500, 50_000), "feedback", rid,
+                          codec.encode("Feedback", fb)))
+    timed.sort(key=lambda t: t[0])
+    offsets: dict[tuple[str, int], int] = {}
+    messages = []
+    for _, kind, rid, value in timed:
+        partition = zlib.crc32(rid.encode()) % partitions
+        offset = offsets[(kind, partition)] = offsets.get((kind, partition), -1) + 1
+        messages.append(Message(kind, partition, offset, rid.encode(), value))
+    return messages
+
+
+def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark on a live stack; returns the figures."""
+    from shadowpipe.processors.join.core import JoinCore
+    from shadowpipe.processors.publisher import Publisher
+
+    from shadowpipe.kafka import ensure_topics
+    from shadowpipe.stores import redis_client
+
+    ensure_topics(settings)
+    _progress(f"generating {args.requests} requests")
+    messages = workload(args, settings.partitions)
+    client = redis_client(settings)
+    core = JoinCore(settings, client)
+    publisher = None if args.no_publish else Publisher(settings)
+    _progress(f"joining {len(messages)} messages in batches of {args.batch}")
+    latencies: list[float] = []
+    records = 0
+    used_before = client.info("memory")["used_memory"]
+    started = time.perf_counter()
+    for start in range(0, len(messages), args.batch):
+        t0 = time.perf_counter()
+        result = core.process(messages[start:start + args.batch])
+        if publisher is not None:
+            for key, value in result.joined:
+                publisher.produce(settings.topic("joined"), key, value)
+            publisher.flush_sync()
+        latencies.extend([(time.perf_counter() - t0) * 1000] * len(result.joined))
+        records += len(result.joined)
+    elapsed = time.perf_counter() - started
+    memory = _memory(client, core)
+    memory["redis_used_memory_per_pending_request"] = round(
+        (client.info("memory")["used_memory"] - used_before) / memory["pending_requests"])
+    baseline = _baseline_set(client, messages[: min(len(messages), 50_000)], core)
+    _cleanup(client, core.store.prefix)
+    latencies.sort()
+    joins_per_s = records / elapsed
+    stats = core.stats()
+    return {
+        "benchmark": "join",
+        "measures": "JoinCore (decode + pipelined Lua merges in real Redis + JoinedRecord "
+                    "encoding) with outputs published and flushed per batch; no Faust consumer",
+        "requests": args.requests,
+        "challengers": args.n_challengers,
+        "features": args.features,
+        "feedback_ratio": args.feedback_ratio,
+        "messages": len(messages),
+        "batch": args.batch,
+        "published": publisher is not None,
+        "joined_records": records,
+        "labelled_records": stats.get("emitted_labelled", 0),
+        "seconds": round(elapsed, 3),
+        "joins_per_s": round(joins_per_s),
+        "messages_per_s": round(len(messages) / elapsed),
+        "p50_join_latency_ms": round(latencies[len(latencies) // 2], 2),
+        "p99_join_latency_ms": round(latencies[int(len(latencies) * 0.99)], 2),
+        **memory,
+        "baseline_set_per_s": round(baseline),
+        "merge_vs_set": round(len(messages) / elapsed / baseline, 3),
+        "targets_met": joins_per_s >= 20_000 and memory["redis_bytes_per_pending_request"] <= 1024,
+    }
+
+
+def _memory(client: Any, core: Any) -> dict[str, Any]:
+    store = core.store
+    pending = store.pending()
+    rng = random.Random(1)
+    members = [m.decode() for m in client.zrange(store.deadlines, 0, -1)]
+    sample = rng.sample(members, min(2000, len(members)))
+    pipe = client.pipeline(transaction=False)
+    for rid in sample:
+        pipe.memory_usage(store.state_key(rid))
+    state_bytes = sum(pipe.execute()) / len(sample)
+    index_bytes = client.memory_usage(store.deadlines, samples=0) / pending
+    return {
+        "pending_requests": pending,
+        "redis_bytes_per_pending_request": round(state_bytes + index_bytes),
+        "redis_state_bytes_per_request": round(state_bytes),
+        "redis_index_bytes_per_request": round(index_bytes),
+    }
+
+
+def _baseline_set(client: Any, messages: list[Any], core: Any) -> float:
+    from shadowpipe.processors.join.core import decode_part
+
+    parts = [decode_part(core.codec, m, core.store.layouts) for m in messages]
+    started = time.perf_counter()
+    for start in range(0, len(parts), 2000):
+        pipe = client.pipeline(transaction=False)
+        for p in parts[start:start + 2000]:
+            pipe.set(f"{core.store.prefix}baseline:{p.request_id}:{p.kind}{p.challenger}",
+                     p.blob, px=600_000)
+        pipe.execute()
+    return len(parts) / (time.perf_counter() - started)
+
+
+def _cleanup(client: Any, prefix: str) -> None:
+    batch = []
+    for key in client.scan_iter(match=prefix + "*", count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)

@@ -1,0 +1,226 @@
+"""The join core: decode a micro-batch, merge it into Redis, build the JoinedRecords.
+
+Both the Faust agent and ``shadowpipe bench join`` drive this class, so what the benchmark
+measures is what the worker runs. It is synchronous (the agent calls it in a thread).
+
+>>> msg = Message("feedback", 0, 7, b"r1", b"\\x99")
+>>> try:
+...     decode_part(Codec(), msg)
+... except DecodeError as exc:
+...     exc.reason
+'unrecognised framing: first byte 0x99 is not Avro or JSON'
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.join.parts import (
+    FeatureLayouts,
+    build_body,
+    encode_feedback,
+    encode_inference,
+    encode_shadow,
+    join_state,
+)
+from shadowpipe.processors.join.store import (
+    CODE_NAMES,
+    LATE_FEEDBACK,
+    LATE_INFERENCE,
+    LATE_PREDICTION,
+    REDELIVERED,
+    Claim,
+    Emission,
+    JoinStore,
+    Part,
+    StoreError,
+    message_id,
+)
+from shadowpipe.schemas.codec import Codec, DecodeError
+
+from shadowpipe.config import Settings
+
+# Input topic kind -> (schema, stored-part kind).
+INPUTS = {"inference": ("InferenceEvent", "i"), "predictions": ("ShadowPrediction", "s"),
+          "feedback": ("Feedback", "f")}
+WORKER = "join"
+CHUNK = 500  # messages per pipelined round: Redis merges one while Python decodes the next
+
+
+class InvalidInput(ValueError):
+    """A message that decodes but cannot be joined (e.g. no request id)."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """One consumed Kafka message; ``kind`` is the topic kind (inference/predictions/feedback)."""
+
+    kind: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass
+class BatchResult:
+    """What a batch produces: JoinedRecords and dead letters, each (key, encoded value)."""
+
+    joined: list[tuple[bytes, bytes]] = field(default_factory=list)
+    dead: list[tuple[bytes | None, bytes]] = field(default_factory=list)
+
+
+def key_prefix(settings: Settings) -> str:
+    """Redis key prefix of the joiner, derived from the topic prefix (one per deployment).
+
+    >>> key_prefix(Settings.load(env={}))
+    'shadowpipe.join:'
+    """
+    return f"{settings.topic_prefix}join:"
+
+
+def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = None) -> Part:
+    """Decode and validate ``msg`` into a :class:`Part`; raises DecodeError or InvalidInput."""
+    schema_name, kind = INPUTS[msg.kind]
+    record = codec.decode(msg.value, schema_name)
+    if not record["request_id"]:
+        raise InvalidInput(f"{schema_name} without request_id")
+    msg_id = message_id(msg.partition, msg.offset)
+    if kind == "i":
+        return Part("i", record["request_id"], "", encode_inference(record, layouts), 0, msg_id)
+    if kind == "s":
+        if not record["challenger"]:
+            raise InvalidInput("ShadowPrediction without challenger")
+        if record["output"] is None and record["error"] is None:
+            raise InvalidInput("ShadowPrediction with neither output nor error")
+        return Part("s", record["request_id"], record["challenger"], encode_shadow(record), 0,
+                    msg_id)
+    if record["label"] is None and record["value"] is None:
+        raise InvalidInput("Feedback with neither label nor value")
+    return Part("f", record["request_id"], "", encode_feedback(record), record["event_time"],
+                msg_id)
+
+
+class JoinCore:
+    """Decode, merge and build for one deployment; thread-safe counters in :attr:`counters`."""
+
+    def __init__(self, settings: Settings, client: Any | None = None, lease_s: float = 60.0):
+        from shadowpipe.stores import redis_client
+
+        self.settings = settings
+        self.codec = Codec(settings.schema_registry_url)
+        self.store = JoinStore(client or redis_client(settings), key_prefix(settings),
+                               settings.feedback_horizon_s, lease_s)
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._cache: dict[bytes, Any] = {}  # used by process() only: one batch at a time
+        # Framing (single-object header or Confluent id) of every JoinedRecord we write.
+        probe = {"request_id": "", "challenger": "", "version": 0, "joined_at": 0,
+                 "state": "orphan_feedback"}
+        body = build_body("", "", 0, None, None, None, joined_at=0)
+        framed = self.codec.encode("JoinedRecord", probe)
+        self._header = framed[:len(framed) - len(body)]
+
+    def count(self, **increments: int) -> None:
+        with self._lock:
+            self.counters.update({k: v for k, v in increments.items() if v})
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(sorted(self.counters.items()))
+
+    def process(self, messages: list[Message], now_ms: int | None = None) -> BatchResult:
+        """Decode ``messages``, merge them in order, and return what to publish.
+
+        Raises :class:`StoreError` (counted) when Redis fails: nothing of the batch may be
+        acked then; running the same batch again is safe.
+        """
+        result, codes = BatchResult(), Counter[str]()
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        chunks = self._decoded_chunks(messages, result, codes)
+        try:
+            for parts, replies in self.store.merge_chunks(chunks, now_ms):
+                for part, (code, emits) in zip(parts, replies, strict=True):
+                    codes[_IN[part.kind]] += 1
+                    codes[_PART[code]] += 1
+                    if code in _ORPHAN:
+                        codes[_ORPHAN[code]] += 1
+                    for e in emits:
+                        if code != LATE_INFERENCE:
+                            codes[_EMITTED[code == REDELIVERED][
+                                join_state(e.challenger, e.primary, e.feedback)]] += 1
+                        result.joined.append(self.encode(e, now_ms, self._cache))
+        except StoreError as exc:
+            self.count(redis_errors=1, redis_oom=int(exc.oom))
+            raise
+        self.count(**codes)
+        return result
+
+    def _decoded_chunks(self, messages: list[Message], result: BatchResult,
+                        codes: Counter[str]) -> Iterator[list[Part]]:
+        for start in range(0, len(messages), CHUNK):
+            parts = []
+            for msg in messages[start:start + CHUNK]:
+                try:
+                    parts.append(decode_part(self.codec, msg, self.store.layouts))
+                except (DecodeError, InvalidInput) as exc:
+                    kind = "decode" if isinstance(exc, DecodeError) else "invalid"
+                    codes[f"deadletter_{kind}"] += 1
+                    result.dead.append((msg.key, self._dead_letter(kind, str(exc), msg)))
+            yield parts
+
+    def sweep(self, now_ms: int | None = None, limit: int = 500) -> tuple[Claim, BatchResult]:
+        """Claim requests past the horizon; returns the claim and the orphans to publish.
+
+        Publish and flush the result, then call :meth:`finish` with the claim.
+        """
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        try:
+            claim = self.store.claim(now_ms, limit)
+        except StoreError as exc:
+            self.count(redis_errors=1, redis_oom=int(exc.oom))
+            raise
+        result = BatchResult(joined=[self.encode(e, now_ms) for e in claim.orphans])
+        counts: Counter[str] = Counter(claim.outcomes)
+        for e in claim.orphans:
+            reason = "orphan_feedback_unknown" if not e.challenger else \
+                "orphan_prediction_no_primary"
+            counts[reason] += 1
+        self.count(**counts)
+        return claim, result
+
+    def finish(self, claim: Claim) -> int:
+        """Bury what ``claim`` took, once its orphans are published."""
+        try:
+            buried = self.store.finish(claim)
+        except StoreError as exc:
+            self.count(redis_errors=1, redis_oom=int(exc.oom))
+            raise
+        self.count(swept=buried)
+        return buried
+
+    def encode(self, e: Emission, now_ms: int, cache: dict[bytes, Any] | None = None
+               ) -> tuple[bytes, bytes]:
+        """(key, framed JoinedRecord) for an emission."""
+        body = build_body(e.request_id, e.challenger, e.version, e.primary, e.shadow,
+                          e.feedback, joined_at=now_ms, layouts=self.store.layouts, cache=cache)
+        return e.request_id.encode(), self._header + body
+
+    def _dead_letter(self, kind: str, reason: str, msg: Message) -> bytes:
+        record = dead_letter(kind, reason, WORKER, self.settings.topic(msg.kind), msg.partition,
+                             msg.offset, msg.key, msg.value, msg.timestamp_ms)
+        return self.codec.encode("DeadLetter", record)
+
+
+_IN = {kind: f"in_{topic}" for topic, (_, kind) in INPUTS.items()}
+_PART = [f"part_{name}" for name in CODE_NAMES]
+_ORPHAN = {LATE_FEEDBACK: "orphan_feedback_late", LATE_PREDICTION: "orphan_prediction_late"}
+_STATES = ("predicted", "labelled", "orphan_feedback", "orphan_prediction")
+_EMITTED = [{s: f"emitted_{s}" for s in _STATES}, {s: f"reemitted_{s}" for s in _STATES}]

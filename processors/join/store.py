@@ -1,0 +1,434 @@
+"""The joiner's Redis state: one msgpack'd entry per request, merged atomically by Lua.
+
+Keys (``<prefix>`` is the topic prefix + ``join:``, so deployments and tests never collide):
+
+* ``<prefix>s:<request_id>``: the state (a string holding msgpack, cheaper than a hash for
+  ~500-byte values): ``i`` = primary part, ``s`` = {challenger: part}, ``f`` = feedback part
+  (each with the id of the message that brought it), ``v`` = {challenger: last version},
+  ``o`` = claim token while the sweeper publishes its orphans.
+* ``<prefix>deadlines``: sorted set request id -> deadline (first seen + horizon, ms). Key
+  expiry alone would lose what never joined; the sweeper claims what is due instead.
+* ``<prefix>t:<request_id>``: tombstone of a swept request for one more horizon: versions and
+  what was seen, so a late part is told apart from an unknown one and never re-uses a version.
+
+Merge rules (``MERGE_LUA``): the first primary part and the first answer of each challenger
+win (a re-scored duplicate changes nothing); feedback with a later event time replaces the
+stored one (ties: the larger digest, so the result does not depend on arrival order). A part
+that changes nothing emits nothing, **unless it is the very message that was stored**
+(same partition/offset): that is a redelivery after a crash, whose outputs may never have
+been published, so the current records are re-emitted with their current versions.
+
+These scripts touch keys they compute from the request id, so they need a standalone Redis
+(or one Redis per shard of request ids), not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shadowpipe.processors.join.parts import FeatureLayouts
+
+# Reply codes of the merge script.
+DUPLICATE, STORED, JOINED, REDELIVERED, LATE_FEEDBACK, LATE_PREDICTION, LATE_INFERENCE = range(7)
+CODE_NAMES = ("duplicate", "stored", "joined", "redelivered", "late_feedback",
+              "late_prediction", "late_inference")
+
+_COMMON_LUA = """
+local function opt(part) if part then return part[1] end return false end
+"""
+
+# KEYS: state, tombstone, deadlines.
+# ARGV: kind (i|s|f), challenger, part, message id, rank, now ms, horizon ms, ttl ms, request id.
+# Reply: {code, primary|false, feedback|false, challenger, version, shadow|false, ...}.
+MERGE_LUA = _COMMON_LUA + """
+local kind, ch, part, mid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local rank, now = tonumber(ARGV[5]), tonumber(ARGV[6])
+local horizon, ttl, rid = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+
+local function late(t)
+  if kind == 'i' then
+    if t.li then return {0} end
+    t.li = 1
+    redis.call('SET', KEYS[2], cmsgpack.pack(t), 'KEEPTTL')
+    return {6}
+  end
+  local slot, digest = ch, false
+  if kind == 'f' then slot = ''; digest = redis.sha1hex(part) end
+  t.m = t.m or {}
+  local known = t.v[slot] ~= nil
+  if kind == 'f' then known = t.h == digest end
+  local fb, sh = false, false
+  if kind == 'f' then fb = part else sh = part end
+  if known then
+    if t.m[slot] == mid then return {3, false, fb, slot, t.v[slot], sh} end
+    return {0}
+  end
+  -- Same rule as in a live state: only a later (or tie-winning) label replaces the known one.
+  if digest and t.fr and (rank < t.fr or (rank == t.fr and digest < t.h)) then return {0} end
+  t.v[slot] = (t.v[slot] or 0) + 1
+  t.m[slot] = mid
+  if digest then t.h = digest; t.fr = rank end
+  redis.call('SET', KEYS[2], cmsgpack.pack(t), 'KEEPTTL')
+  if kind == 'f' then return {4, false, fb, slot, t.v[slot], sh} end
+  return {5, false, fb, slot, t.v[slot], sh}
+end
+
+local raw = redis.call('GET', KEYS[1])
+local st
+if raw then
+  st = cmsgpack.unpack(raw)
+else
+  local traw = redis.call('GET', KEYS[2])
+  if traw then return late(cmsgpack.unpack(traw)) end
+  st = {s = {}, v = {}}
+end
+
+local changed, again = false, false
+if kind == 'i' then
+  if not st.i then st.i = {part, mid}; changed = true
+  elseif st.i[2] == mid then again = true end
+elseif kind == 's' then
+  local cur = st.s[ch]
+  if not cur then st.s[ch] = {part, mid}; changed = true
+  elseif cur[2] == mid then again = true end
+else
+  local cur = st.f
+  if not cur or rank > cur[3] or (rank == cur[3] and part ~= cur[1]
+      and redis.sha1hex(part) > redis.sha1hex(cur[1])) then
+    st.f = {part, mid, rank}; changed = true
+  elseif cur[2] == mid then again = true end
+end
+if not changed and not again then return {0} end
+
+local out = {2, opt(st.i), opt(st.f)}
+if again then out[1] = 3 end
+local function emit(c)
+  local sp = st.s[c]
+  if st.i and sp then
+    if changed then st.v[c] = (st.v[c] or 0) + 1 end
+    if st.v[c] then
+      out[#out + 1] = c; out[#out + 1] = st.v[c]; out[#out + 1] = sp[1]
+    end
+  end
+end
+if kind == 's' then emit(ch) else for c, _ in pairs(st.s) do emit(c) end end
+
+if changed then
+  st.o = nil
+  if raw then
+    redis.call('SET', KEYS[1], cmsgpack.pack(st), 'KEEPTTL')
+  else
+    redis.call('SET', KEYS[1], cmsgpack.pack(st), 'PX', ttl)
+    redis.call('ZADD', KEYS[3], now + horizon, rid)
+  end
+  if #out == 3 then return {1} end
+  return out
+end
+if #out == 3 then return {0} end
+return out
+"""
+
+_TOMBSTONE_LUA = """
+local function bury(key, tkey, zset, rid, st, tomb_ttl)
+  local t = {v = st.v}
+  if st.i then t.li = 1 end
+  if st.f then t.h = redis.sha1hex(st.f[1]); t.fr = st.f[3] end
+  redis.call('SET', tkey, cmsgpack.pack(t), 'PX', tomb_ttl)
+  redis.call('DEL', key)
+  redis.call('ZREM', zset, rid)
+end
+"""
+
+# KEYS: deadlines. ARGV: state prefix, tombstone prefix, now ms, limit, lease ms, token, tomb ttl.
+# Reply: per due request {rid, 'expired'} | {rid, 'done', has_primary, n_shadows, has_feedback}
+#        | {rid, 'orphans', primary|false, feedback|false, challenger, version, shadow|false, ...}
+CLAIM_LUA = _COMMON_LUA + _TOMBSTONE_LUA + """
+local sp, tp, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local lease, token, tomb_ttl = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local out = {}
+for _, rid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)) do
+  local raw = redis.call('GET', sp .. rid)
+  if not raw then
+    redis.call('ZREM', KEYS[1], rid)
+    out[#out + 1] = {rid, 'expired'}
+  else
+    local st = cmsgpack.unpack(raw)
+    local rec = {rid, 'orphans', opt(st.i), opt(st.f)}
+    if not st.i then
+      for c, part in pairs(st.s) do
+        if not st.o then st.v[c] = (st.v[c] or 0) + 1 end
+        rec[#rec + 1] = c; rec[#rec + 1] = st.v[c]; rec[#rec + 1] = part[1]
+      end
+      if st.f then
+        if not st.o then st.v[''] = (st.v[''] or 0) + 1 end
+        rec[#rec + 1] = ''; rec[#rec + 1] = st.v['']; rec[#rec + 1] = false
+      end
+    end
+    if #rec == 4 then
+      local n = 0
+      for _ in pairs(st.s) do n = n + 1 end
+      bury(sp .. rid, tp .. rid, KEYS[1], rid, st, tomb_ttl)
+      out[#out + 1] = {rid, 'done', st.i and 1 or 0, n, st.f and 1 or 0}
+    else
+      st.o = token
+      redis.call('SET', sp .. rid, cmsgpack.pack(st), 'KEEPTTL')
+      redis.call('ZADD', KEYS[1], now + lease, rid)
+      out[#out + 1] = rec
+    end
+  end
+end
+return out
+"""
+
+# KEYS: deadlines. ARGV: state prefix, tombstone prefix, token, tomb ttl, request ids...
+# Buries the claimed requests whose state did not change since the claim; returns how many.
+FINISH_LUA = _TOMBSTONE_LUA + """
+local sp, tp, token, tomb_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local n = 0
+for i = 5, #ARGV do
+  local rid = ARGV[i]
+  local raw = redis.call('GET', sp .. rid)
+  if raw then
+    local st = cmsgpack.unpack(raw)
+    if st.o == token then
+      bury(sp .. rid, tp .. rid, KEYS[1], rid, st, tomb_ttl)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+
+class StoreError(RuntimeError):
+    """Redis refused or failed some merges of a batch; ``oom`` when it is out of memory."""
+
+    def __init__(self, message: str, oom: bool) -> None:
+        super().__init__(message)
+        self.oom = oom
+
+
+@dataclass(frozen=True)
+class Part:
+    """One input message, reduced to what the store keeps.
+
+    ``kind`` is ``i`` (primary), ``s`` (shadow) or ``f`` (feedback); ``rank`` orders
+    feedback (its event time); ``msg_id`` identifies the Kafka message (:func:`message_id`).
+    """
+
+    kind: str
+    request_id: str
+    challenger: str
+    blob: bytes
+    rank: int
+    msg_id: int
+
+
+def message_id(partition: int, offset: int) -> int:
+    """One number for a message of a known topic (exact in Lua's doubles below 2**53).
+
+    >>> message_id(3, 10) == 3 * 2**40 + 10
+    True
+    """
+    return (partition << 40) | offset
+
+
+@dataclass(frozen=True)
+class Emission:
+    """A JoinedRecord to publish: its key fields and the stored parts it is built from."""
+
+    request_id: str
+    challenger: str
+    version: int
+    primary: bytes | None
+    shadow: bytes | None
+    feedback: bytes | None
+
+
+def emissions(request_id: str, primary: Any, feedback: Any, triples: Sequence[Any]) -> list[
+        Emission]:
+    """Emissions from a script reply's ``primary, feedback, (challenger, version, shadow)*``."""
+    out = []
+    for n in range(0, len(triples), 3):
+        challenger, version, shadow = triples[n:n + 3]
+        out.append(Emission(request_id, _text(challenger), int(version), primary or None,
+                            shadow or None, feedback or None))
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class Claim:
+    """What one sweep claimed: orphans to publish, then :meth:`JoinStore.finish`."""
+
+    token: str
+    orphans: list[Emission]
+    claimed: list[str]
+    outcomes: dict[str, int]
+    handled: int = 0
+
+
+class JoinStore:
+    """Redis side of the joiner for one key prefix and feedback horizon."""
+
+    def __init__(self, client: Any, prefix: str, horizon_s: float, lease_s: float = 60.0) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.horizon_ms = int(horizon_s * 1000)
+        self.lease_ms = int(lease_s * 1000)
+        # Safety net only: the sweeper buries states at the horizon; TTL catches a stopped one.
+        self.ttl_ms = 2 * self.horizon_ms + self.lease_ms
+        self.deadlines = prefix + "deadlines"
+        self.layouts_key = prefix + "layouts"
+        self.layouts = FeatureLayouts(lambda ids: client.hmget(self.layouts_key, ids))
+        self._merge_sha = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
+        self._claim = client.register_script(CLAIM_LUA)
+        self._finish = client.register_script(FINISH_LUA)
+        self._load_merge()
+
+    def _load_merge(self) -> None:
+        import redis
+
+        try:
+            self.client.script_load(MERGE_LUA)
+        except redis.RedisError as exc:
+            raise StoreError(f"cannot load the merge script: {exc}", oom=False) from exc
+
+    def state_key(self, request_id: str) -> str:
+        return f"{self.prefix}s:{request_id}"
+
+    def tombstone_key(self, request_id: str) -> str:
+        return f"{self.prefix}t:{request_id}"
+
+    def merge(self, parts: list[Part], now_ms: int) -> list[tuple[int, list[Emission]]]:
+        """Apply ``parts`` in order (one pipelined EVALSHA each); per part (code, emissions).
+
+        Raises :class:`StoreError` if any merge failed: the caller retries the whole batch,
+        which is safe because re-applying a stored message re-emits rather than duplicates.
+        """
+        return [r for _, replies in self.merge_chunks([parts], now_ms) for r in replies]
+
+    def merge_chunks(self, chunks: Iterable[list[Part]], now_ms: int) -> Iterator[
+            tuple[list[Part], list[tuple[int, list[Emission]]]]]:
+        """:meth:`merge` for a stream of chunks on one connection, one chunk ahead: Redis
+        merges chunk k while the caller decodes chunk k+1 and builds the records of k-1."""
+        import redis
+
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        clean = False
+        try:
+            inflight: tuple[list[Part], list[bytes]] | None = None
+            for parts in chunks:
+                sent = self._send(conn, parts, now_ms)
+                if inflight is not None:
+                    yield inflight[0], self._receive(conn, *inflight)
+                inflight = sent
+            if inflight is not None:
+                yield inflight[0], self._receive(conn, *inflight)
+            clean = True
+        except redis.RedisError as exc:  # connection lost, timeout: the batch is retried
+            raise StoreError(f"Redis pipeline failed: {exc}", oom="OOM" in str(exc)) from exc
+        finally:
+            if not clean:  # replies may be pending on it
+                conn.disconnect()
+            pool.release(conn)
+
+    def _send(self, conn: Any, parts: list[Part], now_ms: int) -> tuple[list[Part], list[bytes]]:
+        commands: list[tuple[Any, ...]] = []
+        layout_ids = list(self.layouts.unsaved)
+        if layout_ids:  # before the merges that refer to them, on the same connection
+            pairs = [x for lid in layout_ids for x in (lid, self.layouts.unsaved[lid])]
+            commands.append(("HSET", self.layouts_key, *pairs))
+        for p in parts:
+            commands.append((
+                "EVALSHA", self._merge_sha, 3, f"{self.prefix}s:{p.request_id}",
+                f"{self.prefix}t:{p.request_id}", self.deadlines, p.kind, p.challenger, p.blob,
+                p.msg_id, p.rank, now_ms, self.horizon_ms, self.ttl_ms, p.request_id,
+            ))
+        if _pack is not None:  # hiredis: one C call per command instead of redis-py's wrapper
+            packed = [b"".join(_pack(c) for c in commands)]
+        else:
+            packed = conn.pack_commands(commands)
+        conn.send_packed_command(packed, check_health=False)
+        return parts, layout_ids
+
+    def _receive(self, conn: Any, parts: list[Part], layout_ids: list[bytes]) -> list[
+            tuple[int, list[Emission]]]:
+        import redis
+
+        replies, errors = [], []
+        for _ in range(len(parts) + bool(layout_ids)):
+            try:
+                replies.append(conn.read_response())
+            except redis.ResponseError as exc:
+                errors.append(exc)
+        if errors:
+            if any("NOSCRIPT" in str(e) for e in errors):
+                self._load_merge()  # Redis restarted or flushed its script cache
+            raise StoreError(f"{len(errors)} Redis command(s) failed: {errors[0]}",
+                             oom=any("OOM" in str(e) for e in errors))
+        for lid in layout_ids:
+            self.layouts.unsaved.pop(lid, None)
+        replies = replies[bool(layout_ids):]
+        return [(int(r[0]), emissions(p.request_id, *r[1:3], r[3:]) if len(r) > 1 else [])
+                for p, r in zip(parts, replies, strict=True)]
+
+    def claim(self, now_ms: int, limit: int = 500) -> Claim:
+        """Claim up to ``limit`` requests past their deadline; bury those with no orphans."""
+        token = uuid.uuid4().hex
+        reply = _run(self._claim, [self.deadlines], [
+            self.prefix + "s:", self.prefix + "t:", now_ms, limit, self.lease_ms, token,
+            self.horizon_ms,
+        ])
+        claim = Claim(token, [], [], {"expired_unswept": 0, "swept": 0, "swept_no_shadow": 0,
+                                      "swept_unlabelled": 0}, len(reply))
+        for rec in reply:
+            rid, what = _text(rec[0]), _text(rec[1])
+            if what == "expired":
+                claim.outcomes["expired_unswept"] += 1
+            elif what == "done":
+                claim.outcomes["swept"] += 1
+                has_primary, n_shadows, has_feedback = (int(x) for x in rec[2:5])
+                claim.outcomes["swept_no_shadow"] += int(has_primary and not n_shadows)
+                claim.outcomes["swept_unlabelled"] += int(bool(n_shadows) and not has_feedback)
+            else:
+                claim.claimed.append(rid)
+                claim.orphans.extend(emissions(rid, rec[2], rec[3], rec[4:]))
+        return claim
+
+    def finish(self, claim: Claim) -> int:
+        """Bury the claimed requests (after their orphans were published); returns how many."""
+        if not claim.claimed:
+            return 0
+        args = [self.prefix + "s:", self.prefix + "t:", claim.token, self.horizon_ms,
+                *claim.claimed]
+        return int(_run(self._finish, [self.deadlines], args))
+
+    def pending(self) -> int:
+        """Requests waiting in the store (not yet swept)."""
+        return int(self.client.zcard(self.deadlines))
+
+
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # pure-Python redis-py packing: correct, slower
+    _pack = None
+
+
+def _run(script: Any, keys: list[str], args: list[Any]) -> Any:
+    import redis
+
+    try:
+        return script(keys=keys, args=args)
+    except redis.RedisError as exc:
+        raise StoreError(f"Redis script failed: {exc}", oom="OOM" in str(exc)) from exc
+
+
