@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.shadow import sampling
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
-from shadowpipe.processors.shadow.encode import PredictionEncoder
+from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
 from shadowpipe.processors.shadow.runner import Pending, Result, Runner
 from shadowpipe.processors.shadow.stats import Stats
 from shadowpipe.schemas.codec import Codec, DecodeError
@@ -112,7 +112,7 @@ class ShadowProcessor:
         for ch in self.challengers:
             picked = self._pick(ch, digests, len(records))
             running.append((ch, picked, ch.runner.submit([records[i] for i in picked])))
-        scored_at = int(time.time() * 1000)
+        scored_at = long_bytes(int(time.time() * 1000))
         for ch, picked, pending in running:
             results = ch.runner.collect(pending)
             self._encode(ch, picked, pending, results, records, lags, scored_at, out)
@@ -151,7 +151,7 @@ class ShadowProcessor:
 
     def _encode(
         self, ch: Challenger, picked: list[int], pending: Pending, results: list[Result],
-        records: list[dict[str, Any]], lags: list[float], scored_at: int, out: Scored,
+        records: list[dict[str, Any]], lags: list[float], scored_at: bytes, out: Scored,
     ) -> None:
         share_ms = pending.elapsed_s() * 1000 / max(len(picked), 1)
         encode, append = ch.encoder.encode, out.predictions.append

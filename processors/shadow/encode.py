@@ -33,9 +33,14 @@ _two_doubles = struct.Struct("<dd").pack
 _CACHE_LIMIT = 4096
 
 
+_SMALL = [bytes((z,)) for z in range(128)]  # one-byte varints (zig-zagged 0..63)
+
+
 def long_bytes(n: int) -> bytes:
     """Avro ``long``: zig-zag varint."""
     z = (n << 1) ^ (n >> 63)
+    if z < 128:
+        return _SMALL[z]
     out = bytearray()
     while z > 0x7F:
         out.append((z & 0x7F) | 0x80)
@@ -96,13 +101,17 @@ class PredictionEncoder:
         return b"".join(parts)
 
     def encode(
-        self, request_id: str, event_time: int, scored_at: int, output: dict[str, Any] | None,
-        model_time_ms: float, queue_lag_ms: float, error: str | None, error_kind: str | None,
+        self, request_id: str, event_time: int, scored_at: int | bytes,
+        output: dict[str, Any] | None, model_time_ms: float, queue_lag_ms: float,
+        error: str | None, error_kind: str | None,
     ) -> bytes:
-        """One framed ShadowPrediction record."""
+        """One framed ShadowPrediction record; ``scored_at`` may be pre-encoded
+        (``long_bytes``), as it is the same for a whole batch."""
+        if not isinstance(scored_at, bytes):
+            scored_at = long_bytes(scored_at)
         return b"".join((
             self._head, string_bytes(request_id), self._const, long_bytes(event_time),
-            long_bytes(scored_at), self._output(output), _two_doubles(model_time_ms, queue_lag_ms),
+            scored_at, self._output(output), _two_doubles(model_time_ms, queue_lag_ms),
             NULL if error is None else SOME + string_bytes(error),
             NULL if error_kind is None else SOME + self._str(error_kind),
         ))

@@ -34,6 +34,11 @@ CONSUMER_OVERRIDES: dict[str, Any] = {
     "fetch.max.bytes": 64 * 1024 * 1024,
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "queued.max.messages.kbytes": 256 * 1024,
+    # The embedded broker answers a fetch only at fetch.wait.max.ms when no new data
+    # arrives meanwhile (real Kafka answers as soon as data is there): keep it short.
+    "fetch.wait.max.ms": 20,
+    "fetch.error.backoff.ms": 20,
+    "fetch.queue.backoff.ms": 20,
 }
 PRODUCER_OVERRIDES: dict[str, Any] = {"linger.ms": 2, "batch.num.messages": 10000}
 
@@ -95,7 +100,10 @@ class ShadowLoop:
                              ts if ts_type else None))
         if not batch:
             return
+        started = time.perf_counter()
         scored = self.processor.score(batch, consumed_at)
+        scored_at = time.perf_counter()
+        self.stats.record_timing("score_ms", (scored_at - started) * 1000)
         predictions, dead = self.settings.topic("predictions"), self.settings.topic("deadletter")
         produce = publisher.produce
         for key, value in scored.predictions:
@@ -107,6 +115,7 @@ class ShadowLoop:
         except DeliveryError as exc:
             self._rewind(consumer, batch, exc)
             return
+        self.stats.record_timing("publish_ms", (time.perf_counter() - scored_at) * 1000)
         for raw in batch:
             self._published[(raw.topic, raw.partition)] = raw.offset + 1
         self._commit(consumer, asynchronous=True)

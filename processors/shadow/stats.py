@@ -46,6 +46,11 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     return sorted_values[rank]
 
 
+def _summary(values: Sequence[float]) -> dict[str, float | None]:
+    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99),
+            "max": values[-1] if values else None}
+
+
 class Stats:
     """Counters of one shadow worker."""
 
@@ -61,6 +66,13 @@ class Stats:
         self.commits = 0
         self.delivery_retries = 0
         self._lags: deque[float] = deque(maxlen=LAG_WINDOW)
+        self._timings: dict[str, deque[float]] = {
+            step: deque(maxlen=1000) for step in ("score_ms", "publish_ms")
+        }
+
+    def record_timing(self, step: str, ms: float) -> None:
+        """Duration of one batch's ``score_ms`` or ``publish_ms`` (flush until acked)."""
+        self._timings[step].append(ms)
 
     def record_batch(self, size: int, lags: Iterable[float]) -> None:
         self.consumed += size
@@ -90,6 +102,7 @@ class Stats:
                 "p99": percentile(lags, 0.99), "max": lags[-1] if lags else None,
             },
             "challengers": {name: asdict(c) for name, c in self.challengers.items()},
+            **{step: _summary(sorted(v)) for step, v in self._timings.items()},
         }
 
     def summary(self) -> str:
