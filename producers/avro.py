@@ -97,8 +97,9 @@ def cached_string_bytes(text: str) -> bytes:
 _DOUBLE_MAPS: dict[tuple[str, ...], tuple[struct.Struct, list[object]]] = {}
 
 
-def _double_map_plan(keys: tuple[str, ...]) -> tuple[struct.Struct, list[object]]:
-    """A struct packing count, every key and value, and the terminator in one call."""
+def double_map_plan(keys: tuple[str, ...]) -> tuple[struct.Struct, list[object]]:
+    """A struct packing count, every key and value, and the terminator in one call, and
+    its argument template: put the values at ``template[2:-1:2]``."""
     count = long_bytes(len(keys))
     template: list[object] = [count]
     layout = [f"<{len(count)}s"]
@@ -123,7 +124,7 @@ def double_map_bytes(keys: tuple[str, ...], values: Sequence[float]) -> bytes:
     if plan is None:
         if len(_DOUBLE_MAPS) >= _CACHE_LIMIT:
             _DOUBLE_MAPS.clear()
-        plan = _DOUBLE_MAPS[keys] = _double_map_plan(keys)
+        plan = _DOUBLE_MAPS[keys] = double_map_plan(keys)
     layout, template = plan
     args = template.copy()
     args[2:-1:2] = values

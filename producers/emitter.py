@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from shadowpipe.producers import metrics
 from shadowpipe.producers.events import (
     EventEncoder,
@@ -136,6 +136,8 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         **PRODUCER_DEFAULTS,
         "queue.buffering.max.kbytes": max(1, budget * 3 // 4 // 1024),
         "queue.buffering.max.messages": max(1, budget // 4 // _PER_MESSAGE_OVERHEAD),
+        # Shadow events can wait: librdkafka costs ~2 us/event at 1 s, ~60 at 5 ms (1k/s).
+        "linger.ms": 1000,
         "delivery.report.only.error": True,
         "logger": _LIBRDKAFKA_LOG,
         **overrides,
@@ -250,17 +252,29 @@ class Emitter:
         try:
             if self._closed:
                 raise Invalid("closed")
-            key = _key(request_id)
-            rate, bound = self._bound(model)
+            if type(request_id) is str and request_id and not request_id.isspace():
+                key = request_id.encode()
+            else:
+                key = _key(request_id)
+            rate, bound = self._bounds.get(model) or self._bound(model)
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
             data = self._encoder.inference(
                 key, features, output, model=model, version=version, latency_ms=latency_ms,
-                context=context, event_time=_millis(ts), inclusion_prob=rate, trace_id=trace_id,
+                context=context, inclusion_prob=rate, trace_id=trace_id,
+                event_time=time.time_ns() // 1_000_000 if ts is None else _millis(ts),
             )
+            self._produce(self._inference_topic, data, key)
+        except BufferError:
+            if not self._retry_until_space(self._inference_topic, key, data):
+                return self._drop("queue_full")
+        except KafkaException as exc:  # e.g. a fatal idempotence error: count, never raise
+            return self._drop("produce_error", exc)
         except Exception as exc:  # the caller must never see an exception
             return self._drop(reason_of(exc), exc)
-        return self._send(self._inference_topic, key, data)
+        with self._lock:
+            self._sent += 1
+        return True
 
     def emit_feedback(
         self,
@@ -291,35 +305,32 @@ class Emitter:
                 key, label, value=value, event_time=_millis(ts), source=source,
                 weight=weight, inclusion_prob=rate,
             )
+            self._produce(self._feedback_topic, data, key)
+        except BufferError:
+            if not self._retry_until_space(self._feedback_topic, key, data):
+                return self._drop("queue_full")
+        except KafkaException as exc:
+            return self._drop("produce_error", exc)
         except Exception as exc:  # the caller must never see an exception
             return self._drop(reason_of(exc), exc)
-        return self._send(self._feedback_topic, key, data)
-
-    def _bound(self, model: Any) -> tuple[float, bytes | None]:
-        cached = self._bounds.get(model)
-        if cached is None:
-            if type(model) is not str:
-                raise Invalid("unsupported_type")
-            if len(self._bounds) >= 1024:
-                self._bounds.clear()
-            rate = self._rates.rate(model)
-            cached = self._bounds[model] = (rate, threshold(rate))
-        return cached
-
-    def _send(self, topic: str, key: bytes, data: bytes) -> bool:
-        try:
-            self._produce(topic, data, key)
-        except BufferError:
-            if not self._block_s or not self._retry_until_space(topic, key, data):
-                return self._drop("queue_full")
-        except Exception as exc:  # e.g. a fatal idempotence error: count, never raise
-            return self._drop("produce_error", exc)
         with self._lock:
             self._sent += 1
         return True
 
+    def _bound(self, model: Any) -> tuple[float, bytes | None]:
+        """(rate, threshold) of ``model``, memoised by :meth:`emit_inference`."""
+        if type(model) is not str:
+            raise Invalid("unsupported_type")
+        if len(self._bounds) >= 1024:
+            self._bounds.clear()
+        rate = self._rates.rate(model)
+        cached = self._bounds[model] = (rate, threshold(rate))
+        return cached
+
     def _retry_until_space(self, topic: str, key: bytes, data: bytes) -> bool:
         """Serve librdkafka for at most ``producer_block_ms`` while the queue is full."""
+        if not self._block_s:
+            return False
         deadline = time.monotonic() + self._block_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -352,7 +363,8 @@ class Emitter:
         reason = err.name().lstrip("_").lower()
         with self._lock:
             self._failed[reason] = self._failed.get(reason, 0) + 1
-        self._log("failed:" + reason, f"shadowpipe emitter {self.name}: delivery failed: {err.str()}")
+        self._log("failed:" + reason,
+                  f"shadowpipe emitter {self.name}: delivery failed: {err.str()}")
 
     def _on_error(self, err: KafkaError) -> None:
         self._log("error:" + err.name(), f"shadowpipe emitter {self.name}: {err.str()}")

@@ -51,6 +51,7 @@ from shadowpipe.producers.avro import (
     VALUE_BRANCH,
     cached_string_bytes,
     double_map_bytes,
+    double_map_plan,
     long_bytes,
     pack_double,
     string_array_bytes,
@@ -135,8 +136,8 @@ def _feature_kind(tp: type) -> str:
 class _FeaturePlan:
     """How one (names, value types) shape of features is split and encoded."""
 
-    num_get: Callable[[Sequence[Any]], tuple[Any, ...]]
-    num_keys: tuple[str, ...]
+    num_get: Callable[[Sequence[Any]], tuple[Any, ...]] | None  # None: all, in order
+    num_map: tuple[struct.Struct, list[object]] | None  # double_map_plan of the numbers
     cats: tuple[tuple[int, bytes, bool], ...]  # position, encoded name, hashed
     nulls: bytes
 
@@ -197,6 +198,8 @@ class EventEncoder:
         self.max_bytes = max_bytes
         self._feature_plans: dict[tuple[Any, ...], _FeaturePlan] = {}
         self._contexts: dict[tuple[Any, ...], bytes] = {}
+        self._model_versions: dict[tuple[Any, Any], bytes] = {}
+        self._labels: dict[Any, bytes] = {}
         self._context_plans: dict[tuple[Any, ...], tuple[tuple[int, bytes, bool], ...]] = {}
 
     # -- events ---------------------------------------------------------------------------
@@ -216,24 +219,40 @@ class EventEncoder:
         trace_id: str | None,
     ) -> bytes:
         """An ``InferenceEvent``; ``request_id`` is the id's UTF-8 bytes."""
+        model_version = self._model_versions.get((model, version))
+        if model_version is None:
+            model_version = self._model_version(model, version)
+        num, cat, null = self._features(features)
+        if latency_ms - latency_ms != 0:
+            raise Invalid("non_finite")
+        data = b"".join((
+            self.inference_header,
+            _prefixed(request_id),
+            time_bytes(event_time),
+            model_version,
+            num,
+            cat,
+            null,
+            self._output(output),
+            pack_double(latency_ms),
+            self._context(context),
+            pack_double(inclusion_prob),
+            NULL_BRANCH if trace_id is None else VALUE_BRANCH + _string(trace_id),
+        ))
+        if len(data) > self.max_bytes:
+            raise Invalid("too_large")
+        return data
+
+    def _model_version(self, model: Any, version: Any) -> bytes:
         if type(model) is not str or type(version) is not str:
             raise Invalid("unsupported_type")
         if not model:
             raise Invalid("missing_model")
-        parts = [
-            self.inference_header,
-            _prefixed(request_id),
-            time_bytes(event_time),
-            cached_string_bytes(model),
-            cached_string_bytes(version),
-            *self._features(features),
-            self._output(output),
-            _double(latency_ms),
-            self._context(context),
-            pack_double(inclusion_prob),
-            NULL_BRANCH if trace_id is None else VALUE_BRANCH + _string(trace_id),
-        ]
-        return self._checked(b"".join(parts))
+        encoded = string_bytes(model) + string_bytes(version)
+        if len(self._model_versions) >= _CACHE_LIMIT:
+            self._model_versions.clear()
+        self._model_versions[model, version] = encoded
+        return encoded
 
     def feedback(
         self,
@@ -266,9 +285,7 @@ class EventEncoder:
             _double(weight),
             pack_double(inclusion_prob),
         ]
-        return self._checked(b"".join(parts))
-
-    def _checked(self, data: bytes) -> bytes:
+        data = b"".join(parts)
         if len(data) > self.max_bytes:
             raise Invalid("too_large")
         return data
@@ -286,11 +303,17 @@ class EventEncoder:
         values = tuple(features.values())
         shape = (tuple(features), tuple(map(type, values)))
         plan = self._feature_plans.get(shape) or self._plan_features(shape)
-        nums = plan.num_get(values)
+        nums = values if plan.num_get is None else plan.num_get(values)
         total = sum(nums)
         # One subtraction proves every number finite (a sum overflow takes the slow check).
         if total - total != 0 and not all(map(math.isfinite, nums)):
             return self._features(_nan_to_none(features))
+        num = EMPTY
+        if plan.num_map is not None:
+            layout, template = plan.num_map
+            args = template.copy()
+            args[2:-1:2] = nums
+            num = layout.pack(*args)
         cats = EMPTY
         if plan.cats:
             entries = []
@@ -298,7 +321,7 @@ class EventEncoder:
                 value = values[position]
                 entries.append((name, self._redacted(value, hashed)))
             cats = string_map_bytes(entries)
-        return double_map_bytes(plan.num_keys, nums), cats, plan.nulls
+        return num, cats, plan.nulls
 
     def _redacted(self, value: Any, hashed: bool) -> bytes:
         return string_bytes(self.privacy.digest(value) if hashed else value)
@@ -320,7 +343,10 @@ class EventEncoder:
                 num_at.append(position)
                 num_keys.append(name)
         plan = _FeaturePlan(
-            _getter(num_at), tuple(num_keys), tuple(cats), string_array_bytes(nulls)
+            None if len(num_at) == len(names) else _getter(num_at),
+            double_map_plan(tuple(num_keys)) if num_keys else None,
+            tuple(cats),
+            string_array_bytes(nulls),
         )
         if len(self._feature_plans) >= _CACHE_LIMIT:
             self._feature_plans.clear()
@@ -334,21 +360,37 @@ class EventEncoder:
         if type(output) is float:
             return NULL_BRANCH + EMPTY + VALUE_BRANCH + _double(output)
         if type(output) is dict or isinstance(output, Mapping):
-            if not _OUTPUT_FIELDS.issuperset(output):
+            if not output.keys() <= _OUTPUT_FIELDS:
                 raise Invalid("unsupported_type")
-            label = _label(output.get("label"))
-            probs = output.get("probabilities") or {}
-            if not isinstance(probs, Mapping):
-                raise Invalid("unsupported_type")
-            return label + self._probabilities(probs) + _optional_double(output.get("value"))
+            label = output.get("label")
+            label_bytes = self._labels.get(label) if type(label) is str else None
+            if label_bytes is None:
+                label_bytes = self._label_bytes(label)
+            probs = output.get("probabilities")
+            value = output.get("value")
+            return b"".join((
+                label_bytes,
+                EMPTY if not probs else self._probabilities(probs),
+                NULL_BRANCH if value is None else VALUE_BRANCH + _double(value),
+            ))
         if isinstance(output, numbers.Integral | str):
             return _label(output) + EMPTY + NULL_BRANCH
         if isinstance(output, numbers.Real):
             return NULL_BRANCH + EMPTY + VALUE_BRANCH + _double(output)
         raise Invalid("unsupported_type")
 
+    def _label_bytes(self, label: Any) -> bytes:
+        encoded = _label(label)
+        if type(label) is str:
+            if len(self._labels) >= _CACHE_LIMIT:
+                self._labels.clear()
+            self._labels[label] = encoded
+        return encoded
+
     @staticmethod
     def _probabilities(probs: Mapping[str, Any]) -> bytes:
+        if type(probs) is not dict and not isinstance(probs, Mapping):
+            raise Invalid("unsupported_type")
         values = tuple(probs.values())
         total = sum(values)
         if total - total != 0 and not all(map(math.isfinite, values)):

@@ -1,0 +1,284 @@
+"""``shadowpipe bench emit``: what emitting costs a primary service.
+
+One process simulates the service: a handler turns a request (20 numeric features and a
+context) into a prediction with scikit-learn (a logistic regression averaged with a small
+gradient-boosting ensemble, ~0.3-1 ms), then answers. Requests run in pairs, one
+without and one with ``emit_inference`` to the real broker, in random order, so machine
+noise hits both alike; every handler call is timed (wall clock and thread CPU).
+
+* ``added_p99_us`` = p99 with emit - p99 without; ``throughput_ratio`` = time per request
+  without / with; ``emit_cpu_us_per_event`` = the handler thread's extra CPU per emitting
+  request + all CPU of the other threads (librdkafka's, the poller) during the run and the
+  final flush, per event; ``emit_call_*`` time the emit call alone.
+* Without ``--broker-down`` the broker of the settings is used if it answers (topics under
+  a fresh prefix, deleted after), else an embedded stack is started on free ports in a
+  temporary directory and stopped after.
+* ``--broker-down`` points at a port where nothing listens, with the buffer bound capped
+  at 4 MiB so the run fills it: events are dropped (``queue_full``) or, at close, purged
+  (``failed``); ``unaccounted`` must be 0 and ``rss_growth_bytes`` stay under the bound.
+
+Progress goes to stderr, one JSON object to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import resource
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from shadowpipe.config import Settings
+
+FEATURES = 20
+DOWN_BUFFER_BYTES = 4 << 20
+TARGETS = {"throughput_ratio": 0.97, "added_p99_us": 25.0, "emit_cpu_us_per_event": 25.0}
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        "emit", parents=[common], help="cost of emitting to a service's request handler"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--broker-down", action="store_true",
+                        help="emit to an address where nothing listens")
+    parser.add_argument("--requests", type=int, default=20000,
+                        help="requests per mode (with and without emit)")
+    parser.set_defaults(func=run)
+
+
+def _progress(message: str) -> None:
+    print(f"bench emit: {message}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: peak RSS is the best available figure
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextlib.contextmanager
+def _broker(settings: Settings, down: bool) -> Iterator[tuple[Settings, str]]:
+    """Settings of a broker for the run (and what it is), cleaned up after."""
+    if down:
+        yield settings.replace(
+            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            producer_max_buffer_bytes=min(settings.producer_max_buffer_bytes, DOWN_BUFFER_BYTES),
+        ), "nothing listening"
+        return
+    from shadowpipe import kafka
+    from shadowpipe.config import ConfigError
+
+    try:
+        kafka.check_reachable(settings, "bench", timeout_s=3.0)
+    except ConfigError:
+        yield from _embedded(settings)
+        return
+    run = settings.replace(topic_prefix=f"{settings.topic_prefix}bench-{uuid.uuid4().hex[:8]}.")
+    kafka.ensure_topics(run)
+    try:
+        yield run, f"settings' broker {settings.kafka_bootstrap}"
+    finally:
+        names = [run.topic("inference"), run.topic("feedback")]
+        kafka.admin(run).delete_topics(names, operation_timeout=10)
+
+
+def _embedded(settings: Settings) -> Iterator[tuple[Settings, str]]:
+    from shadowpipe.stack import EmbeddedStack
+
+    with tempfile.TemporaryDirectory(prefix="shadowpipe-bench-") as home:
+        run = settings.replace(
+            home=home,
+            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+            clickhouse_url=f"chdb://{home}/clickhouse",
+        )
+        stack = EmbeddedStack(run)
+        _progress(f"no broker at {settings.kafka_bootstrap}: embedded stack at "
+                  f"{run.kafka_bootstrap}")
+        stack.up()
+        try:
+            yield run, f"embedded tansu at {run.kafka_bootstrap}"
+        finally:
+            stack.down()
+
+
+def _model() -> Callable[[Any], Any]:
+    """predict_proba of a fitted logistic regression averaged with gradient boosting."""
+    import numpy as np
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(4000, FEATURES))
+    y = (x[:, 0] + 0.5 * x[:, 1] - 0.3 * x[:, 2] + rng.normal(size=len(x)) > 0).astype(int)
+    models = [LogisticRegression().fit(x, y),
+              GradientBoostingClassifier(n_estimators=30, max_depth=3, random_state=7).fit(x, y)]
+
+    def predict(row: Any) -> Any:
+        return sum(m.predict_proba(row)[0] for m in models) / len(models)
+
+    return predict
+
+
+def _requests(count: int) -> list[tuple[str, dict[str, float], dict[str, str]]]:
+    rng = random.Random(11)
+    names = [f"feature_{i:02d}" for i in range(FEATURES)]
+    countries, devices = ("DE", "FR", "US", "BR", "IN"), ("ios", "android", "web")
+    return [
+        (uuid.UUID(int=rng.getrandbits(128)).hex,
+         {name: rng.gauss(0.0, 1.0) for name in names},
+         {"country": rng.choice(countries), "device": rng.choice(devices)})
+        for _ in range(count)
+    ]
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+    from shadowpipe.producers.emitter import Emitter
+
+    predict = _model()
+    requests = _requests(2 * args.requests)
+    with _broker(settings, args.broker_down) as (run_settings, broker):
+        rss_before = _rss_bytes()
+        emitter = Emitter(run_settings, name="bench")
+        exceptions = 0
+        emit_call_ns: list[int] = []
+
+        def handle(request: tuple[str, dict[str, float], dict[str, str]], emit: bool) -> Any:
+            nonlocal exceptions
+            request_id, features, context = request
+            start = time.perf_counter()
+            row = np.fromiter(features.values(), dtype=float, count=FEATURES).reshape(1, -1)
+            proba = predict(row)
+            output = {"label": "1" if proba[1] >= 0.5 else "0",
+                      "probabilities": {"0": float(proba[0]), "1": float(proba[1])}}
+            if emit:
+                latency_ms = (time.perf_counter() - start) * 1000.0
+                before = time.perf_counter_ns()
+                try:
+                    emitter.emit_inference(request_id, features, output, model="bench",
+                                           version="1", latency_ms=latency_ms, context=context)
+                except Exception:  # counted: the guarantee is that this stays 0
+                    exceptions += 1
+                emit_call_ns.append(time.perf_counter_ns() - before)
+            return output
+
+        figures = _measure(handle, requests, _progress)
+        rss_peak = max(figures.pop("rss_samples"), default=0)
+        _progress("closing the emitter (flush)")
+        close_cpu = time.process_time()
+        purged = emitter.close(timeout=0.0 if args.broker_down else 30.0)
+        close_cpu = time.process_time() - close_cpu
+        stats = emitter.stats()
+    emitted = len(emit_call_ns)
+    # Everything emitting costs the process: the handler's extra CPU, the other threads'
+    # CPU during the run, and the final flush.
+    cpu_per_event = (figures["handler_cpu_added_us"] + figures["other_threads_cpu_us"]
+                     + close_cpu / max(1, figures["requests"]) * 1e6)
+    result = {
+        **figures,
+        "emit_cpu_us_per_event": cpu_per_event,
+        "emit_call_p50_us": _percentile(emit_call_ns, 50) / 1000,
+        "emit_call_p99_us": _percentile(emit_call_ns, 99) / 1000,
+        "emit_call_mean_us": sum(emit_call_ns) / max(1, emitted) / 1000,
+        "dropped": stats.dropped_total,
+        "dropped_by_reason": stats.dropped,
+        "failed": stats.failed_total,
+        "failed_by_reason": stats.failed,
+        "sent": stats.sent,
+        "delivered": stats.delivered,
+        "purged_at_close": purged,
+        "unaccounted": emitted - stats.delivered - stats.dropped_total - stats.failed_total,
+        "exceptions": exceptions,
+        "rss_bytes": rss_peak,
+        "rss_growth_bytes": max(0, rss_peak - rss_before),
+        "memory_bound_bytes": run_settings.producer_max_buffer_bytes,
+        "features": FEATURES,
+        "broker": broker,
+        "broker_down": args.broker_down,
+    }
+    result["targets_met"] = _targets_met(result)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def _measure(
+    handle: Callable[[Any, bool], Any], requests: list[Any], progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Requests in pairs, one without and one with emit in random order, so machine noise
+    hits both alike. CPU: the handler thread's own time per request, plus all the CPU of
+    the other threads (librdkafka's, the emitter's poller) charged to emitting."""
+    half = len(requests) // 2
+    wall: dict[bool, list[int]] = {False: [], True: []}
+    cpu: dict[bool, float] = {False: 0.0, True: 0.0}
+    rss_samples = []
+    coin = random.Random(3)
+    for i in range(min(200, half)):  # warm-up, not counted
+        handle(requests[i], False)
+        handle(requests[half + i], True)
+    process_start, thread_start = time.process_time(), time.thread_time()
+    for i in range(min(200, half), half):
+        for emit in (False, True) if coin.random() < 0.5 else (True, False):
+            cpu_start = time.thread_time()
+            start = time.perf_counter_ns()
+            handle(requests[half + i] if emit else requests[i], emit)
+            wall[emit].append(time.perf_counter_ns() - start)
+            cpu[emit] += time.thread_time() - cpu_start
+        if i % 500 == 0:
+            rss_samples.append(_rss_bytes())
+            progress(f"{len(wall[True])} of {half - 200} requests per mode")
+    other_threads = (time.process_time() - process_start) - (time.thread_time() - thread_start)
+    base, emit = wall[False], wall[True]
+    count = len(base)
+    return {
+        "requests": count,
+        "baseline_p50_us": _percentile(base, 50) / 1000,
+        "baseline_p99_us": _percentile(base, 99) / 1000,
+        "emit_p50_us": _percentile(emit, 50) / 1000,
+        "emit_p99_us": _percentile(emit, 99) / 1000,
+        "added_p50_us": (_percentile(emit, 50) - _percentile(base, 50)) / 1000,
+        "added_p99_us": (_percentile(emit, 99) - _percentile(base, 99)) / 1000,
+        "throughput_ratio": sum(base) / sum(emit),
+        "handler_cpu_added_us": (cpu[True] - cpu[False]) / count * 1e6,
+        "other_threads_cpu_us": other_threads / count * 1e6,
+        "rss_samples": rss_samples,
+    }
+
+
+def _targets_met(result: dict[str, Any]) -> dict[str, bool]:
+    met = {
+        "throughput_ratio": result["throughput_ratio"] >= TARGETS["throughput_ratio"],
+        "added_p99_us": result["added_p99_us"] <= TARGETS["added_p99_us"],
+        "emit_cpu_us_per_event": (
+            result["emit_cpu_us_per_event"] <= TARGETS["emit_cpu_us_per_event"]
+        ),
+        "no_exceptions": result["exceptions"] == 0,
+        "all_accounted": result["unaccounted"] == 0,
+    }
+    if result["broker_down"]:
+        met["memory_under_bound"] = result["rss_growth_bytes"] <= result["memory_bound_bytes"]
+    else:
+        met["all_delivered"] = result["delivered"] == result["sent"] and result["failed"] == 0
+    return met
