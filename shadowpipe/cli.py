@@ -22,7 +22,6 @@ COMMAND_MODULES = [
     "shadowpipe.commands",
     "shadowpipe.processors.worker",
     "shadowpipe.processors.monitor.commands",
-    "shadowpipe.demo.run",
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
 BENCH_MODULES: list[str] = [
