@@ -221,3 +221,29 @@ def test_unloadable_challenger_stops_startup(settings: Settings, tmp_path: Path)
     assert len(lines) == 1
     assert lines[0].startswith("shadowpipe: error: SHADOWPIPE_CHALLENGERS [shadow]: "
                                "challenger 'ghost': cannot load sklearn")
+
+
+def test_two_workers_share_the_partitions(shadow_settings: Settings, tmp_path: Path) -> None:
+    workers = [shadow_settings.replace(web_port=free_port()) for _ in range(2)]
+    procs = [spawn_cli(w, "worker", "shadow", log=tmp_path / f"w{i}.log")
+             for i, w in enumerate(workers)]
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # wait for a settled split of the 4 partitions
+            try:
+                owned = [stats(w)["assigned_partitions"] for w in workers]
+            except OSError:
+                owned = [[], []]
+            if all(owned) and sorted(owned[0] + owned[1]) == [0, 1, 2, 3]:
+                break
+            time.sleep(0.5)
+        assert all(owned) and sorted(owned[0] + owned[1]) == [0, 1, 2, 3], owned
+        ids = produce_events(shadow_settings, 2_000)
+        preds = read_topic(shadow_settings, "predictions", "ShadowPrediction", 4_000)
+        consumed = [stats(w)["consumed"] for w in workers]
+    finally:
+        for p in procs:
+            stop(p)
+    assert all(c > 0 for c in consumed) and sum(consumed) == 2_000
+    assert {(p["request_id"], p["challenger"]) for p in preds} == {
+        (r, c) for r in ids for c in ("flaky", "slow")}

@@ -68,7 +68,9 @@ class ShadowLoop:
 
         s = self.settings
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
-        consumer.subscribe([s.topic("inference")], on_revoke=self._on_revoke)
+        consumer.subscribe(
+            [s.topic("inference")], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         publisher = Publisher(s, **PRODUCER_OVERRIDES)
         last_log = time.monotonic()
         try:
@@ -142,9 +144,15 @@ class ShadowLoop:
         self._published.clear()
         self.stats.commits += 1
 
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.stats.assigned = sorted(self.stats.assigned + [p.partition for p in partitions])
+        log.info("shadow: assigned partitions %s", self.stats.assigned)
+
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         from confluent_kafka import KafkaException
 
+        gone = {p.partition for p in partitions}
+        self.stats.assigned = [p for p in self.stats.assigned if p not in gone]
         try:
             self._commit(consumer, asynchronous=False)
         except KafkaException as exc:  # the next owner replays from the last commit

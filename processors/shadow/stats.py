@@ -65,6 +65,7 @@ class Stats:
         self.outputs = 0
         self.commits = 0
         self.delivery_retries = 0
+        self.assigned: list[int] = []  # partitions of the inference topic this worker owns
         self._lags: deque[float] = deque(maxlen=LAG_WINDOW)
         self._timings: dict[str, deque[float]] = {
             step: deque(maxlen=1000) for step in ("score_ms", "publish_ms")
@@ -87,6 +88,7 @@ class Stats:
         uptime = max(time.time() - self.started, 1e-9)
         return {
             "uptime_s": round(uptime, 3),
+            "assigned_partitions": self.assigned,
             "consumed": self.consumed,
             "events_per_s": round(self.consumed / uptime, 1),
             "outputs": self.outputs,
