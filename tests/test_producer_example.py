@@ -1,0 +1,62 @@
+"""The documented example service really emits its prediction and feedback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from shadowpipe.schemas.codec import Codec
+
+from shadowpipe import kafka
+from shadowpipe.config import Settings
+from tests.conftest import free_port
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "example_service.py"
+
+
+def post(port: int, path: str, body: dict) -> dict:
+    request = urllib.request.urlopen(f"http://127.0.0.1:{port}{path}",
+                                     data=json.dumps(body).encode(), timeout=10)
+    return json.loads(request.read())
+
+
+def test_example_service_emits_inference_and_feedback(settings: Settings) -> None:
+    port = free_port()
+    service = subprocess.Popen([sys.executable, str(EXAMPLE), str(port)],
+                               env={**os.environ, **settings.to_env()},
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                answer = post(port, "/predict", {"amount": 1250.0, "country": "DE"})
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "example service did not start"
+                time.sleep(0.1)
+        assert answer["label"] == "review"
+        assert post(port, "/outcome", {"request_id": answer["request_id"], "label": "ok"})
+        service.terminate()  # the example exits normally on SIGTERM: events are flushed
+        assert service.wait(20) == 0
+    finally:
+        service.kill()
+    consumer = kafka.consumer(settings, f"example-{uuid.uuid4().hex}")
+    consumer.subscribe([settings.topic("inference"), settings.topic("feedback")])
+    names = {settings.topic("inference"): "InferenceEvent", settings.topic("feedback"): "Feedback"}
+    got = {}
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        for msg in consumer.consume(10, timeout=0.5):
+            if not msg.error():
+                got[names[msg.topic()]] = Codec().decode(msg.value(), names[msg.topic()])
+    consumer.close()
+    assert got["InferenceEvent"]["request_id"] == answer["request_id"]
+    assert got["InferenceEvent"]["num_features"] == {"amount": 1250.0}
+    assert got["InferenceEvent"]["cat_features"] == {"country": "DE"}
+    assert (got["Feedback"]["request_id"], got["Feedback"]["label"]) == (answer["request_id"], "ok")
