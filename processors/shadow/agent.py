@@ -48,9 +48,9 @@ def install(app: Any, settings: Settings) -> ShadowLoop:
             def target() -> None:
                 try:
                     loop.run()
-                except BaseException as exc:  # surface it: a silent dead loop scores nothing
+                except BaseException as exc:  # a silent dead loop scores nothing: exit 1
                     log.exception("shadow loop crashed")
-                    aio.call_soon_threadsafe(app._crash, exc)
+                    asyncio.run_coroutine_threadsafe(self.crash(exc), aio)
 
             self._thread = threading.Thread(target=target, name="shadow-loop", daemon=True)
             self._thread.start()
