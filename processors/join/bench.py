@@ -10,9 +10,13 @@ and flushed per batch, as the agent does. Faust's own consumer overhead is **not
 
 * ``joins_per_s``: JoinedRecords emitted and flushed per second of wall time.
 * ``p99_join_latency_ms``: per record, from the start of the batch holding the part that
-  completed it to the broker's acknowledgement of the flushed output.
+  completed it to the broker's acknowledgement of the flushed output (first batch, which
+  also connects the producer, excluded).
 * ``redis_bytes_per_pending_request``: ``MEMORY USAGE`` of the state keys (sampled) plus the
   deadline index's share, while every request is still pending (within the horizon).
+* ``joins_per_joiner_cpu_s``: records per CPU second of the benchmark process (all its
+  threads, librdkafka's included); with ``redis_cpu_s`` it tells what the run would reach
+  with a core each, whatever else the machine is doing.
 * ``baseline_set_per_s``: pipelined plain ``SET`` of the same parts, same run: the ceiling a
   non-atomic store would have (``merge_vs_set`` is the ratio).
 
@@ -47,14 +51,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     bench.add_argument("--batch", type=int, default=2000, help="messages per micro-batch")
     bench.add_argument("--no-publish", action="store_true", help="do not produce the outputs")
     bench.add_argument("--seed", type=int, default=7)
+    bench.add_argument("--worker-requests", type=int, default=20_000,
+                       help="requests for the through-the-worker run (0 = skip it)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=bench_cmd)
 
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
     with _stack(settings) as live:
-        live = live.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.")
-        result = run(live, args)
+        result = run(live.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}."), args)
+        if args.worker_requests:
+            worker = live.replace(topic_prefix=f"benchw{uuid.uuid4().hex[:8]}.",
+                                  web_port=_free_port(), log_level="WARNING")
+            result["worker"] = through_worker(worker, args)
     if args.json:
         print(json.dumps(result))
     else:
@@ -167,6 +176,8 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     latencies: list[float] = []
     records = 0
     used_before = client.info("memory")["used_memory"]
+    redis_cpu_before = _redis_cpu(client)
+    cpu_before = time.process_time()
     started = time.perf_counter()
     for start in range(0, len(messages), args.batch):
         t0 = time.perf_counter()
@@ -175,9 +186,12 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
             for key, value in result.joined:
                 publisher.produce(settings.topic("joined"), key, value)
             publisher.flush_sync()
-        latencies.extend([(time.perf_counter() - t0) * 1000] * len(result.joined))
+        if start:  # the first batch also pays the producer's connection set-up
+            latencies.extend([(time.perf_counter() - t0) * 1000] * len(result.joined))
         records += len(result.joined)
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_before
+    redis_cpu = _redis_cpu(client) - redis_cpu_before
     memory = _memory(client, core)
     memory["redis_used_memory_per_pending_request"] = round(
         (client.info("memory")["used_memory"] - used_before) / memory["pending_requests"])
@@ -202,6 +216,9 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(elapsed, 3),
         "joins_per_s": round(joins_per_s),
         "messages_per_s": round(len(messages) / elapsed),
+        "joiner_cpu_s": round(cpu, 3),
+        "redis_cpu_s": round(redis_cpu, 3),
+        "joins_per_joiner_cpu_s": round(records / cpu),
         "p50_join_latency_ms": round(latencies[len(latencies) // 2], 2),
         "p99_join_latency_ms": round(latencies[int(len(latencies) * 0.99)], 2),
         **memory,
@@ -209,6 +226,11 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "merge_vs_set": round(len(messages) / elapsed / baseline, 3),
         "targets_met": joins_per_s >= 20_000 and memory["redis_bytes_per_pending_request"] <= 1024,
     }
+
+
+def _redis_cpu(client: Any) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _memory(client: Any, core: Any) -> dict[str, Any]:
@@ -253,3 +275,70 @@ def _cleanup(client: Any, prefix: str) -> None:
             batch.clear()
     if batch:
         client.unlink(*batch)
+
+
+def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The same kind of workload through Kafka and a real ``shadowpipe worker join`` process:
+    records per second between the first and the last joined output (start-up excluded)."""
+    import os
+    import signal
+    import subprocess
+
+    from shadowpipe.kafka import consumer, ensure_topics, producer
+    from shadowpipe.stores import redis_client
+
+    ensure_topics(settings)
+    spec = argparse.Namespace(**{**vars(args), "requests": args.worker_requests})
+    messages = workload(spec, settings.partitions)
+    _progress(f"worker run: producing {len(messages)} messages")
+    prod = producer(settings)
+    for m in messages:
+        while True:
+            try:
+                prod.produce(settings.topic(m.kind), m.value, m.key)
+                break
+            except BufferError:
+                prod.poll(0.05)
+    prod.flush(60)
+    pairs = spec.requests * spec.n_challengers
+    reader = consumer(settings, f"{settings.topic_prefix}bench-reader")
+    reader.subscribe([settings.topic("joined")])
+    env = {**os.environ, **settings.to_env()}
+    worker = subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "join"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen: set[bytes] = set()
+    records, first, last = 0, None, None
+    deadline = time.monotonic() + 600
+    try:
+        while len(seen) < pairs and time.monotonic() < deadline and worker.poll() is None:
+            for msg in reader.consume(5000, timeout=0.5):
+                if msg.error() is None:
+                    records += 1
+                    first = first or time.perf_counter()
+                    last = time.perf_counter()
+                    # request id + challenger: the framing and body start are fixed-layout
+                    seen.add(msg.key() + b"|" + _challenger(msg.value()))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        reader.close()
+        _cleanup(redis_client(settings), f"{settings.topic_prefix}join:")
+    span = (last - first) if first and last and last > first else float("nan")
+    return {
+        "measures": "Kafka -> Faust worker (noack_take batches) -> Redis -> joined topic; "
+                    "rate between first and last output",
+        "requests": spec.requests, "joined_pairs": len(seen), "complete": len(seen) == pairs,
+        "joined_records": records, "joins_per_s": round(records / span) if span == span else 0,
+    }
+
+
+def _challenger(value: bytes) -> bytes:
+    from shadowpipe.processors.join.parts import read_long
+
+    pos = 10  # single-object header
+    size, pos = read_long(value, pos)
+    size2, pos = read_long(value, pos + size)
+    return value[pos:pos + size2]

@@ -40,6 +40,7 @@ import io
 import json
 import struct
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import fastavro
@@ -118,6 +119,7 @@ check_layout(_JOINED)
 # -- Avro primitives -----------------------------------------------------------------------
 
 
+@lru_cache(maxsize=65536)  # event times recur in a request's parts and records
 def _zigzag(n: int) -> bytes:
     n = (n << 1) ^ (n >> 63)
     out = bytearray()
@@ -156,6 +158,7 @@ def read_long(data: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+@lru_cache(maxsize=16384)  # labels, model names, challengers, map keys recur
 def write_string(text: str) -> bytes:
     raw = text.encode()
     return write_long(len(raw)) + raw

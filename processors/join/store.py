@@ -28,7 +28,7 @@ import hashlib
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from shadowpipe.processors.join.parts import FeatureLayouts
 
@@ -237,8 +237,7 @@ def message_id(partition: int, offset: int) -> int:
     return (partition << 40) | offset
 
 
-@dataclass(frozen=True)
-class Emission:
+class Emission(NamedTuple):
     """A JoinedRecord to publish: its key fields and the stored parts it is built from."""
 
     request_id: str
