@@ -46,6 +46,8 @@ def make_app(settings: Settings, processors: Sequence[str], web_port: int | None
     """A Faust app for ``processors`` with raw (bytes) serialisation: decoding is ours."""
     import faust
 
+    datadir = settings.home_path / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)  # Faust fails at start-up without it
     return faust.App(
         app_id(settings, processors),
         broker=[f"kafka://{hp.strip()}" for hp in settings.kafka_bootstrap.split(",")],
@@ -63,7 +65,7 @@ def make_app(settings: Settings, processors: Sequence[str], web_port: int | None
         web_bind=settings.web_host,
         web_port=web_port or settings.web_port,
         web_host=settings.web_host,
-        datadir=str(settings.home_path / "faust"),
+        datadir=str(datadir),
         stream_buffer_maxsize=8192,
         consumer_auto_offset_reset="earliest",
     )

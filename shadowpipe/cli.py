@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "shadowpipe.commands",
     "shadowpipe.processors.worker",
     "shadowpipe.processors.monitor.commands",
+    "shadowpipe.demo.run",
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
 BENCH_MODULES: list[str] = [

@@ -15,7 +15,8 @@ shadow pipeline must catch this before the challenger is promoted.
 >>> stream = list(world.requests(200, seed=1))
 >>> len(stream), sorted(stream[0].features)[:2]
 (200, ['area_error', 'compactness_error'])
->>> [r.request_id for r in world.requests(3, seed=1)] == [r.request_id for r in world.requests(3, seed=1)]
+>>> again = list(world.requests(200, seed=1))
+>>> [r.features for r in again] == [r.features for r in stream]
 True
 """
 
@@ -74,9 +75,10 @@ class World:
         train = rng.permutation(len(data.target))[:340]
         mean_cols = [i for i, n in enumerate(names) if n.startswith("mean_")]
         primary = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=1000))
-        primary.fit(data.data[train][:, mean_cols], data.target[train])
+        labels = np.array(LABELS)[data.target]  # models answer in the service's own labels
+        primary.fit(data.data[train][:, mean_cols], labels[train])
         challenger = GradientBoostingClassifier(random_state=seed)
-        challenger.fit(data.data[train], data.target[train])
+        challenger.fit(data.data[train], labels[train])
         return cls(names, data.data, data.target, primary, challenger,
                    [names[i] for i in mean_cols])
 
@@ -112,10 +114,7 @@ class World:
         """The primary's output for one request, as the service would compute it."""
         row = np.array([[features[n] for n in self.primary_features]])
         proba = self.primary.predict_proba(row)[0]
-        return _output(proba)
-
-
-def _output(proba: np.ndarray) -> dict[str, Any]:
-    probabilities = {LABELS[i]: float(p) for i, p in enumerate(proba)}
-    return {"label": max(probabilities, key=probabilities.__getitem__),
-            "probabilities": probabilities}
+        classes = self.primary.classes_
+        probabilities = {str(c): float(p) for c, p in zip(classes, proba, strict=True)}
+        return {"label": max(probabilities, key=probabilities.__getitem__),
+                "probabilities": probabilities}
