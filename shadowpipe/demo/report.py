@@ -112,23 +112,25 @@ def _svg(fig: Any) -> str:
 
 def _series(windows: list[dict], segment: str, challenger: str, column: str
             ) -> tuple[list[Any], list[float]]:
-    import datetime as dt
-
     xs, ys = [], []
     for w in windows:
         if w["segment"] == segment and w["challenger"] == challenger and w[column] is not None:
-            xs.append(dt.datetime.fromtimestamp(w["window_start_ms"] / 1000, dt.UTC))
+            xs.append(_when(w["window_start_ms"]))
             ys.append(w[column])
     return xs, ys
 
 
-def _alert_lines(ax: Any, alerts: list[dict], segment: str | None = None) -> None:
+def _when(ms: int) -> Any:
     import datetime as dt
 
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def _alert_lines(ax: Any, alerts: list[dict], segment: str | None = None) -> None:
     for a in alerts:
         if segment is None or a["segment"] == segment:
-            ax.axvline(dt.datetime.fromtimestamp(a["window_start_ms"] / 1000, dt.UTC),
-                       color="crimson", alpha=0.25, lw=1)
+            ax.axvline(_when(a["window_start_ms"] or a["time_ms"]), color="crimson",
+                       alpha=0.25, lw=1)
 
 
 def _over_time(data: dict, segment: str, title: str) -> str:
@@ -144,7 +146,11 @@ def _over_time(data: dict, segment: str, title: str) -> str:
         xs, ys = _series(data["windows"], segment, challengers[0], "primary_accuracy")
         ax.plot(xs, ys, "-", color="black", lw=2, label="primary accuracy")
     _alert_lines(ax, data["overall"]["drift_events"], segment)
-    ax.set_title(title + " (red: alerts)")
+    if data["run"].get("shift_ms"):
+        ax.axvline(_when(data["run"]["shift_ms"]), color="black", ls="--", lw=1.5)
+        ax.text(_when(data["run"]["shift_ms"]), 0.05, " scanner change in clinic east",
+                fontsize=7)
+    ax.set_title(title + " (red: alerts, dashed: the injected change)")
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="lower left")
     return _svg(fig)
@@ -180,16 +186,14 @@ def _coverage(data: dict) -> str:
 
 
 def _timeline(data: dict) -> str:
-    import datetime as dt
-
     import matplotlib.pyplot as plt
 
     alerts = data["overall"]["drift_events"]
     fig, ax = plt.subplots(figsize=(9, 0.4 * max(4, len({_alert_row(a) for a in alerts}))))
     rows = sorted({_alert_row(a) for a in alerts})
     for a in alerts:
-        when = dt.datetime.fromtimestamp((a["window_start_ms"] or a["time_ms"]) / 1000, dt.UTC)
-        ax.scatter([when], [rows.index(_alert_row(a))], color="crimson", marker="D", s=30)
+        ax.scatter([_when(a["window_start_ms"] or a["time_ms"])], [rows.index(_alert_row(a))],
+                   color="crimson", marker="D", s=30)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set_title(f"drift and alert timeline ({len(alerts)} alerts)")
     if not rows:

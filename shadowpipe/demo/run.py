@@ -93,7 +93,7 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     worker = _start_worker(settings, out)
     try:
         alerts = _AlertCollector(settings)
-        sent, expected = _run_traffic(settings, world, requests, args, worker)
+        sent, expected, start_ms = _run_traffic(settings, world, requests, args, worker)
         _wait_stored(settings, expected, worker)
     finally:
         _stop(worker)
@@ -101,8 +101,10 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     data = summarize(settings)
     data["alerts_received"] = alerts.received
     data["sent"] = asdict(sent)
+    shift_s = next((r.offset_s for r in requests if r.shifted), None)
     data["run"] = {"id": run_id, "events": args.events, "seed": args.seed,
-                   "database": settings.clickhouse_database, "topic_prefix": settings.topic_prefix}
+                   "database": settings.clickhouse_database, "topic_prefix": settings.topic_prefix,
+                   "shift_ms": None if shift_s is None else start_ms + int(shift_s * 1000)}
     report = write_report(data, out / "report.html")
     (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))
     from shadowpipe.demo.report import print_summary
@@ -152,7 +154,7 @@ def _start_worker(settings: Settings, out: Path) -> subprocess.Popen:
 
 
 def _run_traffic(settings: Settings, world: Any, requests: list, args: argparse.Namespace,
-                 worker: subprocess.Popen) -> tuple[Any, dict[str, int]]:
+                 worker: subprocess.Popen) -> tuple[Any, dict[str, int], int]:
     from rich.progress import Progress
 
     from shadowpipe.demo.service import serve
@@ -170,7 +172,7 @@ def _run_traffic(settings: Settings, world: Any, requests: list, args: argparse.
     if stats.dropped or stats.failed:
         _say(f"  producer dropped {stats.dropped}, failed {stats.failed}")
     n = len(CHALLENGERS)
-    return sent, {"published": sent.inferences * n, "labelled": sent.feedback * n}
+    return sent, {"published": sent.inferences * n, "labelled": sent.feedback * n}, start_ms
 
 
 def _wait_stored(settings: Settings, expected: dict[str, int], worker: subprocess.Popen,
