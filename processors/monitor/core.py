@@ -10,7 +10,10 @@ ones and returns the updated bits, so a redelivered or re-emitted record never c
 and a ``labelled`` version after a ``predicted`` one adds only its label.
 
 **Windows.** Tumbling event-time windows of ``window_s`` per challenger, overall (segment
-``""``) and per ``attribute=value`` of each configured segment attribute. The watermark is the
+``""``) and per ``attribute=value`` of each configured segment attribute. A fact updates one
+*cell*: the accumulators of its (challenger, segment values, window); all accumulators are
+additive, so a window row merges the cells it covers when it closes (one update per fact
+instead of one per segment). The watermark is the
 highest fact time seen; a window closes (its row is emitted) once the watermark reaches its
 end + ``allowed_lateness_s``; a fact for a closed window is *dropped late* and counted in
 ``late_dropped`` of the overall window that holds the watermark. Lateness is judged per
@@ -58,6 +61,9 @@ LATENCIES = ("primary_latency", "model_time", "queue_lag")
 MAX_SEGMENT_VALUES = 100  # per attribute; rarer values share "attr=(other)" to bound state
 PSI_REFERENCE = 1000  # values in a PSI reference
 PSI_MIN_WINDOW = 200  # a window needs this many values to be compared
+CACHE_MAX = 100_000  # memoised segment names and detector references
+LATENCY_FIELDS = (("primary_latency", "primary_latency_ms"), ("model_time", "model_time_ms"),
+                  ("queue_lag", "queue_lag_ms"))
 Record = dict[str, Any]
 
 
@@ -116,6 +122,31 @@ class Window:
         default_factory=lambda: {name: LogSketch() for name in LATENCIES})
     psi_counts: dict[str, list[int]] = field(default_factory=dict)
 
+    def merge(self, other: Window, psi: bool = True) -> None:
+        """Add ``other``'s accumulators (a window row merges its cells)."""
+        for name in ("published", "scored", "joined", "labelled", "orphaned", "errors",
+                     "timeouts", "late_dropped"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        _add_counts(self.agree_cm, other.agree_cm)
+        for mine, theirs in ((self.prob_delta, other.prob_delta),
+                             (self.value_delta, other.value_delta),
+                             *((self.arm_reg[a], other.arm_reg[a]) for a in ARMS)):
+            for i, x in enumerate(theirs):
+                mine[i] += x
+        for arm in ARMS:
+            _add_counts(self.arm_cm[arm], other.arm_cm[arm])
+        for name in LATENCIES:
+            self.latency[name].merge(other.latency[name])
+        for metric, counts in other.psi_counts.items() if psi else ():
+            mine_counts = self.psi_counts.setdefault(metric, [0] * len(counts))
+            for i, n in enumerate(counts):
+                mine_counts[i] += n
+
+
+def _add_counts(into: dict, counts: dict) -> None:
+    for key, n in counts.items():
+        into[key] = into.get(key, 0) + n
+
 
 @dataclass(slots=True)
 class Detector:
@@ -149,7 +180,9 @@ class PsiReference:
 class MonitorState:
     """Everything that must survive a restart (pickled into the Redis checkpoint)."""
 
-    windows: dict[tuple[str, str, int], Window] = field(default_factory=dict)
+    # cells: (challenger, segments, window start) -> accumulators; segments = the
+    # record's ``attr=value`` strings (empty for the late-drop counter of a window)
+    windows: dict[tuple[str, tuple[str, ...], int], Window] = field(default_factory=dict)
     watermark: int = -(2**62)
     detectors: dict[tuple[str, str, str], Detector] = field(default_factory=dict)
     psi_refs: dict[tuple[str, str], PsiReference] = field(default_factory=dict)
@@ -174,7 +207,13 @@ def _score(out: Record | None) -> float | None:
 
 
 def _total_variation(p: dict[str, float], q: dict[str, float]) -> float:
-    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in p.keys() | q.keys())
+    total = 0.0
+    for k, v in p.items():
+        total += abs(v - q.get(k, 0.0))
+    for k, v in q.items():
+        if k not in p:
+            total += abs(v)
+    return 0.5 * total
 
 
 class Monitor:
@@ -187,6 +226,10 @@ class Monitor:
         self.lateness_ms = settings.allowed_lateness_s * 1000
         self.delta = 10.0 ** -settings.monitor_drift_delta_exp
         self.pending_alerts: list[Record] = []
+        self._features = [(name, f"feature:{name}") for name in settings.drift_features]
+        self._segment_cache: dict[tuple[str | None, ...], tuple[str, ...]] = {}
+        self._detector_cache: dict[tuple[str, tuple[str, ...], str],
+                                   list[tuple[str, Detector]]] = {}
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -201,11 +244,23 @@ class Monitor:
             self._orphan(rec)
         return counted | new
 
-    def _segments(self, rec: Record) -> list[str]:
+    def _segments(self, rec: Record) -> tuple[str, ...]:
+        """The record's ``attr=value`` segments (memoised: a handful of distinct contexts)."""
+        attrs = self.settings.segments
+        if not attrs:
+            return ()
         context = rec.get("context") or {}
-        out = [""]
-        for attr in self.settings.segments:
-            value = context.get(attr)
+        raw = tuple(context.get(attr) for attr in attrs)
+        segs = self._segment_cache.get(raw)
+        if segs is None:
+            if len(self._segment_cache) > CACHE_MAX:
+                self._segment_cache.clear()
+            segs = self._segment_cache[raw] = self._segment_names(raw)
+        return segs
+
+    def _segment_names(self, raw: tuple[str | None, ...]) -> tuple[str, ...]:
+        out = []
+        for attr, value in zip(self.settings.segments, raw, strict=True):
             if value is None:
                 continue
             known = self.state.segment_values.setdefault(attr, set())
@@ -213,21 +268,23 @@ class Monitor:
                 value = "(other)"
             known.add(value)
             out.append(f"{attr}={value}")
-        return out
+        return tuple(out)
 
-    def _windows(self, challenger: str, segments: list[str], t: int) -> list[Window]:
-        """Open windows of ``t``; empty (and counted late) when its window has closed."""
-        start = t - t % self.window_ms
+    def _cell(self, challenger: str, segments: tuple[str, ...], t: int) -> Window | None:
+        """The open cell of ``t``; None (and counted late) when its window has closed."""
+        window_ms = self.window_ms
+        start = t - t % window_ms
         state = self.state
-        if start + self.window_ms + self.lateness_ms <= state.watermark:
-            mark = state.watermark - state.watermark % self.window_ms
-            self._window(challenger, "", mark).late_dropped += 1
-            return []
-        state.watermark = max(state.watermark, t)
-        return [self._window(challenger, seg, start) for seg in segments]
+        if start + window_ms + self.lateness_ms <= state.watermark:
+            mark = state.watermark - state.watermark % window_ms
+            self._window(challenger, (), mark).late_dropped += 1
+            return None
+        if t > state.watermark:
+            state.watermark = t
+        return self._window(challenger, segments, start)
 
-    def _window(self, challenger: str, segment: str, start: int) -> Window:
-        key = (challenger, segment, start)
+    def _window(self, challenger: str, segments: tuple[str, ...], start: int) -> Window:
+        key = (challenger, segments, start)
         window = self.state.windows.get(key)
         if window is None:
             window = self.state.windows[key] = Window()
@@ -236,119 +293,132 @@ class Monitor:
     def _predicted(self, rec: Record) -> None:
         challenger, t = rec["challenger"], record_time(rec)
         segments = self._segments(rec)
-        windows = self._windows(challenger, segments, t)
-        if not windows:
+        w = self._cell(challenger, segments, t)
+        if w is None:
             return
         primary, shadow = rec.get("primary_output"), rec.get("shadow_output")
         kind = rec.get("shadow_error_kind") or ("exception" if rec.get("shadow_error") else None)
         ok = shadow is not None and kind is None
-        p_label, s_label = _output_label(primary), _output_label(shadow)
-        agree_key = (p_label, s_label) if ok and p_label is not None and s_label is not None \
-            else None
-        prob = (_total_variation(primary.get("probabilities") or {},
-                                 shadow.get("probabilities") or {})
-                if ok and primary and primary.get("probabilities") and shadow.get("probabilities")
-                else None)
-        pv, sv = _output_value(primary), _output_value(shadow)
-        value = abs(pv - sv) if ok and pv is not None and sv is not None else None
-        lat_keys = [(name, bucket(x)) for name, x in (
-            ("primary_latency", rec.get("primary_latency_ms")),
-            ("model_time", rec.get("model_time_ms")),
-            ("queue_lag", rec.get("queue_lag_ms"))) if x is not None]
-        for w in windows:
-            w.published += 1
-            if ok:
-                w.scored += 1
-                w.joined += 1
-            elif kind == "timeout":
-                w.timeouts += 1
-            elif kind is not None:
-                w.errors += 1
-            if agree_key is not None:
-                w.agree_cm[agree_key] = w.agree_cm.get(agree_key, 0) + 1
-            if prob is not None:
-                w.prob_delta[0] += prob
-                w.prob_delta[1] += 1
-            if value is not None:
-                w.value_delta[0] += value
-                w.value_delta[1] += 1
-            for name, key in lat_keys:
-                w.latency[name].add_bucket(key)
-        if agree_key is not None:
-            disagree = float(p_label != s_label)
-            for seg in segments:
-                self._detect(challenger, seg, "disagreement", None, disagree, t)
-        self._psi_values(challenger, rec, windows[0], primary, shadow if ok else None)
+        w.published += 1
+        if ok:
+            w.scored += 1
+            w.joined += 1
+            self._compare(challenger, segments, w, primary, shadow, t)
+        elif kind == "timeout":
+            w.timeouts += 1
+        elif kind is not None:
+            w.errors += 1
+        latency = w.latency
+        for name, key in LATENCY_FIELDS:
+            x = rec.get(key)
+            if x is not None:
+                latency[name].add_bucket(bucket(x))
+        self._psi_values(challenger, rec, w, primary, shadow if ok else None)
+
+    def _compare(self, challenger: str, segments: tuple[str, ...], w: Window,
+                 primary: Record | None, shadow: Record, t: int) -> None:
+        """Agreement, |Δ probability| and |Δ value| of a pair whose challenger answered."""
+        p_label, s_label = _output_label(primary), shadow.get("label")
+        if p_label is not None and s_label is not None:
+            key = (p_label, s_label)
+            w.agree_cm[key] = w.agree_cm.get(key, 0) + 1
+            self._feed(challenger, segments, "disagreement", None, "disagreement",
+                       float(p_label != s_label), t)
+        if primary and primary.get("probabilities") and shadow.get("probabilities"):
+            w.prob_delta[0] += _total_variation(primary["probabilities"],
+                                                shadow["probabilities"])
+            w.prob_delta[1] += 1
+        pv, sv = _output_value(primary), shadow.get("value")
+        if pv is not None and sv is not None:
+            w.value_delta[0] += abs(pv - sv)
+            w.value_delta[1] += 1
 
     def _labelled(self, rec: Record) -> None:
         challenger, t = rec["challenger"], int(rec.get("label_time") or rec["joined_at"])
         segments = self._segments(rec)
-        windows = self._windows(challenger, segments, t)
-        if not windows:
+        w = self._cell(challenger, segments, t)
+        if w is None:
             return
         kind = rec.get("shadow_error_kind") or ("exception" if rec.get("shadow_error") else None)
-        outputs = {"primary": rec.get("primary_output"),
-                   "challenger": rec.get("shadow_output") if kind is None else None}
         y, y_value = rec.get("label"), rec.get("label_value")
-        wrong: dict[str, float] = {}
-        for arm, out in outputs.items():
-            pred = _output_label(out)
+        w.labelled += 1
+        wrong: list[tuple[str, float]] = []
+        for arm, out in (("primary", rec.get("primary_output")),
+                         ("challenger", rec.get("shadow_output") if kind is None else None)):
+            if not out:
+                continue
+            pred = out.get("label")
             if y is not None and pred is not None:
-                wrong[arm] = float(pred != y)
-                for w in windows:
-                    cm = w.arm_cm[arm]
-                    cm[(y, pred)] = cm.get((y, pred), 0) + 1
-            value = _output_value(out)
+                wrong.append((arm, float(pred != y)))
+                cm = w.arm_cm[arm]
+                cm[(y, pred)] = cm.get((y, pred), 0) + 1
+            value = out.get("value")
             if y_value is not None and value is not None:
                 err = value - y_value
-                for w in windows:
-                    reg = w.arm_reg[arm]
-                    reg[0] += 1
-                    reg[1] += abs(err)
-                    reg[2] += err * err
-        for w in windows:
-            w.labelled += 1
-        for arm, x in wrong.items():
-            for seg in segments:
-                self._detect(challenger, seg, "error_rate", arm, x, t)
+                reg = w.arm_reg[arm]
+                reg[0] += 1
+                reg[1] += abs(err)
+                reg[2] += err * err
+        for arm, x in wrong:
+            self._feed(challenger, segments, "error_rate", arm, f"error_rate:{arm}", x, t)
 
     def _orphan(self, rec: Record) -> None:
-        windows = self._windows(rec["challenger"], self._segments(rec), int(rec["joined_at"]))
-        scored = rec.get("state") == "orphan_prediction" and rec.get("shadow_output") is not None
-        for w in windows:
-            w.orphaned += 1
-            w.scored += scored
+        w = self._cell(rec["challenger"], self._segments(rec), int(rec["joined_at"]))
+        if w is None:
+            return
+        w.orphaned += 1
+        w.scored += rec.get("state") == "orphan_prediction" and rec.get("shadow_output") is not None
 
     # -- detectors -------------------------------------------------------------------------
 
-    def _detect(self, challenger: str, segment: str, metric: str, arm: str | None,
-                x: float, t: int) -> None:
-        key = (challenger, segment, metric if arm is None else f"{metric}:{arm}")
-        detector = self.state.detectors.get(key)
-        if detector is None:
-            detector = self.state.detectors[key] = Detector(ADWIN(delta=self.delta))
-        change = detector.update(x)
-        if change is None:
-            return
-        start = t - t % self.window_ms
-        self._alert("drift", "ADWIN", metric, challenger, arm, segment, start, t,
-                    value=change[1], threshold=None, severity="warning",
-                    details={"mean_before": f"{change[0]:.4f}", "mean_after": f"{change[1]:.4f}",
-                             "adwin_width": str(detector.adwin.width),
-                             "values_seen": str(detector.seen)})
+    def _detectors(self, challenger: str, segments: tuple[str, ...],
+                   name: str) -> list[tuple[str, Detector]]:
+        """(segment, detector) of the overall series and each segment (memoised refs)."""
+        key = (challenger, segments, name)
+        found = self._detector_cache.get(key)
+        if found is None:
+            if len(self._detector_cache) > CACHE_MAX:
+                self._detector_cache.clear()
+            detectors = self.state.detectors
+            found = []
+            for segment in ("", *segments):
+                detector = detectors.get((challenger, segment, name))
+                if detector is None:
+                    detector = detectors[(challenger, segment, name)] = Detector(
+                        ADWIN(delta=self.delta))
+                found.append((segment, detector))
+            self._detector_cache[key] = found
+        return found
+
+    def _feed(self, challenger: str, segments: tuple[str, ...], metric: str, arm: str | None,
+              name: str, x: float, t: int) -> None:
+        """Feed ``x`` to the ``name`` detectors (``metric`` or ``metric:arm``) of a record."""
+        for segment, detector in self._detectors(challenger, segments, name):
+            change = detector.update(x)
+            if change is None:
+                continue
+            start = t - t % self.window_ms
+            self._alert("drift", "ADWIN", metric, challenger, arm, segment, start, t,
+                        value=change[1], threshold=None, severity="warning",
+                        details={"mean_before": f"{change[0]:.4f}",
+                                 "mean_after": f"{change[1]:.4f}",
+                                 "adwin_width": str(detector.adwin.width),
+                                 "values_seen": str(detector.seen)})
 
     def _psi_values(self, challenger: str, rec: Record, window: Window,
                     primary: Record | None, shadow: Record | None) -> None:
         values: list[tuple[str, float | None]] = [("score:primary", _score(primary)),
                                                   ("score:challenger", _score(shadow))]
-        features = rec.get("num_features") or {}
-        values += [(f"feature:{name}", features.get(name)) for name in self.settings.drift_features]
+        if self._features:
+            features = rec.get("num_features") or {}
+            values += [(metric, features.get(name)) for name, metric in self._features]
+        refs = self.state.psi_refs
         for metric, x in values:
             if x is None or not math.isfinite(x):
                 continue
-            ref = self.state.psi_refs.get((challenger, metric))
+            ref = refs.get((challenger, metric))
             if ref is None:
-                ref = self.state.psi_refs[(challenger, metric)] = PsiReference()
+                ref = refs[(challenger, metric)] = PsiReference()
             if ref.edges is None:
                 self._grow_reference(ref, x)
                 continue
@@ -393,9 +463,18 @@ class Monitor:
         state = self.state
         if watermark is not None:
             state.watermark = max(state.watermark, watermark)
-        due = sorted(k for k in state.windows
-                     if k[2] + self.window_ms + self.lateness_ms <= state.watermark)
-        rows = [self._close(key, state.windows.pop(key)) for key in due]
+        due = [k for k in state.windows
+               if k[2] + self.window_ms + self.lateness_ms <= state.watermark]
+        merged: dict[tuple[str, str, int], Window] = {}
+        for key in due:
+            challenger, segments, start = key
+            cell = state.windows.pop(key)
+            for segment in ("", *segments):
+                window = merged.get((challenger, segment, start))
+                if window is None:
+                    window = merged[(challenger, segment, start)] = Window()
+                window.merge(cell, psi=not segment)  # PSI is checked on overall windows
+        rows = [self._close(key, merged[key]) for key in sorted(merged)]
         alerts, self.pending_alerts = self.pending_alerts, []
         return rows, alerts
 
