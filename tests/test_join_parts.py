@@ -6,10 +6,10 @@ import copy
 import random
 
 import pytest
-from shadowpipe.processors.join import parts
+from shadowpipe.processors.join import fastpath, parts
 from shadowpipe.processors.join.core import InvalidInput, Message, decode_part
 from shadowpipe.schemas import schema
-from shadowpipe.schemas.codec import Codec
+from shadowpipe.schemas.codec import Codec, DecodeError
 
 from tests.test_join_core import expected_records, make_requests
 
@@ -98,3 +98,40 @@ def test_invalid_inputs_are_rejected() -> None:
     for kind, record, name in cases:
         with pytest.raises(InvalidInput):
             decode_part(CODEC, Message(kind, 0, 0, None, CODEC.encode(name, record)))
+
+
+def test_fast_path_is_enabled_for_the_current_schemas() -> None:
+    assert all(fastpath.HEADERS.values())
+
+
+@pytest.mark.parametrize("interned", [False, True])
+def test_fast_path_builds_the_same_parts_as_the_codec(interned: bool) -> None:
+    fast_layouts = parts.FeatureLayouts() if interned else None
+    slow_layouts = parts.FeatureLayouts() if interned else None
+    rng = random.Random(8)
+    for req in make_requests(rng, 80):
+        inf = {**req["inference"], "null_features": rng.choice(([], ["x", "é"])),
+               "context": rng.choice(({}, {"pays": "Île"}))}
+        data = CODEC.encode("InferenceEvent", inf)
+        rid, blob = fastpath.inference_part(data, fast_layouts)
+        assert (rid, blob) == (req["id"], parts.encode_inference(
+            CODEC.decode(data, "InferenceEvent"), slow_layouts))
+        for pred in req["predictions"]:
+            data = CODEC.encode("ShadowPrediction", pred)
+            assert fastpath.shadow_part(data) == (
+                req["id"], pred["challenger"], True,
+                parts.encode_shadow(CODEC.decode(data, "ShadowPrediction")))
+
+
+def test_fast_path_leaves_anything_unusual_to_the_codec() -> None:
+    req = make_requests(random.Random(9), 1)[0]
+    good = CODEC.encode("InferenceEvent", req["inference"])
+    assert fastpath.inference_part(good[:-1], None) is None  # truncated
+    assert fastpath.inference_part(good + b"\x00", None) is None  # trailing byte
+    bad_utf8 = good.replace(b"\x02m", b"\x02\xff", 1)  # the model name "m"
+    assert fastpath.inference_part(bad_utf8, None) is None
+    with pytest.raises(DecodeError):
+        CODEC.decode(bad_utf8, "InferenceEvent")
+    pred = CODEC.encode("ShadowPrediction", req["predictions"][0])
+    assert fastpath.shadow_part(pred[:-3]) is None
+    assert fastpath.shadow_part(good) is None  # another schema's fingerprint

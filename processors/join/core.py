@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.join.fastpath import inference_part, shadow_part
 from shadowpipe.processors.join.parts import (
     FeatureLayouts,
     build_body,
@@ -87,25 +88,44 @@ def key_prefix(settings: Settings) -> str:
 
 
 def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = None) -> Part:
-    """Decode and validate ``msg`` into a :class:`Part`; raises DecodeError or InvalidInput."""
+    """Decode and validate ``msg`` into a :class:`Part`; raises DecodeError or InvalidInput.
+
+    Current-schema single-object messages take the allocation-free :mod:`fastpath`; the rest
+    (and anything it finds unusual) go through the Codec.
+    """
     schema_name, kind = INPUTS[msg.kind]
-    record = codec.decode(msg.value, schema_name)
-    if not record["request_id"]:
-        raise InvalidInput(f"{schema_name} without request_id")
     msg_id = message_id(msg.partition, msg.offset)
+    value = msg.value or b""
+    if kind == "i" and (fast := inference_part(value, layouts)) is not None:
+        return Part("i", _valid_id(fast[0], schema_name), "", fast[1], 0, msg_id)
+    if kind == "s" and (shadow := shadow_part(value)) is not None:
+        request_id, challenger, answered, blob = shadow
+        _valid_prediction(challenger, answered)
+        return Part("s", _valid_id(request_id, schema_name), challenger, blob, 0, msg_id)
+    record = codec.decode(msg.value, schema_name)
+    request_id = _valid_id(record["request_id"], schema_name)
     if kind == "i":
-        return Part("i", record["request_id"], "", encode_inference(record, layouts), 0, msg_id)
+        return Part("i", request_id, "", encode_inference(record, layouts), 0, msg_id)
     if kind == "s":
-        if not record["challenger"]:
-            raise InvalidInput("ShadowPrediction without challenger")
-        if record["output"] is None and record["error"] is None:
-            raise InvalidInput("ShadowPrediction with neither output nor error")
-        return Part("s", record["request_id"], record["challenger"], encode_shadow(record), 0,
-                    msg_id)
+        _valid_prediction(record["challenger"],
+                          record["output"] is not None or record["error"] is not None)
+        return Part("s", request_id, record["challenger"], encode_shadow(record), 0, msg_id)
     if record["label"] is None and record["value"] is None:
         raise InvalidInput("Feedback with neither label nor value")
-    return Part("f", record["request_id"], "", encode_feedback(record), record["event_time"],
-                msg_id)
+    return Part("f", request_id, "", encode_feedback(record), record["event_time"], msg_id)
+
+
+def _valid_id(request_id: str, schema_name: str) -> str:
+    if not request_id:
+        raise InvalidInput(f"{schema_name} without request_id")
+    return request_id
+
+
+def _valid_prediction(challenger: str, answered: bool) -> None:
+    if not challenger:
+        raise InvalidInput("ShadowPrediction without challenger")
+    if not answered:
+        raise InvalidInput("ShadowPrediction with neither output nor error")
 
 
 class JoinCore:

@@ -232,6 +232,7 @@ class FeatureLayouts:
     def __init__(self, fetch: Callable[[list[bytes]], list[bytes | None]] | None = None,
                  capacity: int = 10_000) -> None:
         self._ids: dict[tuple[str, ...], bytes] = {}
+        self._raw_ids: dict[tuple[bytes, ...], bytes] = {}
         self._names: dict[bytes, list[bytes]] = {}
         self.unsaved: dict[bytes, bytes] = {}
         self._encoders: dict[bytes, Callable[[bytes], bytes]] = {}
@@ -250,6 +251,15 @@ class FeatureLayouts:
         self._ids[names] = lid
         self._names[lid] = [write_string(n) for n in names]
         self.unsaved[lid] = payload
+        return lid
+
+    def intern_raw(self, names: tuple[bytes, ...]) -> bytes | None:
+        """:meth:`intern` for names still as UTF-8 bytes (validated when first seen)."""
+        lid = self._raw_ids.get(names)
+        if lid is None:
+            lid = self.intern(tuple(n.decode() for n in names))
+            if lid is not None:
+                self._raw_ids[names] = lid
         return lid
 
     def map_encoder(self, lid: bytes) -> Callable[[bytes], bytes]:

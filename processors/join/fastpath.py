@@ -1,0 +1,247 @@
+"""Stored parts straight from single-object Avro, without building Python records.
+
+Nearly every field of a stored part is a byte-for-byte copy of the input's encoding (a union,
+a string, a map of strings...), so for messages written with the *current* InferenceEvent or
+ShadowPrediction schema the part is assembled from slices of the message while walking it
+once; only numeric feature names are looked at (to intern them). Strings are checked to be
+UTF-8 and the walk must end exactly at the end of the message.
+
+Anything unusual (another schema version, Confluent framing, JSON, multi-block maps, a bad
+union index, truncation) returns ``None`` and the caller uses the general path (Codec decode
++ :mod:`~shadowpipe.processors.join.parts` encoders), which also produces the dead-letter
+reason. ``tests/test_join_parts.py`` checks both paths give identical parts.
+
+>>> from shadowpipe.schemas.codec import Codec
+>>> fb = {"request_id": "r1", "label": "x", "event_time": 5}
+>>> inference_part(Codec().encode("Feedback", fb), None) is None  # not an InferenceEvent
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shadowpipe.processors.join.parts import (
+    FORMAT,
+    MIN_INTERNED,
+    FeatureLayouts,
+    read_long,
+    write_long,
+)
+from shadowpipe.schemas import schema
+from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, schema_fingerprint
+
+_OUT = ("record", (("label", ("null", "string")), ("probabilities", ("map", "double")),
+                   ("value", ("null", "double"))))
+# The writer layouts the walkers below assume; another schema disables the fast path.
+EXPECTED = {
+    "InferenceEvent": (
+        ("request_id", "string"), ("event_time", "long"), ("model", "string"),
+        ("model_version", "string"), ("num_features", ("map", "double")),
+        ("cat_features", ("map", "string")), ("null_features", ("array", "string")),
+        ("output", _OUT), ("latency_ms", "double"), ("context", ("map", "string")),
+        ("inclusion_prob", "double"), ("trace_id", ("null", "string")),
+    ),
+    "ShadowPrediction": (
+        ("request_id", "string"), ("challenger", "string"), ("challenger_version", "string"),
+        ("is_control", "boolean"), ("event_time", "long"), ("scored_at", "long"),
+        ("output", ("null", _OUT)), ("model_time_ms", "double"), ("queue_lag_ms", "double"),
+        ("error", ("null", "string")), ("error_kind", ("null", "string")),
+    ),
+}
+
+
+class _Unusual(Exception):
+    """The message is not in the simple form this walker handles."""
+
+
+def _shape(t: Any) -> Any:
+    from shadowpipe.processors.join.parts import _shape as shape
+
+    return shape(t)
+
+
+def _header(name: str) -> bytes | None:
+    from fastavro.schema import expand_schema
+
+    parsed = schema(name)
+    fields = tuple((f["name"], _shape(f["type"])) for f in expand_schema(parsed)["fields"])
+    return SINGLE_OBJECT_MARKER + schema_fingerprint(parsed) if fields == EXPECTED[name] \
+        else None
+
+
+HEADERS = {name: _header(name) for name in EXPECTED}
+
+
+def _long(data: bytes, pos: int) -> tuple[int, int]:
+    byte = data[pos]
+    if byte < 0x80:
+        return (byte >> 1) ^ -(byte & 1), pos + 1
+    return read_long(data, pos)
+
+
+def _text(data: bytes, pos: int) -> tuple[str, int]:
+    size, pos = _long(data, pos)
+    end = pos + size
+    if size < 0 or end > len(data):
+        raise _Unusual
+    return data[pos:end].decode(), end
+
+
+def _string(data: bytes, pos: int) -> int:
+    return _text(data, pos)[1]
+
+
+def _opt_string(data: bytes, pos: int) -> int:
+    branch = data[pos]
+    if branch == 0:
+        return pos + 1
+    if branch != 2:
+        raise _Unusual
+    return _string(data, pos + 1)
+
+
+def _double(data: bytes, pos: int) -> int:
+    if pos + 8 > len(data):
+        raise _Unusual
+    return pos + 8
+
+
+def _opt_double(data: bytes, pos: int) -> int:
+    branch = data[pos]
+    if branch == 0:
+        return pos + 1
+    if branch != 2:
+        raise _Unusual
+    return _double(data, pos + 1)
+
+
+def _block(data: bytes, pos: int) -> tuple[int, int]:
+    count, pos = _long(data, pos)
+    if count < 0:  # blocks with byte sizes: legal, rare; left to fastavro
+        raise _Unusual
+    return count, pos
+
+
+def _end(data: bytes, pos: int, count: int) -> int:
+    if count and data[pos] != 0:  # a second block
+        raise _Unusual
+    return pos + 1 if count else pos
+
+
+def _map_string(data: bytes, pos: int) -> int:
+    count, pos = _block(data, pos)
+    for _ in range(count):
+        pos = _string(data, _string(data, pos))
+    return _end(data, pos, count)
+
+
+def _map_double(data: bytes, pos: int) -> int:
+    count, pos = _block(data, pos)
+    for _ in range(count):
+        pos = _double(data, _string(data, pos))
+    return _end(data, pos, count)
+
+
+def _array_string(data: bytes, pos: int) -> int:
+    count, pos = _block(data, pos)
+    for _ in range(count):
+        pos = _string(data, pos)
+    return _end(data, pos, count)
+
+
+def _output(data: bytes, pos: int) -> int:
+    return _opt_double(data, _map_double(data, _opt_string(data, pos)))
+
+
+def _features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[bytes, int]:
+    """The stored numeric-features block (interned when possible) and the next position."""
+    start = pos
+    count, pos = _block(data, pos)
+    names, values = [], []
+    for _ in range(count):
+        size, name_at = _long(data, pos)
+        pos = name_at + size
+        if size < 0 or pos + 8 > len(data):
+            raise _Unusual
+        names.append(data[name_at:pos])
+        values.append(data[pos:pos + 8])
+        pos += 8
+    pos = _end(data, pos, count)
+    lid = None
+    if layouts is not None and count >= MIN_INTERNED:
+        lid = layouts.intern_raw(tuple(names))  # decodes (validates) names it has not seen
+    if lid is None:
+        for name in names:
+            name.decode()
+        raw = data[start:pos]
+        return b"\x00" + write_long(len(raw)) + raw, pos
+    return b"".join((b"\x01", lid, write_long(count), *values)), pos
+
+
+def inference_part(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, bytes] | None:
+    """(request_id, stored part) of a current-schema single-object InferenceEvent, else None.
+
+    Same bytes as ``encode_inference(Codec().decode(data, "InferenceEvent"), layouts)``.
+    """
+    if data[:10] != HEADERS["InferenceEvent"]:
+        return None
+    try:
+        request_id, time_at = _text(data, 10)
+        _, pos = _long(data, time_at)
+        event_time, head_at = data[time_at:pos], pos
+        pos = _string(data, _string(data, pos))
+        head = data[head_at:pos]
+        num_block, pos = _features(data, pos, layouts)
+        rest_at = pos
+        out_at = _array_string(data, _map_string(data, pos))
+        pos = _output(data, out_at)
+        latency_at, pos = pos, _double(data, pos)
+        context_at, pos = pos, _map_string(data, pos)
+        prob_at, pos = pos, _double(data, pos)
+        trace_at, pos = pos, _opt_string(data, pos)
+    except (_Unusual, IndexError, ValueError):
+        return None
+    if pos != len(data):
+        return None
+    head += data[context_at:prob_at]
+    return request_id, b"".join((
+        FORMAT, event_time, data[prob_at:trace_at], data[trace_at:], write_long(len(head)),
+        head, num_block, data[rest_at:out_at], b"\x02", data[out_at:latency_at], b"\x02",
+        data[latency_at:context_at],
+    ))
+
+
+def shadow_part(data: bytes) -> tuple[str, str, bool, bytes] | None:
+    """(request_id, challenger, has_output_or_error, stored part) of a current-schema
+    single-object ShadowPrediction, else None. Same part as ``encode_shadow(decoded)``."""
+    if data[:10] != HEADERS["ShadowPrediction"]:
+        return None
+    try:
+        request_id, pos = _text(data, 10)
+        challenger, version_at = _text(data, pos)
+        control_at = _string(data, version_at)
+        if data[control_at] > 1:
+            raise _Unusual
+        time_at = control_at + 1
+        _, pos = _long(data, time_at)
+        time_end = pos
+        _, pos = _long(data, pos)  # scored_at
+        out_at, has_output = pos, data[pos] != 0
+        if data[pos] > 2 or data[pos] == 1:
+            raise _Unusual
+        timings_at = _output(data, pos + 1) if has_output else pos + 1
+        pos = _double(data, _double(data, timings_at))
+        error_at = pos
+        has_error = data[pos] != 0
+        pos = _opt_string(data, _opt_string(data, pos))
+    except (_Unusual, IndexError, ValueError):
+        return None
+    if pos != len(data):
+        return None
+    return request_id, challenger, has_output or has_error, b"".join((
+        FORMAT, data[time_at:time_end], data[version_at:control_at],
+        data[control_at:control_at + 1], data[out_at:timings_at], data[error_at:],
+        b"\x02", data[timings_at:timings_at + 8], b"\x02", data[timings_at + 8:error_at],
+    ))
+
