@@ -76,20 +76,33 @@ class EmitterStats:
 
 
 class _RateLimitedLog:
-    """Logs each reason at most once per minute, with the count since the last line."""
+    """Logs each key at most once per minute, with the count since the last line.
 
-    def __init__(self) -> None:
+    Also serves as librdkafka's ``logger`` (its ``log(level, fmt, *args)`` calls, keyed by
+    facility), so a broker outage does not flood the service's logs.
+    """
+
+    def __init__(self, target: logging.Logger) -> None:
+        self._target = target
         self._last: dict[str, tuple[float, int]] = {}
 
-    def __call__(self, reason: str, message: str) -> None:
+    def due(self, key: str) -> bool:
+        """True when ``key`` may be logged now (counts the suppressed ones)."""
         now = time.monotonic()
-        last, suppressed = self._last.get(reason, (-math.inf, 0))
+        last, suppressed = self._last.get(key, (-math.inf, 0))
         if now - last < _LOG_EVERY_S:
-            self._last[reason] = (last, suppressed + 1)
-            return
-        self._last[reason] = (now, 0)
-        more = f" ({suppressed} more since the last report)" if suppressed else ""
-        log.warning("%s%s; logged at most once a minute per reason", message, more)
+            self._last[key] = (last, suppressed + 1)
+            return False
+        self._last[key] = (now, 0)
+        return True
+
+    def __call__(self, key: str, message: str, *args: Any) -> None:
+        if self.due(key):
+            self._target.warning(message + "; logged at most once a minute", *args)
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        if self.due(str(args[0]) if args else fmt):
+            self._target.log(level, fmt, *args)
 
 
 def _privacy(settings: Settings) -> Privacy:
@@ -129,17 +142,22 @@ def wire_headers(settings: Settings) -> tuple[bytes, bytes]:
     return inference, feedback
 
 
+def max_messages(settings: Settings) -> int:
+    """librdkafka's message count bound: a quarter of the budget at the overhead each."""
+    return max(1, settings.producer_max_buffer_bytes // 4 // _PER_MESSAGE_OVERHEAD)
+
+
 def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
     """librdkafka configuration: production defaults plus the memory bound."""
     budget = settings.producer_max_buffer_bytes
     return settings.kafka_config(**{
         **PRODUCER_DEFAULTS,
         "queue.buffering.max.kbytes": max(1, budget * 3 // 4 // 1024),
-        "queue.buffering.max.messages": max(1, budget // 4 // _PER_MESSAGE_OVERHEAD),
+        "queue.buffering.max.messages": max_messages(settings),
         # Shadow events can wait: librdkafka costs ~2 us/event at 1 s, ~60 at 5 ms (1k/s).
         "linger.ms": 1000,
         "delivery.report.only.error": True,
-        "logger": _LIBRDKAFKA_LOG,
+        "logger": _RateLimitedLog(_LIBRDKAFKA_LOG),
         **overrides,
     })
 
@@ -207,6 +225,7 @@ class Emitter:
         self._inference_topic = self.settings.topic("inference")
         self._feedback_topic = self.settings.topic("feedback")
         self._block_s = self.settings.producer_block_ms / 1000
+        self._max_messages = max_messages(self.settings)
         self._bounds: dict[Any, tuple[float, bytes | None]] = {}
         self._lock = threading.Lock()
         self._sent = self._sampled_out = 0
@@ -214,7 +233,7 @@ class Emitter:
         self._failed: dict[str, int] = {}
         self._closed = False
         self._exit_timeout_s = exit_timeout_s
-        self._log = _RateLimitedLog()
+        self._log = _RateLimitedLog(log)
         self._producer = Producer(producer_config(
             self.settings, on_delivery=self._on_delivery, error_cb=self._on_error,
             **{"client.id": f"shadowpipe-{name}", **(kafka_overrides or {})},
@@ -259,6 +278,8 @@ class Emitter:
             rate, bound = self._bounds.get(model) or self._bound(model)
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
+            if len(self._producer) >= self._max_messages and not self._block_s:
+                raise BufferError  # full: do not spend the encoding
             data = self._encoder.inference(
                 key, features, output, model=model, version=version, latency_ms=latency_ms,
                 context=context, inclusion_prob=rate, trace_id=trace_id,
@@ -266,7 +287,7 @@ class Emitter:
             )
             self._produce(self._inference_topic, data, key)
         except BufferError:
-            if not self._retry_until_space(self._inference_topic, key, data):
+            if not self._block_s or not self._retry_until_space(self._inference_topic, key, data):
                 return self._drop("queue_full")
         except KafkaException as exc:  # e.g. a fatal idempotence error: count, never raise
             return self._drop("produce_error", exc)
@@ -307,7 +328,7 @@ class Emitter:
             )
             self._produce(self._feedback_topic, data, key)
         except BufferError:
-            if not self._retry_until_space(self._feedback_topic, key, data):
+            if not self._block_s or not self._retry_until_space(self._feedback_topic, key, data):
                 return self._drop("queue_full")
         except KafkaException as exc:
             return self._drop("produce_error", exc)
@@ -329,8 +350,6 @@ class Emitter:
 
     def _retry_until_space(self, topic: str, key: bytes, data: bytes) -> bool:
         """Serve librdkafka for at most ``producer_block_ms`` while the queue is full."""
-        if not self._block_s:
-            return False
         deadline = time.monotonic() + self._block_s
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -351,8 +370,11 @@ class Emitter:
     def _drop(self, reason: str, exc: Exception | None = None) -> bool:
         with self._lock:
             self._dropped[reason] = self._dropped.get(reason, 0) + 1
-        detail = f": {type(exc).__name__}: {exc}" if exc and not isinstance(exc, Invalid) else ""
-        self._log(reason, f"shadowpipe emitter {self.name}: event dropped ({reason}){detail}")
+        if self._log.due(reason):  # formatting only when it is logged
+            shown = exc is not None and not isinstance(exc, Invalid)
+            detail = f": {type(exc).__name__}: {exc}" if shown else ""
+            log.warning("shadowpipe emitter %s: event dropped (%s)%s; logged at most once a "
+                        "minute per reason", self.name, reason, detail)
         return False
 
     # -- librdkafka callbacks (on the poll thread) -----------------------------------------
@@ -363,11 +385,11 @@ class Emitter:
         reason = err.name().lstrip("_").lower()
         with self._lock:
             self._failed[reason] = self._failed.get(reason, 0) + 1
-        self._log("failed:" + reason,
-                  f"shadowpipe emitter {self.name}: delivery failed: {err.str()}")
+        self._log("failed:" + reason, "shadowpipe emitter %s: delivery failed: %s", self.name,
+                  err.str())
 
     def _on_error(self, err: KafkaError) -> None:
-        self._log("error:" + err.name(), f"shadowpipe emitter {self.name}: {err.str()}")
+        self._log("error:" + err.name(), "shadowpipe emitter %s: %s", self.name, err.str())
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
