@@ -157,3 +157,40 @@ def test_restart_from_checkpoint_replays_without_double_counting(settings: Setti
     assert total == sum(1 for r in records if r["state"] == "predicted")
     labelled = _count(s, "SELECT sum(labelled) FROM {db}.windows FINAL WHERE segment = ''")
     assert labelled == sum(1 for r in records if r["state"] == "labelled")
+
+
+def _varied(records: list[dict]) -> list[dict]:
+    """Records exercising every field shape: regression outputs, orphans, NaN, nulls."""
+    out = [dict(r) for r in records]
+    out[1].update(primary_output={"label": None, "probabilities": {}, "value": 1.5},
+                  shadow_output={"label": None, "probabilities": {}, "value": float("nan")},
+                  label_value=2.0, cat_features={"tier": "gold"}, null_features=["x", "y"],
+                  trace_id="t-1", is_control=True, model_version="7")
+    out[2].update(state="orphan_prediction", event_time=None, primary_output=None,
+                  primary_latency_ms=None, feedback_source="crm", feedback_weight=0.5)
+    out[3].update(state="orphan_feedback", challenger="", shadow_output=None,
+                  label="a", context={}, num_features={})
+    return out
+
+
+def test_bulk_decoding_equals_per_record_and_isolates_bad_messages(settings: Settings) -> None:
+    s = _monitor_settings(settings)
+    pipeline = Pipeline(s)
+    assert pipeline.bulk is not None  # the embedded engine decodes batches
+    records = _varied(synthetic.stream(synthetic.Spec(
+        requests=150, challengers=("c1", "c2"), seed=3, labelled_fraction=0.5,
+        error_rate=0.1, timeout_rate=0.1, start_ms=RECENT_MS)))
+    messages = _messages(records)
+    assert len(pipeline._bulk_decode(messages)) == len(messages)  # the bulk path is taken
+    expected = [CODEC.decode(m.value, "JoinedRecord") for m in messages]
+    decoded, dead = pipeline.decode(messages)
+    assert dead == []
+    assert repr(decoded) == repr(expected)  # repr: NaN != NaN, but both must be NaN
+
+    truncated = Message(messages[7].value[:-3], b"t", "joined", 0, 7)
+    not_avro = Message(b"\x99not avro", b"n", "joined", 0, 8)
+    mixed = messages[:7] + [truncated, not_avro] + messages[9:]
+    decoded, dead = pipeline.decode(mixed)
+    assert repr(decoded) == repr(expected[:7] + expected[9:])
+    assert [(d["source_offset"], d["error_kind"]) for d in dead] == [(7, "decode"), (8, "decode")]
+    assert pipeline.bulk is not None  # a bad message is no reason to stop bulk decoding

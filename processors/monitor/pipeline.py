@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import fastavro
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.monitor import sink as sink_mod
+from shadowpipe.processors.monitor.bulk import BulkDecoder
 from shadowpipe.processors.monitor.core import Monitor, MonitorState, pair_key, record_time
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.schemas import schema
@@ -44,6 +46,8 @@ from shadowpipe.config import Settings
 
 log = logging.getLogger(__name__)
 ORPHAN_STATES = ("orphan_feedback", "orphan_prediction")
+BULK_MIN = 64  # smaller batches decode per record (a bulk query has a fixed cost)
+HEADER_LEN = 10  # single-object marker + fingerprint
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class Pipeline:
         self.dedup = Deduper(self.redis, settings.topic_prefix, settings.feedback_horizon_s)
         self.sink = sink_mod.Sink(settings, client_factory, sleep=sleep)
         self.sleep = sleep
+        self.bulk = (BulkDecoder(self.sink.connect, self._schema)
+                     if urlparse(settings.clickhouse).scheme == "chdb" else None)
         self.monitor = Monitor(settings, self._load())
 
     def _load(self) -> MonitorState | None:
@@ -98,9 +104,10 @@ class Pipeline:
     def decode(self, messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict]]:
         """Records and dead letters (decode errors, records missing their identity)."""
         records, dead = [], []
-        for m in messages:
+        bulk = self._bulk_decode(messages)
+        for i, m in enumerate(messages):
             try:
-                rec = self._decode(m.value)
+                rec = bulk.get(i) or self._decode(m.value)
             except DecodeError as exc:
                 dead.append(dead_letter("decode", exc.reason, "monitor", m.topic, m.partition,
                                         m.offset, m.key, m.value, m.timestamp))
@@ -114,12 +121,32 @@ class Pipeline:
             records.append(rec)
         return records, dead
 
+    def _bulk_decode(self, messages: list[Message]) -> dict[int, dict[str, Any]]:
+        """Records of the current schema's single-object messages by index, decoded by the
+        embedded engine (:mod:`.bulk`); empty when not worth it or on any doubt."""
+        if self.bulk is None or len(messages) < BULK_MIN:
+            return {}
+        header = self._header
+        index = [i for i, m in enumerate(messages) if m.value and m.value[:HEADER_LEN] == header]
+        if len(index) < BULK_MIN:
+            return {}
+        decoded = self.bulk.decode([messages[i].value[HEADER_LEN:] for i in index])
+        if decoded is None:
+            return {}
+        # A canary per batch: the engine's reading must equal fastavro's, or bulk is off.
+        if decoded[0] != self._decode(messages[index[0]].value):
+            log.warning("bulk Avro decoding disagrees with fastavro: decoding per record")
+            self.bulk.close()
+            self.bulk = None
+            return {}
+        return dict(zip(index, decoded, strict=True))
+
     def _decode(self, data: bytes | None) -> dict[str, Any]:
         """Fast path for the current schema's single-object encoding (the joiner's output);
         anything else, or any error, goes through the codec, which also gives the reason."""
-        if data and data[:10] == self._header:
+        if data and data[:HEADER_LEN] == self._header:
             buf = io.BytesIO(data)
-            buf.seek(10)
+            buf.seek(HEADER_LEN)
             try:
                 rec = fastavro.schemaless_reader(buf, self._schema, None)
                 if buf.tell() == len(data):
