@@ -341,3 +341,69 @@ def test_score_routes_samples_and_dead_letters() -> None:
     assert snap["dead_letters"] == {"total": 5, "decode": 4, "invalid": 1}
     assert snap["challengers"]["tenth"]["skipped"] == 300 - len(tenth)
     proc.close()
+
+
+# -- fast decoding ---------------------------------------------------------------------
+
+texts = st.text(max_size=12)
+events = st.fixed_dictionaries({
+    "request_id": st.text(max_size=40), "event_time": st.integers(-(2**63), 2**63 - 1),
+    "model": texts, "model_version": texts,
+    "num_features": st.one_of(
+        st.dictionaries(texts, st.floats(allow_nan=False), max_size=30),
+        st.builds(lambda vals: {f"x{i}": v for i, v in enumerate(vals)},
+                  st.lists(st.floats(allow_nan=False), min_size=20, max_size=20))),
+    "cat_features": st.dictionaries(texts, texts, max_size=3),
+    "null_features": st.lists(texts, max_size=3),
+    "output": st.fixed_dictionaries({
+        "label": st.one_of(st.none(), texts),
+        "probabilities": st.dictionaries(texts, st.floats(allow_nan=False), max_size=3),
+        "value": st.one_of(st.none(), st.floats(allow_nan=False))}),
+    "latency_ms": st.floats(allow_nan=False), "context": st.dictionaries(texts, texts, max_size=3),
+    "inclusion_prob": st.floats(allow_nan=False), "trace_id": st.one_of(st.none(), texts),
+})
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(records=st.lists(events, min_size=1, max_size=4))
+def test_fast_decoder_equals_fastavro(records: list[dict[str, Any]]) -> None:
+    from shadowpipe.processors.shadow.decode import InferenceDecoder
+
+    fast = InferenceDecoder(CODEC)
+    for rec in records * 2:  # the second pass reads with learnt layouts
+        data = CODEC.encode("InferenceEvent", rec)
+        assert fast.decode(data) == CODEC.decode(data, "InferenceEvent") == rec
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(rec=events, cuts=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                 min_size=1, max_size=3), truncate=st.integers(0, 10_000))
+def test_fast_decoder_agrees_on_corrupt_bodies(
+    rec: dict[str, Any], cuts: list[tuple[int, int]], truncate: int
+) -> None:
+    from shadowpipe.processors.shadow.decode import InferenceDecoder
+    from shadowpipe.schemas.codec import DecodeError
+
+    fast = InferenceDecoder(CODEC)
+    good = CODEC.encode("InferenceEvent", rec)
+    fast.decode(good)  # learn this layout, then feed it corrupt variants
+    body = bytearray(good)
+    for at, byte in cuts:
+        body[10 + at % max(len(body) - 10, 1)] = byte
+    for data in (bytes(body), good[: 10 + truncate % (len(good) - 9)]):
+        try:
+            expected: Any = CODEC.decode(data, "InferenceEvent")
+        except DecodeError as exc:
+            expected = exc.reason
+        try:
+            got: Any = fast.decode(data)
+        except DecodeError as exc:
+            got = exc.reason
+        assert _canonical(got) == _canonical(expected)
+
+
+def _canonical(x: Any) -> str:
+    """repr (NaN equals NaN there) without object addresses (they differ per run)."""
+    import re
+
+    return re.sub(r"0x[0-9a-f]+", "0x?", repr(x))

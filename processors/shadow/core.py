@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.shadow import sampling
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
+from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
 from shadowpipe.processors.shadow.runner import Pending, Result, Runner
 from shadowpipe.processors.shadow.stats import Stats
@@ -87,6 +88,7 @@ class ShadowProcessor:
         models: Sequence[Model] | None = None, codec: Codec | None = None,
     ) -> None:
         self.codec = codec or Codec(settings.schema_registry_url)
+        self.decoder = InferenceDecoder(self.codec)
         models = list(models) if models is not None else [load(s) for s in specs]
         self.challengers = [
             Challenger(
@@ -122,10 +124,10 @@ class ShadowProcessor:
         self, batch: Sequence[Raw], consumed_at_ms: int, out: Scored
     ) -> tuple[list[dict[str, Any]], list[float]]:
         records, lags = [], []
-        decode = self.codec.decode
+        decode = self.decoder.decode
         for raw in batch:
             try:
-                record = decode(raw.value, "InferenceEvent")
+                record = decode(raw.value)
             except DecodeError as exc:
                 self._dead(raw, "decode", exc.reason, out)
                 continue

@@ -7,15 +7,17 @@ consumer in one thread of the Faust worker (which still owns the process, the we
 endpoint and the lifecycle), and everything per event is plain Python on raw bytes.
 
 At-least-once: a batch's offsets are committed only after all its outputs (predictions
-and dead letters) are acknowledged by the broker. The loop is synchronous, so when a
-rebalance revokes partitions (inside ``consume``) every batch taken from them is already
-published; the revoke callback commits what was published. A failed delivery rewinds the
-batch's partitions, so it is scored again (duplicates, never gaps). Consumers share the
+and dead letters) are acknowledged by the broker. Batch k is flushed and committed after
+batch k+1 is scored (its acknowledgements arrive meanwhile), before k+1 is published.
+When a rebalance revokes partitions (inside ``consume``) the revoke callback flushes and
+commits the batch in flight. A failed delivery rewinds the batches' partitions, so they
+are scored again (duplicates, never gaps). Consumers share the
 group ``<topic_prefix>shadow``, so ``worker shadow`` replicas split the partitions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -58,39 +60,44 @@ class ShadowLoop:
         self._stop = threading.Event()
         self._published: dict[tuple[str, int], int] = {}  # next offset, flushed outputs
         self._consumer: Any = None
+        self._publisher: Publisher | None = None
+        self._inflight: list[Raw] = []  # published, not yet flushed nor committed
+        self._produced_at = 0.0
 
     def stop(self) -> None:
         self._stop.set()
 
     def run(self) -> None:
         """The loop; returns after :meth:`stop`, having committed what was published."""
-        from confluent_kafka import KafkaException
-
         s = self.settings
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
+        self._publisher = Publisher(s, **PRODUCER_OVERRIDES)
         consumer.subscribe(
             [s.topic("inference")], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        publisher = Publisher(s, **PRODUCER_OVERRIDES)
         last_log = time.monotonic()
         try:
             while not self._stop.is_set():
+                waited = time.perf_counter()
                 msgs = consumer.consume(s.shadow_batch_size, s.shadow_batch_ms / 1000)
                 if msgs:
-                    self._handle(consumer, publisher, msgs)
+                    self.stats.record_timing("consume_ms", (time.perf_counter() - waited) * 1000)
+                self._handle(consumer, msgs)
                 if time.monotonic() - last_log >= LOG_EVERY_S:
                     log.info("shadow: %s", self.stats.summary())
                     last_log = time.monotonic()
         finally:
-            try:
-                self._commit(consumer, asynchronous=False)
-            except KafkaException as exc:
-                log.warning("final commit failed (the batch will be replayed): %s", exc)
+            self._settle(consumer, [], asynchronous=False)
             consumer.close()
             self.processor.close()
             log.info("shadow stopped: %s", self.stats.summary())
 
-    def _handle(self, consumer: Any, publisher: Publisher, msgs: list[Any]) -> None:
+    def _handle(self, consumer: Any, msgs: list[Any]) -> None:
+        """Score this batch, settle the previous one, then publish this one.
+
+        The previous batch's acknowledgements arrive while this one is consumed and
+        scored, so the flush in :meth:`_settle` rarely waits.
+        """
         consumed_at = int(time.time() * 1000)
         batch = []
         for m in msgs:
@@ -100,38 +107,57 @@ class ShadowLoop:
             ts_type, ts = m.timestamp()
             batch.append(Raw(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
                              ts if ts_type else None))
-        if not batch:
+        scored = None
+        if batch:
+            started = time.perf_counter()
+            scored = self.processor.score(batch, consumed_at)
+            self.stats.record_timing("score_ms", (time.perf_counter() - started) * 1000)
+        if not self._settle(consumer, batch, asynchronous=True) or scored is None:
             return
-        started = time.perf_counter()
-        scored = self.processor.score(batch, consumed_at)
-        scored_at = time.perf_counter()
-        self.stats.record_timing("score_ms", (scored_at - started) * 1000)
         predictions, dead = self.settings.topic("predictions"), self.settings.topic("deadletter")
-        produce = publisher.produce
+        produce = self._publisher.produce
         for key, value in scored.predictions:
             produce(predictions, key, value)
         for key, value in scored.dead_letters:
             produce(dead, key, value)
+        self._inflight = batch
+        self._produced_at = time.perf_counter()
+
+    def _settle(self, consumer: Any, upcoming: list[Raw], asynchronous: bool) -> bool:
+        """Flush the batch in flight and commit its offsets. False if its delivery failed:
+        then it and ``upcoming`` (scored, not yet published) are rewound to be scored again.
+        """
+        from confluent_kafka import KafkaException
+
+        inflight, self._inflight = self._inflight, []
+        if inflight:
+            try:
+                self._publisher.flush_sync()
+            except DeliveryError as exc:
+                self._rewind(consumer, inflight + upcoming, exc)
+                return False
+            self.stats.record_timing("publish_ms", (time.perf_counter() - self._produced_at) * 1000)
+            for raw in inflight:
+                self._published[(raw.topic, raw.partition)] = raw.offset + 1
         try:
-            publisher.flush_sync()
-        except DeliveryError as exc:
-            self._rewind(consumer, batch, exc)
-            return
-        self.stats.record_timing("publish_ms", (time.perf_counter() - scored_at) * 1000)
-        for raw in batch:
-            self._published[(raw.topic, raw.partition)] = raw.offset + 1
-        self._commit(consumer, asynchronous=True)
+            self._commit(consumer, asynchronous)
+        except KafkaException as exc:  # the next owner replays from the last commit
+            log.warning("commit failed (those events will be scored again): %s", exc)
+        return True
 
     def _rewind(self, consumer: Any, batch: list[Raw], exc: Exception) -> None:
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaException, TopicPartition
 
         self.stats.delivery_retries += 1
         log.error("publishing a batch failed, scoring it again: %s", exc)
         first: dict[tuple[str, int], int] = {}
         for raw in batch:
-            first.setdefault((raw.topic, raw.partition), raw.offset)
+            key = (raw.topic, raw.partition)
+            first[key] = min(first.get(key, raw.offset), raw.offset)
         for (topic, partition), offset in first.items():
-            consumer.seek(TopicPartition(topic, partition, offset))
+            # A partition no longer ours is skipped: its next owner starts at the commit.
+            with contextlib.suppress(KafkaException):
+                consumer.seek(TopicPartition(topic, partition, offset))
         time.sleep(1.0)
 
     def _commit(self, consumer: Any, asynchronous: bool) -> None:
@@ -149,11 +175,6 @@ class ShadowLoop:
         log.info("shadow: assigned partitions %s", self.stats.assigned)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        from confluent_kafka import KafkaException
-
         gone = {p.partition for p in partitions}
         self.stats.assigned = [p for p in self.stats.assigned if p not in gone]
-        try:
-            self._commit(consumer, asynchronous=False)
-        except KafkaException as exc:  # the next owner replays from the last commit
-            log.warning("commit on revoke failed: %s", exc)
+        self._settle(consumer, [], asynchronous=False)

@@ -68,11 +68,12 @@ class Stats:
         self.assigned: list[int] = []  # partitions of the inference topic this worker owns
         self._lags: deque[float] = deque(maxlen=LAG_WINDOW)
         self._timings: dict[str, deque[float]] = {
-            step: deque(maxlen=1000) for step in ("score_ms", "publish_ms")
+            step: deque(maxlen=1000) for step in ("consume_ms", "score_ms", "publish_ms")
         }
 
     def record_timing(self, step: str, ms: float) -> None:
-        """Duration of one batch's ``score_ms`` or ``publish_ms`` (flush until acked)."""
+        """Duration of a batch's ``consume_ms`` (waiting for it), ``score_ms``, or
+        ``publish_ms`` (produced until acknowledged; overlaps scoring the next batch)."""
         self._timings[step].append(ms)
 
     def record_batch(self, size: int, lags: Iterable[float]) -> None:
