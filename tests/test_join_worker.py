@@ -166,3 +166,12 @@ def test_worker_feedback_after_horizon_is_an_orphan(settings: Settings, tmp_path
     finally:
         _stop(worker)
         joined.close()
+
+
+def test_worker_join_without_redis_names_the_setting(settings: Settings, tmp_path: Path) -> None:
+    log = tmp_path / "worker.log"
+    worker = spawn_cli(settings.replace(redis_url="redis://127.0.0.1:1/0"), "worker", "join",
+                       log=log)
+    assert worker.wait(60) == 2
+    lines = [line for line in log.read_text().splitlines() if "error" in line]
+    assert lines and "SHADOWPIPE_REDIS_URL" in lines[-1]
