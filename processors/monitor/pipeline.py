@@ -19,11 +19,13 @@ keys and alert ids), so ClickHouse keeps one of each.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import logging
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -48,6 +50,29 @@ log = logging.getLogger(__name__)
 ORPHAN_STATES = ("orphan_feedback", "orphan_prediction")
 BULK_MIN = 64  # smaller batches decode per record (a bulk query has a fixed cost)
 HEADER_LEN = 10  # single-object marker + fingerprint
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for one batch.
+
+    A batch allocates ~10 containers per record that all live until the batch ends, so the
+    collector keeps promoting them and runs full collections over the whole heap (chdb,
+    pyarrow, river, the monitor state) every batch or two: measured at about half the decode
+    time. Reference counting frees the batch at its end anyway; a cycle waits for the next
+    automatic collection.
+
+    >>> with paused_gc():
+    ...     gc.isenabled()
+    False
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -157,6 +182,10 @@ class Pipeline:
 
     def process(self, messages: list[Message]) -> BatchResult:
         """Steps 1 of the module doc; blocks (retrying) until ClickHouse took the batch."""
+        with paused_gc():
+            return self._process(messages)
+
+    def _process(self, messages: list[Message]) -> BatchResult:
         records, dead = self.decode(messages)
         result = BatchResult(records=len(records), dead_letters=dead)
         keys = [(pair_key(r), record_time(r)) for r in records]
@@ -195,7 +224,8 @@ class Pipeline:
 
     def checkpoint(self) -> None:
         """Step 3: state and counted bits in one Redis transaction (retried until done)."""
-        blob = pickle.dumps(self.monitor.state, protocol=pickle.HIGHEST_PROTOCOL)
+        with paused_gc():
+            blob = pickle.dumps(self.monitor.state, protocol=pickle.HIGHEST_PROTOCOL)
 
         def write() -> None:
             pipe = self.redis.pipeline(transaction=True)
