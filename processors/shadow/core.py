@@ -143,7 +143,7 @@ class ShadowProcessor:
         rec = dead_letter(kind, reason, WORKER, raw.topic, raw.partition, raw.offset,
                           raw.key, raw.value, raw.timestamp)
         out.dead_letters.append((raw.key, self.codec.encode("DeadLetter", rec)))
-        self.stats.dead_letters[kind] += 1
+        self.stats.count_dead_letter(kind)
 
     def _pick(self, ch: Challenger, digests: list[bytes] | None, n: int) -> list[int]:
         if ch.bound is None or digests is None:

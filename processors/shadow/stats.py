@@ -1,7 +1,8 @@
 """Worker counters: per challenger, per batch, and queue lag; a JSON-able snapshot.
 
-Written by the scoring thread, read by the web view and the periodic log line; plain
-integer updates are atomic under the GIL, and a snapshot tolerates a batch in progress.
+Written by the scoring thread, read by the web view and the periodic log line: the
+collections are copied under a lock (a deque must not change while it is copied); plain
+counters are read as they are, a snapshot tolerates a batch in progress.
 
 >>> stats = Stats(["lr"])
 >>> stats.record_batch(3, [10.0, 20.0, 30.0])
@@ -13,6 +14,7 @@ integer updates are atomic under the GIL, and a snapshot tolerates a batch in pr
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Sequence
@@ -66,26 +68,36 @@ class Stats:
         self.commits = 0
         self.delivery_retries = 0
         self.assigned: list[int] = []  # partitions of the inference topic this worker owns
+        self._lock = threading.Lock()
         self._lags: deque[float] = deque(maxlen=LAG_WINDOW)
         self._timings: dict[str, deque[float]] = {
             step: deque(maxlen=1000) for step in ("consume_ms", "score_ms", "publish_ms")
         }
 
+    def count_dead_letter(self, kind: str) -> None:
+        with self._lock:
+            self.dead_letters[kind] += 1
+
     def record_timing(self, step: str, ms: float) -> None:
         """Duration of a batch's ``consume_ms`` (waiting for it), ``score_ms``, or
         ``publish_ms`` (produced until acknowledged; overlaps scoring the next batch)."""
-        self._timings[step].append(ms)
+        with self._lock:
+            self._timings[step].append(ms)
 
     def record_batch(self, size: int, lags: Iterable[float]) -> None:
         self.consumed += size
         self.batches += 1
         self.last_batch = size
         self.max_batch = max(self.max_batch, size)
-        self._lags.extend(lags)
+        with self._lock:
+            self._lags.extend(lags)
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, JSON-serialisable."""
-        lags = sorted(self._lags)
+        with self._lock:
+            lags = sorted(self._lags)
+            timings = {step: sorted(v) for step, v in self._timings.items()}
+            dead = dict(self.dead_letters)
         uptime = max(time.time() - self.started, 1e-9)
         return {
             "uptime_s": round(uptime, 3),
@@ -95,7 +107,7 @@ class Stats:
             "outputs": self.outputs,
             "commits": self.commits,
             "delivery_retries": self.delivery_retries,
-            "dead_letters": {"total": sum(self.dead_letters.values()), **self.dead_letters},
+            "dead_letters": {"total": sum(dead.values()), **dead},
             "batches": {
                 "count": self.batches, "last": self.last_batch, "max": self.max_batch,
                 "mean": round(self.consumed / self.batches, 1) if self.batches else None,
@@ -105,7 +117,7 @@ class Stats:
                 "p99": percentile(lags, 0.99), "max": lags[-1] if lags else None,
             },
             "challengers": {name: asdict(c) for name, c in self.challengers.items()},
-            **{step: _summary(sorted(v)) for step, v in self._timings.items()},
+            **{step: _summary(v) for step, v in timings.items()},
         }
 
     def summary(self) -> str:
