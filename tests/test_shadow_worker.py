@@ -157,10 +157,11 @@ def test_kill_9_and_restart_leaves_no_gap(shadow_settings: Settings, tmp_path: P
     ids = produce_events(s, 10_000)
     first = spawn_cli(s, "worker", "shadow", log=tmp_path / "first.log")
     try:
-        wait_consumed(s, first, 2_000)
+        at_kill = wait_consumed(s, first, 2_000)["consumed"]
     finally:
         first.kill()  # SIGKILL: no commit, no flush
         first.wait()
+    assert at_kill < 10_000  # killed mid-run
     s2 = s.replace(web_port=free_port())
     second = spawn_cli(s2, "worker", "shadow", log=tmp_path / "second.log")
     try:
