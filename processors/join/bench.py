@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     bench.add_argument("--n-challengers", type=int, default=2)
     bench.add_argument("--feedback-ratio", type=float, default=0.3)
     bench.add_argument("--features", type=int, default=20)
-    bench.add_argument("--batch", type=int, default=2000, help="messages per micro-batch")
+    bench.add_argument("--batch", type=int, default=1000, help="messages per micro-batch")
     bench.add_argument("--no-publish", action="store_true", help="do not produce the outputs")
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--worker-requests", type=int, default=20_000,
