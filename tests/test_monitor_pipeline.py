@@ -194,3 +194,33 @@ def test_bulk_decoding_equals_per_record_and_isolates_bad_messages(settings: Set
     assert repr(decoded) == repr(expected[:7] + expected[9:])
     assert [(d["source_offset"], d["error_kind"]) for d in dead] == [(7, "decode"), (8, "decode")]
     assert pipeline.bulk is not None  # a bad message is no reason to stop bulk decoding
+
+
+def test_joined_rows_inserted_from_the_bulk_file_equal_the_python_columns(
+        settings: Settings) -> None:
+    records = _varied(synthetic.stream(synthetic.Spec(
+        requests=150, challengers=("c1", "c2"), seed=5, labelled_fraction=0.5,
+        error_rate=0.1, timeout_rate=0.1, start_ms=RECENT_MS)))
+    records[4] = {**records[4], "event_time": 0}  # 0 means unknown, like None
+    records[5] = {**records[5], "request_id": ""}  # dead-lettered, never stored
+    messages = _messages(records)
+    tables = []
+    for bulk in (True, False):
+        s = _monitor_settings(settings)
+        pipeline = Pipeline(s)
+        pipeline.migrate()
+        if not bulk:
+            pipeline.bulk = None
+        result = pipeline.process(messages)
+        assert len(result.dead_letters) == 1
+        assert result.rows >= len(records) - 1 - sum(
+            1 for r in records if r["state"].startswith("orphan"))
+        rows = _client(s).query(f"SELECT * FROM {s.clickhouse_database}.joined_records FINAL "
+                                "ORDER BY challenger, request_id").result_rows
+        orphans = _client(s).query(f"SELECT * FROM {s.clickhouse_database}.orphans FINAL "
+                                   "ORDER BY state, challenger, request_id").result_rows
+        assert len(rows) == len({(r["request_id"], r["challenger"]) for r in records
+                                 if r["request_id"] and not r["state"].startswith("orphan")})
+        assert len(orphans) == 2
+        tables.append((repr(rows), repr(orphans)))
+    assert tables[0] == tables[1]

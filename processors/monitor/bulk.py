@@ -75,7 +75,8 @@ class BulkDecoder:
         if "'" in self.path or "\\" in self.path:
             raise ValueError(f"unusable temp path {self.path!r}")
         columns = ", ".join(f"toString({n}) AS {n}" if n in _ENUMS else n for n in self.names)
-        self.sql = f"SELECT {columns} FROM file('{self.path}', Avro)"
+        self.source = f"file('{self.path}', Avro)"
+        self.sql = f"SELECT {columns} FROM {self.source}"
 
     def decode(self, bodies: list[bytes]) -> list[dict[str, Any]] | None:
         """The records of ``bodies`` (Avro bodies without framing), or None on any error."""

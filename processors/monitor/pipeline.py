@@ -128,11 +128,18 @@ class Pipeline:
 
     def decode(self, messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict]]:
         """Records and dead letters (decode errors, records missing their identity)."""
-        records, dead = [], []
+        records, dead, _in_file = self._decode_batch(messages)
+        return records, dead
+
+    def _decode_batch(self, messages: list[Message]) -> tuple[list[dict], list[dict], list[bool]]:
+        """:meth:`decode` plus, per record, whether it is in the bulk decoder's file."""
+        records, dead, in_file = [], [], []
         bulk = self._bulk_decode(messages)
         for i, m in enumerate(messages):
+            rec = bulk.get(i)
             try:
-                rec = bulk.get(i) or self._decode(m.value)
+                if rec is None:
+                    rec = self._decode(m.value)
             except DecodeError as exc:
                 dead.append(dead_letter("decode", exc.reason, "monitor", m.topic, m.partition,
                                         m.offset, m.key, m.value, m.timestamp))
@@ -144,7 +151,8 @@ class Pipeline:
                                         m.timestamp))
                 continue
             records.append(rec)
-        return records, dead
+            in_file.append(i in bulk)
+        return records, dead, in_file
 
     def _bulk_decode(self, messages: list[Message]) -> dict[int, dict[str, Any]]:
         """Records of the current schema's single-object messages by index, decoded by the
@@ -186,7 +194,7 @@ class Pipeline:
             return self._process(messages)
 
     def _process(self, messages: list[Message]) -> BatchResult:
-        records, dead = self.decode(messages)
+        records, dead, in_file = self._decode_batch(messages)
         result = BatchResult(records=len(records), dead_letters=dead)
         keys = [(pair_key(r), record_time(r)) for r in records]
         bits = self.dedup.lookup(keys)
@@ -200,7 +208,16 @@ class Pipeline:
             else:
                 result.duplicates += 1
         result.windows, result.alerts = self.monitor.advance()
-        result.rows = self.sink.write(self.tables(records, result))
+        # Joined records the engine already parsed are inserted straight from its file.
+        rest, statements = records, ()
+        if self.bulk is not None and any(in_file):
+            rest = [r for r, f in zip(records, in_file, strict=True)
+                    if not f or r["state"] in ORPHAN_STATES]
+            joined = sum(1 for r in records if r["state"] not in ORPHAN_STATES) - sum(
+                1 for r in rest if r["state"] not in ORPHAN_STATES)
+            statements = ((sink_mod.joined_from_avro_sql(self.sink.db, self.bulk.source),
+                           joined),)
+        result.rows = self.sink.write(self.tables(rest, result), statements)
         return result
 
     def close_all(self) -> BatchResult:

@@ -187,6 +187,40 @@ def joined_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return cols
 
 
+def _millis(expr: str) -> str:
+    return f"fromUnixTimestamp64Milli({expr})"
+
+
+# joined_records columns as expressions over an Avro JoinedRecord source: what
+# :func:`joined_columns` computes in Python, computed by the engine that parsed the Avro.
+_FROM_AVRO = {
+    "state": "toString(state)",
+    "event_time": _millis("if(ifNull(event_time, 0) = 0, joined_at, assumeNotNull(event_time))"),
+    "label_time": _millis("label_time"),
+    "joined_at": _millis("joined_at"),
+    **{f"{arm}_{part}": f"{field}.{part}"
+       for arm, field in (("primary", "primary_output"), ("shadow", "shadow_output"))
+       for part in ("label", "probabilities", "value")},
+}
+
+
+def joined_from_avro_sql(db: str, source: str) -> str:
+    """INSERT of the valid predicted/labelled records of an Avro ``source`` (a table
+    expression such as ``file('/path', Avro)``) into ``joined_records``, without Python.
+
+    >>> sql = joined_from_avro_sql("db", "file('/b.avro', Avro)")
+    >>> sql.startswith("INSERT INTO db.joined_records (request_id, challenger")
+    True
+    """
+    names = [line.split()[0] for line in _JOINED_COLUMNS.strip().splitlines()]
+    exprs = ", ".join(_FROM_AVRO.get(name, name) for name in names)
+    # The pipeline dead-letters records without a request id or challenger; orphans go to
+    # their own table.
+    return (f"INSERT INTO {db}.joined_records ({', '.join(names)}) SELECT {exprs} "
+            f"FROM {source} WHERE request_id != '' AND challenger != '' "
+            "AND state IN ('predicted', 'labelled')")
+
+
 def orphan_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Column-oriented ``orphans`` rows."""
     cols = {name: [r.get(name) for r in records] for name in (
@@ -227,8 +261,10 @@ class Sink:
             self.client = self.factory()
         return self.client
 
-    def write(self, tables: dict[str, dict[str, list[Any]]]) -> int:
-        """Insert every non-empty table batch; retry the whole batch until it succeeds.
+    def write(self, tables: dict[str, dict[str, list[Any]]],
+              statements: tuple[tuple[str, int], ...] = ()) -> int:
+        """Insert every non-empty table batch and run each (INSERT ... SELECT, rows)
+        statement; retry the whole batch until it succeeds.
 
         A partial success is harmless: rows are idempotent (ReplacingMergeTree keys).
         """
@@ -240,7 +276,10 @@ class Sink:
                 for table, cols in batches.items():
                     client.insert(table, list(cols.values()), column_names=list(cols),
                                   database=self.db, column_oriented=True)
+                for sql, _rows in statements:
+                    client.command(sql)
                 rows = sum(len(next(iter(c.values()))) for c in batches.values())
+                rows += sum(n for _sql, n in statements)
                 self.rows_written += rows
                 return rows
             except Exception as exc:  # any failure: nothing is acked until this succeeds
