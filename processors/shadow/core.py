@@ -114,9 +114,10 @@ class ShadowProcessor:
         for ch in self.challengers:
             picked = self._pick(ch, digests, len(records))
             running.append((ch, picked, ch.runner.submit([records[i] for i in picked])))
+        collected = [(ch, picked, pending, ch.runner.collect(pending))
+                     for ch, picked, pending in running]
         scored_at = long_bytes(int(time.time() * 1000))
-        for ch, picked, pending in running:
-            results = ch.runner.collect(pending)
+        for ch, picked, pending, results in collected:
             self._encode(ch, picked, pending, results, records, lags, scored_at, out)
         return out
 
