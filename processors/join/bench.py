@@ -55,6 +55,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     bench.add_argument("--seed", type=int, default=7)
     bench.add_argument("--worker-requests", type=int, default=20_000,
                        help="requests for the through-the-worker run (0 = skip it)")
+    bench.add_argument("--worker-processes", type=int, default=1,
+                       help="joiner processes sharing the partitions in the worker run")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=bench_cmd)
 
@@ -320,14 +322,18 @@ def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, An
     pairs = spec.requests * spec.n_challengers
     reader = consumer(settings, f"{settings.topic_prefix}bench-reader")
     reader.subscribe([settings.topic("joined")])
-    env = {**os.environ, **settings.to_env()}
-    worker = subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "join"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [
+        subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "join"],
+                         env={**os.environ, **settings.replace(web_port=_free_port()).to_env()},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(args.worker_processes)
+    ]
     seen: set[bytes] = set()
     records, first, last = 0, None, None
     deadline = time.monotonic() + 600
     try:
-        while len(seen) < pairs and time.monotonic() < deadline and worker.poll() is None:
+        while len(seen) < pairs and time.monotonic() < deadline and all(
+                w.poll() is None for w in workers):
             for msg in reader.consume(5000, timeout=0.5):
                 if msg.error() is None:
                     records += 1
@@ -336,18 +342,21 @@ def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, An
                     # request id + challenger: the framing and body start are fixed-layout
                     seen.add(msg.key() + b"|" + _challenger(msg.value()))
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:
+                w.kill()
         reader.close()
         _cleanup(redis_client(settings), f"{settings.topic_prefix}join:")
     span = (last - first) if first and last and last > first else float("nan")
     return {
         "measures": "Kafka -> `shadowpipe worker join` process -> Redis -> joined topic; "
                     "rate between first and last output",
-        "requests": spec.requests, "joined_pairs": len(seen), "complete": len(seen) == pairs,
+        "requests": spec.requests, "processes": len(workers), "joined_pairs": len(seen),
+        "complete": len(seen) == pairs,
         "joined_records": records, "joins_per_s": round(records / span) if span == span else 0,
     }
 
