@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import fastavro
@@ -64,11 +64,14 @@ def _block(body: bytes, sync: bytes) -> bytes:
 class BulkDecoder:
     """Decode batches of single-object Avro bodies of one schema with a chdb client."""
 
-    def __init__(self, client: Callable[[], Any], parsed_schema: dict[str, Any]) -> None:
+    def __init__(self, client: Callable[[], Any], parsed_schema: dict[str, Any],
+                 fields: Collection[str] | None = None) -> None:
         self.client = client
         self.sync = os.urandom(16)
         self.header = ocf_header(parsed_schema, self.sync)
-        self.names = [f["name"] for f in parsed_schema["fields"]]
+        # Only ``fields`` (all by default) become dict items: the others stay in the file.
+        self.names = [f["name"] for f in parsed_schema["fields"]
+                      if fields is None or f["name"] in fields]
         fd, self.path = tempfile.mkstemp(prefix="shadowpipe-monitor-", suffix=".avro")
         os.close(fd)
         self._finalizer = weakref.finalize(self, _unlink, self.path)
@@ -79,7 +82,8 @@ class BulkDecoder:
         self.sql = f"SELECT {columns} FROM {self.source}"
 
     def decode(self, bodies: list[bytes]) -> list[dict[str, Any]] | None:
-        """The records of ``bodies`` (Avro bodies without framing), or None on any error."""
+        """The records of ``bodies`` (Avro bodies without framing) restricted to the decoder's
+        fields, or None on any error."""
         sync = self.sync
         data = b"".join([self.header, *(_block(b, sync) for b in bodies)])
         try:
