@@ -211,7 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             default=None,
             metavar=f.name.upper().split("_")[-1],
-            help=f"{f.metadata['help']} (default: {_show(f.default)})",
+            # argparse %-formats help strings; settings may mention percentages.
+            help=f"{f.metadata['help']} (default: {_show(f.default)})".replace("%", "%%"),
         )
 
 

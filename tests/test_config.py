@@ -79,3 +79,17 @@ def test_unreachable_setting_stops_startup_with_one_line(tmp_path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "SHADOWPIPE_KAFKA_BOOTSTRAP" in lines[0] and "smoke" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_every_command_has_working_help() -> None:
+    """`--help` formats every setting's help text (argparse chokes on a bare %)."""
+    from shadowpipe.cli import build_parser
+
+    parser = build_parser()
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        current.format_help()
+        for action in current._actions:
+            if hasattr(action, "choices") and isinstance(action.choices, dict):
+                stack.extend(action.choices.values())
