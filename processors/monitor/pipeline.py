@@ -6,7 +6,9 @@ Order per batch (at-least-once, nothing lost, nothing double-counted):
 1. :meth:`Pipeline.process` decodes the messages (undecodable ones become dead letters),
    counts the facts not yet counted (:mod:`.dedup`), closes windows the watermark passed and
    inserts joined records, orphans, window rows and alerts into ClickHouse, retrying with
-   backoff while it is unreachable (:class:`.sink.Sink`);
+   backoff while it is unreachable (:class:`.sink.Sink`); with the embedded engine the joined
+   records go in from its parsed file on a background thread while the facts are counted,
+   and ``process`` returns only once every insert succeeded;
 2. the caller publishes the alerts and dead letters and waits for the broker's acks;
 3. :meth:`Pipeline.checkpoint` writes the monitor state (windows, detectors, cooldowns) and
    the newly counted pair bits to Redis in one transaction;
@@ -26,6 +28,7 @@ import logging
 import pickle
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from urllib.parse import urlparse
@@ -124,6 +127,7 @@ class Pipeline:
         self.bulk = (BulkDecoder(self.sink.connect, self._schema, BULK_FIELDS)
                      if urlparse(settings.clickhouse).scheme == "chdb" else None)
         self.monitor = Monitor(settings, self._load())
+        self._inserter = ThreadPoolExecutor(1, thread_name_prefix="monitor-insert")
 
     def _load(self) -> MonitorState | None:
         blob = self._retry("load checkpoint", lambda: self.redis.get(self.state_key))
@@ -204,6 +208,32 @@ class Pipeline:
     def _process(self, messages: list[Message]) -> BatchResult:
         records, dead, in_file = self._decode_batch(messages)
         result = BatchResult(records=len(records), dead_letters=dead)
+        rest, pending = self._insert_from_file(records, in_file)
+        try:
+            self._count(records, result)
+            result.windows, result.alerts = self.monitor.advance()
+            result.rows = self.sink.write(self.tables(rest, result))
+        finally:  # the file must not be rewritten while the engine still reads it
+            if pending is not None:
+                result.rows += pending.result()
+        return result
+
+    def _insert_from_file(self, records: list[dict[str, Any]], in_file: list[bool],
+                          ) -> tuple[list[dict[str, Any]], Future[int] | None]:
+        """Start inserting the joined records the engine parsed from its file, in the
+        background (chdb releases the GIL while the counting goes on); return the records
+        left for the Python columns and the insert's future."""
+        if self.bulk is None or not any(in_file):
+            return records, None
+        rest = [r for r, f in zip(records, in_file, strict=True)
+                if not f or r["state"] in ORPHAN_STATES]
+        joined = sum(1 for r in records if r["state"] not in ORPHAN_STATES) - sum(
+            1 for r in rest if r["state"] not in ORPHAN_STATES)
+        sql = sink_mod.joined_from_avro_sql(self.sink.db, self.bulk.source)
+        return rest, self._inserter.submit(self.sink.write, {}, ((sql, joined),))
+
+    def _count(self, records: list[dict[str, Any]], result: BatchResult) -> None:
+        """Count the facts not counted yet (:mod:`.dedup`) into the monitor."""
         keys = [(pair_key(r), record_time(r)) for r in records]
         bits = self.dedup.lookup(keys)
         for rec, (pair, t) in zip(records, keys, strict=True):
@@ -215,18 +245,6 @@ class Pipeline:
                 result.counted += 1
             else:
                 result.duplicates += 1
-        result.windows, result.alerts = self.monitor.advance()
-        # Joined records the engine already parsed are inserted straight from its file.
-        rest, statements = records, ()
-        if self.bulk is not None and any(in_file):
-            rest = [r for r, f in zip(records, in_file, strict=True)
-                    if not f or r["state"] in ORPHAN_STATES]
-            joined = sum(1 for r in records if r["state"] not in ORPHAN_STATES) - sum(
-                1 for r in rest if r["state"] not in ORPHAN_STATES)
-            statements = ((sink_mod.joined_from_avro_sql(self.sink.db, self.bulk.source),
-                           joined),)
-        result.rows = self.sink.write(self.tables(rest, result), statements)
-        return result
 
     def close_all(self) -> BatchResult:
         """Close every open window and store it: the end of a finite stream (a backfill)."""
