@@ -95,13 +95,20 @@ class FlakyClient:
     def __init__(self, real: Any, state: dict[str, Any]) -> None:
         self.real, self.state = real, state
 
-    def insert(self, *args: Any, **kwargs: Any) -> Any:
+    def _fail_if_down(self) -> None:
         if self.state["down"]:
             self.state["failures"] += 1
             if self.state["failures"] >= 3:
                 self.state["down"] = False  # back after three failed attempts
             raise ConnectionError("ClickHouse unreachable (injected)")
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        self._fail_if_down()
         return self.real.insert(*args, **kwargs)
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:  # INSERT ... SELECT from the file
+        self._fail_if_down()
+        return self.real.command(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.real, name)
