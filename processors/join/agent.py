@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, JoinLoop, sweep_once
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.threaded import add_loop_service
 
 from shadowpipe.config import Settings
 
@@ -41,8 +41,6 @@ def sweep_interval_s(horizon_s: float) -> float:
 
 def install(app: Any, settings: Settings) -> JoinLoop:
     """Check Redis, then register the consumer service, the sweep timer and the stats view."""
-    import mode
-
     from shadowpipe.stores import check_redis
 
     check_redis(settings, "worker join")
@@ -51,29 +49,7 @@ def install(app: Any, settings: Settings) -> JoinLoop:
     sweeper = Publisher(settings, **PRODUCER_OVERRIDES)
     last_log = [time.monotonic()]
 
-    @app.service
-    class JoinService(mode.Service):
-        """Runs the loop on a thread; a crash of the loop stops the worker."""
-
-        _thread: threading.Thread | None = None
-
-        async def on_start(self) -> None:
-            aio = asyncio.get_running_loop()
-
-            def target() -> None:
-                try:
-                    loop.run()
-                except BaseException as exc:  # a silent dead loop joins nothing: exit 1
-                    log.exception("join loop crashed")
-                    asyncio.run_coroutine_threadsafe(self.crash(exc), aio)
-
-            self._thread = threading.Thread(target=target, name="join-loop", daemon=True)
-            self._thread.start()
-
-        async def on_stop(self) -> None:
-            loop.stop()
-            if self._thread is not None:
-                await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+    add_loop_service(app, loop, "join-loop")
 
     @app.timer(interval=sweep_interval_s(settings.feedback_horizon_s), name="join_sweep")
     async def join_sweep() -> None:
