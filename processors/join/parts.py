@@ -45,6 +45,7 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import expand_schema
+from shadowpipe.producers.avro import long_bytes
 from shadowpipe.schemas import schema
 
 FORMAT = b"\x01"
@@ -120,26 +121,13 @@ check_layout(_JOINED)
 
 
 @lru_cache(maxsize=65536)  # event times recur in a request's parts and records
-def _zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-_SMALL = [_zigzag(n) for n in range(1024)]
-
-
 def write_long(n: int) -> bytes:
-    """Avro zig-zag varint.
+    """Avro zig-zag varint (the producer library's encoder, memoised).
 
     >>> write_long(0), write_long(-1), write_long(64)
     (b'\\x00', b'\\x01', b'\\x80\\x01')
     """
-    return _SMALL[n] if 0 <= n < 1024 else _zigzag(n)
+    return long_bytes(n)
 
 
 def read_long(data: bytes, pos: int) -> tuple[int, int]:

@@ -32,9 +32,10 @@ from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.shadow import sampling
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
 from shadowpipe.processors.shadow.decode import InferenceDecoder
-from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
+from shadowpipe.processors.shadow.encode import PredictionEncoder
 from shadowpipe.processors.shadow.runner import Pending, Result, Runner
 from shadowpipe.processors.shadow.stats import Stats
+from shadowpipe.producers.avro import long_bytes
 from shadowpipe.schemas.codec import Codec, DecodeError
 
 from shadowpipe.config import Settings

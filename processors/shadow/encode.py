@@ -23,6 +23,7 @@ import struct
 from typing import Any
 
 import fastavro
+from shadowpipe.producers.avro import long_bytes, string_bytes
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 
@@ -31,28 +32,6 @@ SOME = b"\x02"  # union branch 1
 _double = struct.Struct("<d").pack
 _two_doubles = struct.Struct("<dd").pack
 _CACHE_LIMIT = 4096
-
-
-_SMALL = [bytes((z,)) for z in range(128)]  # one-byte varints (zig-zagged 0..63)
-
-
-def long_bytes(n: int) -> bytes:
-    """Avro ``long``: zig-zag varint."""
-    z = (n << 1) ^ (n >> 63)
-    if z < 128:
-        return _SMALL[z]
-    out = bytearray()
-    while z > 0x7F:
-        out.append((z & 0x7F) | 0x80)
-        z >>= 7
-    out.append(z)
-    return bytes(out)
-
-
-def string_bytes(s: str) -> bytes:
-    """Avro ``string``: length then UTF-8 bytes."""
-    b = s.encode()
-    return long_bytes(len(b)) + b
 
 
 def wire_prefix(codec: Codec, name: str, sample: dict[str, Any]) -> bytes:
