@@ -13,6 +13,7 @@ itself only when no monitor answers.
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -136,12 +137,13 @@ def _fmt(value: Any, ci: list[float] | None = None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
 
 
-def print_table(data: dict[str, Any]) -> None:
-    """Render :func:`report` with rich."""
+def print_table(data: dict[str, Any], console: Any = None, with_events: bool = True) -> None:
+    """Render :func:`report` with rich (``with_events``: also the drift events table)."""
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped output would otherwise be cut to 80 columns and the intervals truncated.
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     table = Table(title="shadow comparison (95 % intervals)")
     for col in ("challenger", "segment", "published", "labelled", "agreement",
                 "primary acc / MAE", "challenger acc / MAE", "errors", "timeouts",
@@ -159,6 +161,8 @@ def print_table(data: dict[str, Any]) -> None:
                       str(row["coverage"]["errors"]), str(row["coverage"]["timeouts"]),
                       "/".join(_fmt(lat[k]) for k in ("p50", "p95", "p99")))
     console.print(table)
+    if not with_events:
+        return
     events = Table(title="recent drift events and alerts")
     for col in ("time", "kind", "detector", "metric", "challenger", "arm", "segment", "value"):
         events.add_column(col)

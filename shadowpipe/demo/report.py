@@ -76,21 +76,22 @@ def _latency_samples(settings: Settings) -> dict[str, list[float]]:
 
 def print_summary(data: dict[str, Any]) -> None:
     """Rich tables: overall and per segment comparison, drift events, alerts received."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
     from shadowpipe.processors.monitor.compare import print_table
 
-    print_table(data["overall"])
-    print_table({**data["by"]["clinic"], "drift_events": [], "orphan_feedback":
-                 data["overall"]["orphan_feedback"]})
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    print_table(data["overall"], console)
+    print_table(data["by"]["clinic"], console, with_events=False)
     received = Table(title=f"alerts received on the alert topic ({len(data['alerts_received'])})")
     for col in ("detector", "metric", "challenger", "arm", "segment", "severity"):
         received.add_column(col)
     for a in data["alerts_received"][:25]:
         received.add_row(a["detector"], a["metric"], a["challenger"], a["arm"] or "",
                          a["segment"] or "(all)", a["severity"])
-    console = Console()
     console.print(received)
     sent = data["sent"]
     console.print(f"sent {sent['inferences']} inferences ({sent['shifted']} after the "

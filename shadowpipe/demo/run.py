@@ -97,8 +97,8 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
         _wait_stored(settings, expected, worker)
     finally:
         _stop(worker)
+    data = summarize(settings)  # closes the last windows: their rule alerts are published
     alerts.stop()
-    data = summarize(settings)
     data["alerts_received"] = alerts.received
     data["sent"] = asdict(sent)
     shift_s = next((r.offset_s for r in requests if r.shifted), None)
