@@ -23,7 +23,7 @@ import struct
 from collections.abc import Sequence
 
 LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
-_SMALL_COUNT = 4096
+SMALL_COUNT = 4096
 # Cached encodings are bounded: a caller sending ever-new keys must not grow memory.
 _CACHE_LIMIT = 4096
 
@@ -43,12 +43,12 @@ def _varint_of_zigzag(z: int) -> bytes:
 
 
 # Encodings of the non-negative longs used as lengths and counts.
-SMALL_LONGS = tuple(_varint_of_zigzag(i << 1) for i in range(_SMALL_COUNT))
+SMALL_LONGS = tuple(_varint_of_zigzag(i << 1) for i in range(SMALL_COUNT))
 
 
 def long_bytes(n: int) -> bytes:
     """Avro ``long``; raises OverflowError outside the signed 64-bit range."""
-    if 0 <= n < _SMALL_COUNT:
+    if 0 <= n < SMALL_COUNT:
         return SMALL_LONGS[n]
     if not LONG_MIN <= n <= LONG_MAX:
         raise OverflowError(f"{n} does not fit an Avro long")
@@ -78,7 +78,7 @@ def string_bytes(text: str) -> bytes:
     """Avro ``string``; raises UnicodeEncodeError for lone surrogates, as fastavro does."""
     data = text.encode()
     size = len(data)
-    return (SMALL_LONGS[size] if size < _SMALL_COUNT else long_bytes(size)) + data
+    return (SMALL_LONGS[size] if size < SMALL_COUNT else long_bytes(size)) + data
 
 
 _STRINGS: dict[str, bytes] = {}

@@ -10,9 +10,9 @@ feedback can be sent later:
 * generated ids are ``<16 random hex digits>-<counter in hex>``: unique per process (the
   random part is re-drawn in forked children) and cheap (~0.3 us).
 
->>> with use_request_id("req-42"):
-...     current_request_id() is None
-True
+>>> with use_request_id("req-42") as rid:
+...     rid
+'req-42'
 >>> rid = new_request_id()
 >>> len(rid.split("-")[0]), rid != new_request_id()
 (16, True)

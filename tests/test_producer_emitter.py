@@ -242,3 +242,25 @@ def test_prometheus_metrics_expose_counters(settings: Settings) -> None:
         assert f'shadowpipe_producer_sent_total{{emitter="{emitter.name}"}} 1.0' in text
         assert (f'shadowpipe_producer_dropped_total{{emitter="{emitter.name}",'
                 f'reason="missing_request_id"}} 1.0') in text
+
+
+def test_sent_is_counted_exactly_from_many_threads() -> None:
+    """The sent counter takes no lock: emits racing from threads still all count."""
+    import threading
+
+    down = Settings.load(env={"SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    emitter = Emitter(down, kafka_overrides=QUIET)
+
+    def emit_many(thread: int) -> None:
+        for i in range(500):
+            emitter.emit_feedback(f"t{thread}-{i}", "ok")
+
+    threads = [threading.Thread(target=emit_many, args=(t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert emitter.stats().sent == 2000 and emitter.stats().queued == 2000
+    assert emitter.close(timeout=0) == 2000
+    stats = emitter.stats()
+    assert (stats.sent, stats.delivered, stats.failed_total) == (2000, 0, 2000)

@@ -207,3 +207,35 @@ def test_sampling_rate_is_respected_and_rates_parse() -> None:
     for bad in (("fraud",), ("fraud=2",), ("=0.1",), ("fraud=x",)):
         with pytest.raises(ConfigError, match="SHADOWPIPE_PRODUCER_SAMPLE_RATES"):
             SampleRates.parse(bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=3), st.dictionaries(names, finite, min_size=1,
+                                                                max_size=4)), max_size=8))
+def test_classifier_outputs_reuse_plans_and_equal_fastavro(outputs) -> None:
+    """The {label, probabilities} fast path (plans cached per label and class names) writes
+    the general path's bytes, whatever order the shapes come in on one encoder."""
+    shared = encoder()
+    for label, probs in outputs:
+        output = {"label": label, "probabilities": probs}
+        try:
+            data = shared.inference(b"r", {}, output, model="m", version="1", latency_ms=1.0,
+                                    context=None, event_time=0, inclusion_prob=1.0,
+                                    trace_id=None)
+        except Exception as exc:
+            assert reason_of(exc) == "invalid_string"
+            continue
+        record = CODEC.decode(data, "InferenceEvent")
+        assert record["output"] == {"label": label, "probabilities": probs, "value": None}
+        assert data == single_object_header("InferenceEvent") + fastavro_body(
+            "InferenceEvent", record)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "0.5", None])
+def test_classifier_output_with_bad_probability_is_refused(bad) -> None:
+    output = {"label": "a", "probabilities": {"a": 0.5, "b": bad}}
+    with pytest.raises(Exception) as caught:
+        encoder().inference(b"r", {}, output, model="m", version="1", latency_ms=1.0,
+                            context=None, event_time=0, inclusion_prob=1.0, trace_id=None)
+    assert reason_of(caught.value) == ("non_finite" if isinstance(bad, float)
+                                       else "unsupported_type")
