@@ -1,7 +1,8 @@
 """The emitter: one per process, sends inference and feedback events without ever
 raising into, or blocking, the service that calls it.
 
-Hot path of an emit call, all on the caller's thread (~10-15 us with 20 features):
+Hot path of an emit call, all on the caller's thread (~10 us with 20 features in a tight
+loop, 3-4x that right after other work: caches go cold, see docs/producer.md):
 validate and sample, encode with the specialised Avro writer (:mod:`.events`), hand the
 bytes to librdkafka's ``produce()``, which only enqueues. Compression, batching, sending
 and retries happen on librdkafka's threads; a background thread serves its callbacks.
