@@ -28,9 +28,7 @@ import json
 import os
 import random
 import resource
-import socket
 import sys
-import tempfile
 import time
 import uuid
 from array import array
@@ -38,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from shadowpipe.config import Settings
+from shadowpipe.stack import free_port, reachable_or_embedded
 
 FEATURES = 20
 DOWN_BUFFER_BYTES = 4 << 20
@@ -60,12 +59,6 @@ def _progress(message: str) -> None:
     print(f"bench emit: {message}", file=sys.stderr, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as statm:
@@ -79,45 +72,23 @@ def _broker(settings: Settings, down: bool) -> Iterator[tuple[Settings, str]]:
     """Settings of a broker for the run (and what it is), cleaned up after."""
     if down:
         yield settings.replace(
-            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
+            kafka_bootstrap=f"127.0.0.1:{free_port()}",
             producer_max_buffer_bytes=min(settings.producer_max_buffer_bytes, DOWN_BUFFER_BYTES),
         ), "nothing listening"
         return
     from shadowpipe import kafka
-    from shadowpipe.config import ConfigError
 
-    try:
-        kafka.check_reachable(settings, "bench", timeout_s=3.0)
-    except ConfigError:
-        yield from _embedded(settings)
-        return
-    run = settings.replace(topic_prefix=f"{settings.topic_prefix}bench-{uuid.uuid4().hex[:8]}.")
-    kafka.ensure_topics(run)
-    try:
-        yield run, f"settings' broker {settings.kafka_bootstrap}"
-    finally:
-        names = [run.topic("inference"), run.topic("feedback")]
-        kafka.admin(run).delete_topics(names, operation_timeout=10)
-
-
-def _embedded(settings: Settings) -> Iterator[tuple[Settings, str]]:
-    from shadowpipe.stack import EmbeddedStack
-
-    with tempfile.TemporaryDirectory(prefix="shadowpipe-bench-") as home:
-        run = settings.replace(
-            home=home,
-            kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-            clickhouse_url=f"chdb://{home}/clickhouse",
-        )
-        stack = EmbeddedStack(run)
-        _progress(f"no broker at {settings.kafka_bootstrap}: embedded stack at "
-                  f"{run.kafka_bootstrap}")
-        stack.up()
+    with reachable_or_embedded(settings, "bench emit", _progress, redis=False) as live:
+        if live is not settings:
+            yield live, f"embedded tansu at {live.kafka_bootstrap}"
+            return
+        run = live.replace(topic_prefix=f"{live.topic_prefix}bench-{uuid.uuid4().hex[:8]}.")
+        kafka.ensure_topics(run)
         try:
-            yield run, f"embedded tansu at {run.kafka_bootstrap}"
+            yield run, f"settings' broker {live.kafka_bootstrap}"
         finally:
-            stack.down()
+            names = [run.topic("inference"), run.topic("feedback")]
+            kafka.admin(run).delete_topics(names, operation_timeout=10)
 
 
 def _model() -> Callable[[Any], Any]:

@@ -23,7 +23,10 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -225,3 +228,44 @@ class EmbeddedStack:
                 report.append(f"{name}: was not running")
         self._record({})
         return report or ["nothing was running"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def reachable_or_embedded(
+    settings: Settings, service: str, say: Callable[[str], None], *, redis: bool = True
+) -> Iterator[Settings]:
+    """``settings`` if its Kafka (and Redis) answer; else a throw-away embedded stack on free
+    ports in a temporary directory, stopped on exit. For benchmarks and one-off runs."""
+    from shadowpipe.kafka import check_reachable
+
+    try:
+        check_reachable(settings, service, timeout_s=3.0)
+        if redis:
+            from shadowpipe.stores import check_redis
+
+            check_redis(settings, service)
+        usable = True
+    except ConfigError as exc:
+        say(f"configured stack unusable ({exc}); starting an embedded one")
+        usable = False
+    if usable:
+        yield settings
+        return
+    with tempfile.TemporaryDirectory(prefix=f"shadowpipe-{service.replace(' ', '-')}-") as home:
+        own = settings.replace(
+            home=home, kafka_bootstrap=f"127.0.0.1:{free_port()}",
+            redis_url=f"redis://127.0.0.1:{free_port()}/0", clickhouse_url=f"chdb://{home}/ch",
+        )
+        stack = EmbeddedStack(own)
+        stack.up()
+        try:
+            yield own
+        finally:
+            stack.down()

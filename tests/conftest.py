@@ -7,7 +7,6 @@ created), so they never see each other's messages.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,13 +17,7 @@ import pytest
 
 from shadowpipe.config import Settings
 from shadowpipe.kafka import ensure_topics
-from shadowpipe.stack import EmbeddedStack
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from shadowpipe.stack import EmbeddedStack, free_port
 
 
 @pytest.fixture(scope="session")

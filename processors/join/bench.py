@@ -31,17 +31,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sys
-import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-from shadowpipe.config import ConfigError, Settings
+from shadowpipe.config import Settings
+from shadowpipe.stack import free_port, reachable_or_embedded
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -62,11 +59,11 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    with _stack(settings) as live:
+    with reachable_or_embedded(settings, "bench join", _progress) as live:
         result = run(live.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}."), args)
         if args.worker_requests:
             worker = live.replace(topic_prefix=f"benchw{uuid.uuid4().hex[:8]}.",
-                                  web_port=_free_port(), log_level="WARNING")
+                                  web_port=free_port(), log_level="WARNING")
             result["worker"] = through_worker(worker, args)
     if args.json:
         print(json.dumps(result))
@@ -74,38 +71,6 @@ def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
         for key, value in result.items():
             print(f"{key:<36} {value}")
     return 0
-
-
-@contextmanager
-def _stack(settings: Settings) -> Iterator[Settings]:
-    from shadowpipe.kafka import check_reachable
-    from shadowpipe.stack import EmbeddedStack
-    from shadowpipe.stores import check_redis
-
-    try:
-        check_reachable(settings, "bench join", timeout_s=2.0)
-        check_redis(settings, "bench join")
-        yield settings
-        return
-    except ConfigError as exc:
-        _progress(f"configured stack unusable ({exc}); starting an embedded one")
-    with tempfile.TemporaryDirectory(prefix="shadowpipe-bench-") as home:
-        embedded = settings.replace(
-            home=home, kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0",
-        )
-        stack = EmbeddedStack(embedded)
-        stack.up()
-        try:
-            yield embedded
-        finally:
-            stack.down()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _progress(text: str) -> None:
@@ -324,7 +289,7 @@ def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, An
     reader.subscribe([settings.topic("joined")])
     workers = [
         subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "join"],
-                         env={**os.environ, **settings.replace(web_port=_free_port()).to_env()},
+                         env={**os.environ, **settings.replace(web_port=free_port()).to_env()},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(args.worker_processes)
     ]

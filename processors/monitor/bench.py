@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowpipe.config import Settings
+from shadowpipe.stack import reachable_or_embedded
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -32,32 +32,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     bench.add_argument("--latency-seconds", type=float, default=5.0)
     bench.add_argument("--json", action="store_true", help="print one JSON object (default)")
     bench.set_defaults(func=bench_cmd)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stack(settings: Settings, tmp: Path) -> tuple[Settings, Any]:
-    """Settings of a reachable stack (the configured one or a temporary one)."""
-    from shadowpipe.kafka import check_reachable
-    from shadowpipe.stack import EmbeddedStack
-    from shadowpipe.stores import check_redis
-
-    try:
-        check_reachable(settings, "bench", timeout_s=3)
-        check_redis(settings, "bench")
-        return settings, None
-    except Exception:  # start our own below
-        own = settings.replace(home=str(tmp / "stack"),
-                               kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-                               redis_url=f"redis://127.0.0.1:{_free_port()}/0")
-        stack = EmbeddedStack(own)
-        for line in stack.up():
-            print(line, file=sys.stderr)
-        return own, stack
 
 
 def _records(n: int, seed: int, start_ms: int) -> list[bytes]:
@@ -143,6 +117,10 @@ class _Drain:
         return rows
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.processors.monitor.pipeline import Pipeline
     from shadowpipe.schemas.codec import Codec
@@ -150,8 +128,7 @@ def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.kafka import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="shadowpipe-bench-monitor-"))
-    base, stack = _stack(settings, tmp)
-    try:
+    with reachable_or_embedded(settings, "bench monitor", _say) as base:
         run = base.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}.",
                            clickhouse_url=f"chdb://{tmp / 'clickhouse'}",
                            clickhouse_database="bench", segments=("region",),
@@ -192,7 +169,4 @@ def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
             "target_records_per_s": 20000,
             "batch_size": run.monitor_batch_size,
         }))
-    finally:
-        if stack is not None:
-            stack.down()
     return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,8 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from shadowpipe.config import ConfigError, Settings
+from shadowpipe.config import Settings
+from shadowpipe.stack import free_port, reachable_or_embedded
 
 FEATURES = tuple(f"x{i}" for i in range(20))
 
@@ -53,33 +53,6 @@ def register(bench_sub: argparse._SubParsersAction, common: argparse.ArgumentPar
 
 def say(msg: str) -> None:
     print(f"[bench shadow] {msg}", file=sys.stderr, flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stack(settings: Settings, stack: ExitStack) -> Settings:
-    """``settings`` if its broker answers, else an embedded stack in a temp dir."""
-    from shadowpipe.kafka import check_reachable
-    from shadowpipe.stack import EmbeddedStack
-
-    try:
-        check_reachable(settings, "bench", timeout_s=3)
-        return settings
-    except ConfigError:
-        home = stack.enter_context(tempfile.TemporaryDirectory(prefix="shadowpipe-bench-"))
-        settings = settings.replace(
-            home=home, kafka_bootstrap=f"127.0.0.1:{_free_port()}",
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0", clickhouse_url="",
-        )
-        embedded = EmbeddedStack(settings)
-        say(f"no broker at the configured address: embedded stack in {home}")
-        embedded.up()
-        stack.callback(embedded.down)
-        return settings
 
 
 def _model(path: Path) -> Any:
@@ -226,7 +199,7 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     from shadowpipe.kafka import ensure_topics
 
     settings = base.replace(
-        topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=4, web_port=_free_port()
+        topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=4, web_port=free_port()
     )
     ensure_topics(settings)
     say(f"producing {events} events to {settings.topic('inference')} (4 partitions)")
@@ -263,7 +236,8 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
     """``passes`` passes (ceiling then worker on fresh topics); the best of each counts, so
     a burst of load from elsewhere on a shared machine hits both sides alike."""
     with ExitStack() as stack:
-        settings = _stack(settings, stack)
+        settings = stack.enter_context(
+            reachable_or_embedded(settings, "bench shadow", say, redis=False))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shadow-bench-")))
         model = _model(work / "lr.joblib")
         (work / "challengers.toml").write_text(
