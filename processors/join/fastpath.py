@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from shadowpipe.processors.join.parts import (
@@ -92,28 +93,28 @@ def _string(data: bytes, pos: int) -> int:
     return _text(data, pos)[1]
 
 
-def _opt_string(data: bytes, pos: int) -> int:
-    branch = data[pos]
-    if branch == 0:
-        return pos + 1
-    if branch != 2:
-        raise _Unusual
-    return _string(data, pos + 1)
-
-
 def _double(data: bytes, pos: int) -> int:
     if pos + 8 > len(data):
         raise _Unusual
     return pos + 8
 
 
-def _opt_double(data: bytes, pos: int) -> int:
-    branch = data[pos]
-    if branch == 0:
-        return pos + 1
-    if branch != 2:
-        raise _Unusual
-    return _double(data, pos + 1)
+def _optional(skip: Callable[[bytes, int], int]) -> Callable[[bytes, int], int]:
+    """Skipper of the union ``["null", T]`` given the skipper of ``T``."""
+
+    def skip_optional(data: bytes, pos: int) -> int:
+        branch = data[pos]
+        if branch == 0:
+            return pos + 1
+        if branch != 2:
+            raise _Unusual
+        return skip(data, pos + 1)
+
+    return skip_optional
+
+
+_opt_string = _optional(_string)
+_opt_double = _optional(_double)
 
 
 def _block(data: bytes, pos: int) -> tuple[int, int]:
