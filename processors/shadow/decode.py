@@ -49,6 +49,8 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
         b = data[pos]
         n |= (b & 0x7F) << shift
         if b < 0x80:
+            if n >> 64:  # a 10th byte carrying bits past 64: fastavro wraps it, so ask it
+                raise _Corrupt("varint beyond 64 bits")
             return (n >> 1) ^ -(n & 1), pos + 1
         shift += 7
         if shift > 63:
