@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.join.fastpath import inference_part, shadow_part
@@ -58,8 +58,7 @@ class InvalidInput(ValueError):
     """A message that decodes but cannot be joined (e.g. no request id)."""
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):  # a tuple: built for every consumed message
     """One consumed Kafka message; ``kind`` is the topic kind (inference/predictions/feedback)."""
 
     kind: str
@@ -96,12 +95,15 @@ def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = Non
     schema_name, kind = INPUTS[msg.kind]
     msg_id = message_id(msg.partition, msg.offset)
     value = msg.value or b""
-    if kind == "i" and (fast := inference_part(value, layouts)) is not None:
+    if kind == "s":
+        if (shadow := shadow_part(value)) is not None:
+            request_id, challenger, answered, blob = shadow
+            if not (request_id and challenger and answered):
+                _valid_prediction(challenger, answered)
+                _valid_id(request_id, schema_name)
+            return Part("s", request_id, challenger, blob, 0, msg_id)
+    elif kind == "i" and (fast := inference_part(value, layouts)) is not None:
         return Part("i", _valid_id(fast[0], schema_name), "", fast[1], 0, msg_id)
-    if kind == "s" and (shadow := shadow_part(value)) is not None:
-        request_id, challenger, answered, blob = shadow
-        _valid_prediction(challenger, answered)
-        return Part("s", _valid_id(request_id, schema_name), challenger, blob, 0, msg_id)
     record = codec.decode(msg.value, schema_name)
     request_id = _valid_id(record["request_id"], schema_name)
     if kind == "i":

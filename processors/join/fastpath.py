@@ -19,6 +19,7 @@ True
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +83,11 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def _text(data: bytes, pos: int) -> tuple[str, int]:
-    size, pos = _long(data, pos)
+    size = data[pos]
+    if size < 0x80 and not size & 1:  # the usual short string: a one-byte length
+        end = pos + 1 + (size >> 1)
+        return data[pos + 1:end].decode(), end  # truncation fails the final length check
+    size, pos = read_long(data, pos)
     end = pos + size
     if size < 0 or end > len(data):
         raise _Unusual
@@ -90,6 +95,11 @@ def _text(data: bytes, pos: int) -> tuple[str, int]:
 
 
 def _string(data: bytes, pos: int) -> int:
+    size = data[pos]
+    if size < 0x80 and not size & 1:  # the usual short string: a one-byte length
+        end = pos + 1 + (size >> 1)
+        data[pos + 1:end].decode()  # validates; truncation fails the final length check
+        return end
     return _text(data, pos)[1]
 
 
@@ -155,8 +165,29 @@ def _output(data: bytes, pos: int) -> int:
     return _opt_double(data, _map_double(data, _opt_string(data, pos)))
 
 
+# Numeric-feature maps already seen, by their first bytes (count and first name): a pattern
+# with the names as literals and 8-byte holes for the values, and the raw names. Every
+# request of a model repeats the same names, so one C-level match replaces walking ~40 fields.
+_KNOWN_MAPS: dict[bytes, tuple[re.Pattern[bytes], tuple[bytes, ...]]] = {}
+_KNOWN_LIMIT = 1024
+
+
 def _features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[bytes, int]:
     """The stored numeric-features block (interned when possible) and the next position."""
+    if layouts is not None:
+        count = data[pos]
+        if 2 * MIN_INTERNED <= count < 0x80 and not count & 1:  # the usual: < 64 features
+            first = data[pos + 1]
+            known = _KNOWN_MAPS.get(data[pos:pos + 2 + (first >> 1)]) if first < 0x80 else None
+            if known is not None and (match := known[0].match(data, pos)) is not None:
+                lid = layouts.intern_raw(known[1])
+                if lid is not None:
+                    return b"".join((b"\x01", lid, data[pos:pos + 1], *match.groups())), \
+                        match.end()
+    return _walk_features(data, pos, layouts)
+
+
+def _walk_features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[bytes, int]:
     start = pos
     count, pos = _block(data, pos)
     names, values = [], []
@@ -177,7 +208,20 @@ def _features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[by
             name.decode()
         raw = data[start:pos]
         return b"\x00" + write_long(len(raw)) + raw, pos
+    if count < 64:
+        _remember(data[start:start + 1], tuple(names))
     return b"".join((b"\x01", lid, write_long(count), *values)), pos
+
+
+def _remember(count: bytes, names: tuple[bytes, ...]) -> None:
+    """Keep the pattern of a valid (UTF-8 checked, interned) single-block feature map."""
+    key = count + write_long(len(names[0])) + names[0]
+    if key in _KNOWN_MAPS:
+        return
+    if len(_KNOWN_MAPS) >= _KNOWN_LIMIT:
+        _KNOWN_MAPS.clear()
+    body = b"".join(re.escape(write_long(len(n)) + n) + b"(.{8})" for n in names)
+    _KNOWN_MAPS[key] = (re.compile(re.escape(count) + body + b"\x00", re.DOTALL), names)
 
 
 def inference_part(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, bytes] | None:

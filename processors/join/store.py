@@ -41,20 +41,25 @@ _COMMON_LUA = """
 local function opt(part) if part then return part[1] end return false end
 """
 
-# KEYS: state, tombstone, deadlines.
-# ARGV: kind (i|s|f), challenger, part, message id, rank, now ms, horizon ms, ttl ms, request id.
-# Reply: {code, primary|false, feedback|false, challenger, version, shadow|false, ...}.
+# KEYS: deadlines, then per part its state and tombstone keys.
+# ARGV: now ms, horizon ms, ttl ms, length of the state key prefix, then per part
+#       kind (i|s|f), challenger, part, message id, rank.
+# Reply, flat, per part: code, n, and when n > 0: primary|false, feedback|false,
+#       n x (challenger, version, shadow|false).
 MERGE_LUA = _COMMON_LUA + """
-local kind, ch, part, mid = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local rank, now = tonumber(ARGV[5]), tonumber(ARGV[6])
-local horizon, ttl, rid = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local now, horizon, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local plen = tonumber(ARGV[4])
+local out, n = {}, 0
+local kind, ch, part, mid, rank, skey, tkey
+
+local function put(v) n = n + 1; out[n] = v end
 
 local function late(t)
   if kind == 'i' then
-    if t.li then return {0} end
+    if t.li then put(0); put(0); return end
     t.li = 1
-    redis.call('SET', KEYS[2], cmsgpack.pack(t), 'KEEPTTL')
-    return {6}
+    redis.call('SET', tkey, cmsgpack.pack(t), 'KEEPTTL')
+    put(6); put(0); return
   end
   local slot, digest = ch, false
   if kind == 'f' then slot = ''; digest = redis.sha1hex(part) end
@@ -64,71 +69,92 @@ local function late(t)
   local fb, sh = false, false
   if kind == 'f' then fb = part else sh = part end
   if known then
-    if t.m[slot] == mid then return {3, false, fb, slot, t.v[slot], sh} end
-    return {0}
+    if t.m[slot] == mid then put(3); put(1); put(false); put(fb); put(slot); put(t.v[slot]); put(sh)
+    else put(0); put(0) end
+    return
   end
   -- Same rule as in a live state: only a later (or tie-winning) label replaces the known one.
-  if digest and t.fr and (rank < t.fr or (rank == t.fr and digest < t.h)) then return {0} end
+  if digest and t.fr and (rank < t.fr or (rank == t.fr and digest < t.h)) then
+    put(0); put(0); return
+  end
   t.v[slot] = (t.v[slot] or 0) + 1
   t.m[slot] = mid
   if digest then t.h = digest; t.fr = rank end
-  redis.call('SET', KEYS[2], cmsgpack.pack(t), 'KEEPTTL')
-  if kind == 'f' then return {4, false, fb, slot, t.v[slot], sh} end
-  return {5, false, fb, slot, t.v[slot], sh}
+  redis.call('SET', tkey, cmsgpack.pack(t), 'KEEPTTL')
+  if kind == 'f' then put(4) else put(5) end
+  put(1); put(false); put(fb); put(slot); put(t.v[slot]); put(sh)
 end
 
-local raw = redis.call('GET', KEYS[1])
-local st
-if raw then
-  st = cmsgpack.unpack(raw)
-else
-  local traw = redis.call('GET', KEYS[2])
-  if traw then return late(cmsgpack.unpack(traw)) end
-  st = {s = {}, v = {}}
-end
+local function merge()
+  local raw = redis.call('GET', skey)
+  local st
+  if raw then
+    st = cmsgpack.unpack(raw)
+  else
+    local traw = redis.call('GET', tkey)
+    if traw then return late(cmsgpack.unpack(traw)) end
+    st = {s = {}, v = {}}
+  end
 
-local changed, again = false, false
-if kind == 'i' then
-  if not st.i then st.i = {part, mid}; changed = true
-  elseif st.i[2] == mid then again = true end
-elseif kind == 's' then
-  local cur = st.s[ch]
-  if not cur then st.s[ch] = {part, mid}; changed = true
-  elseif cur[2] == mid then again = true end
-else
-  local cur = st.f
-  if not cur or rank > cur[3] or (rank == cur[3] and part ~= cur[1]
-      and redis.sha1hex(part) > redis.sha1hex(cur[1])) then
-    st.f = {part, mid, rank}; changed = true
-  elseif cur[2] == mid then again = true end
-end
-if not changed and not again then return {0} end
+  local changed, again = false, false
+  if kind == 'i' then
+    if not st.i then st.i = {part, mid}; changed = true
+    elseif st.i[2] == mid then again = true end
+  elseif kind == 's' then
+    local cur = st.s[ch]
+    if not cur then st.s[ch] = {part, mid}; changed = true
+    elseif cur[2] == mid then again = true end
+  else
+    local cur = st.f
+    if not cur or rank > cur[3] or (rank == cur[3] and part ~= cur[1]
+        and redis.sha1hex(part) > redis.sha1hex(cur[1])) then
+      st.f = {part, mid, rank}; changed = true
+    elseif cur[2] == mid then again = true end
+  end
+  if not changed and not again then put(0); put(0); return end
 
-local out = {2, opt(st.i), opt(st.f)}
-if again then out[1] = 3 end
-local function emit(c)
-  local sp = st.s[c]
-  if st.i and sp then
-    if changed then st.v[c] = (st.v[c] or 0) + 1 end
-    if st.v[c] then
-      out[#out + 1] = c; out[#out + 1] = st.v[c]; out[#out + 1] = sp[1]
+  -- Code and count are filled in once the emitted triples are known.
+  local head = n + 1
+  put(0); put(0); put(opt(st.i)); put(opt(st.f))
+  local emitted = 0
+  local function emit(c)
+    local sp = st.s[c]
+    if st.i and sp then
+      if changed then st.v[c] = (st.v[c] or 0) + 1 end
+      if st.v[c] then
+        put(c); put(st.v[c]); put(sp[1]); emitted = emitted + 1
+      end
     end
   end
-end
-if kind == 's' then emit(ch) else for c, _ in pairs(st.s) do emit(c) end end
+  if kind == 's' then emit(ch) else for c, _ in pairs(st.s) do emit(c) end end
 
-if changed then
-  st.o = nil
-  if raw then
-    redis.call('SET', KEYS[1], cmsgpack.pack(st), 'KEEPTTL')
-  else
-    redis.call('SET', KEYS[1], cmsgpack.pack(st), 'PX', ttl)
-    redis.call('ZADD', KEYS[3], now + horizon, rid)
+  if changed then
+    st.o = nil
+    if raw then
+      redis.call('SET', skey, cmsgpack.pack(st), 'KEEPTTL')
+    else
+      redis.call('SET', skey, cmsgpack.pack(st), 'PX', ttl)
+      redis.call('ZADD', KEYS[1], now + horizon, string.sub(skey, plen + 1))
+    end
   end
-  if #out == 3 then return {1} end
-  return out
+  if emitted == 0 then
+    for j = head, n do out[j] = nil end
+    n = head - 1
+    if changed then put(1) else put(0) end
+    put(0)
+    return
+  end
+  if again then out[head] = 3 else out[head] = 2 end
+  out[head + 1] = emitted
 end
-if #out == 3 then return {0} end
+
+for j = 0, (#ARGV - 4) / 5 - 1 do
+  local a = 5 + 5 * j
+  kind, ch, part, mid, rank = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]),
+    tonumber(ARGV[a + 4])
+  skey, tkey = KEYS[2 + 2 * j], KEYS[3 + 2 * j]
+  merge()
+end
 return out
 """
 
@@ -212,8 +238,7 @@ class StoreError(RuntimeError):
         self.oom = oom
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):  # a tuple: built for every message, cheaper than a dataclass
     """One input message, reduced to what the store keeps.
 
     ``kind`` is ``i`` (primary), ``s`` (shadow) or ``f`` (feedback); ``rank`` orders
@@ -256,6 +281,27 @@ def emissions(request_id: str, primary: Any, feedback: Any, triples: Sequence[An
         challenger, version, shadow = triples[n:n + 3]
         out.append(Emission(request_id, _text(challenger), int(version), primary or None,
                             shadow or None, feedback or None))
+    return out
+
+
+def _results(parts: list[Part], reply: list[Any]) -> list[tuple[int, list[Emission]]]:
+    """Split the merge script's flat reply into (code, emissions) per part."""
+    out: list[tuple[int, list[Emission]]] = []
+    pos = 0
+    for p in parts:
+        code, n = reply[pos], reply[pos + 1]
+        if not n:
+            out.append((code, []))
+            pos += 2
+            continue
+        primary, feedback, pos = reply[pos + 2], reply[pos + 3], pos + 4
+        rid = p.request_id
+        emits = []
+        for _ in range(n):
+            emits.append(Emission(rid, reply[pos].decode(), reply[pos + 1], primary,
+                                  reply[pos + 2], feedback))
+            pos += 3
+        out.append((code, emits))
     return out
 
 
@@ -307,7 +353,7 @@ class JoinStore:
         return f"{self.prefix}t:{request_id}"
 
     def merge(self, parts: list[Part], now_ms: int) -> list[tuple[int, list[Emission]]]:
-        """Apply ``parts`` in order (one pipelined EVALSHA each); per part (code, emissions).
+        """Apply ``parts`` in order (one script call per chunk); per part (code, emissions).
 
         Raises :class:`StoreError` if any merge failed: the caller retries the whole batch,
         which is safe because re-applying a stored message re-emits rather than duplicates.
@@ -346,12 +392,12 @@ class JoinStore:
         if layout_ids:  # before the merges that refer to them, on the same connection
             pairs = [x for lid in layout_ids for x in (lid, self.layouts.unsaved[lid])]
             commands.append(("HSET", self.layouts_key, *pairs))
-        for p in parts:
-            commands.append((
-                "EVALSHA", self._merge_sha, 3, f"{self.prefix}s:{p.request_id}",
-                f"{self.prefix}t:{p.request_id}", self.deadlines, p.kind, p.challenger, p.blob,
-                p.msg_id, p.rank, now_ms, self.horizon_ms, self.ttl_ms, p.request_id,
-            ))
+        if parts:  # the whole chunk in one script call: one command to pack, parse, dispatch
+            state, tomb = f"{self.prefix}s:", f"{self.prefix}t:"
+            keys = [k for p in parts for k in (state + p.request_id, tomb + p.request_id)]
+            args = [x for p in parts for x in (p.kind, p.challenger, p.blob, p.msg_id, p.rank)]
+            commands.append(("EVALSHA", self._merge_sha, len(keys) + 1, self.deadlines, *keys,
+                             now_ms, self.horizon_ms, self.ttl_ms, len(state), *args))
         if _pack is not None:  # hiredis: one C call per command instead of redis-py's wrapper
             packed = [b"".join(_pack(c) for c in commands)]
         else:
@@ -364,7 +410,7 @@ class JoinStore:
         import redis
 
         replies, errors = [], []
-        for _ in range(len(parts) + bool(layout_ids)):
+        for _ in range(bool(parts) + bool(layout_ids)):
             try:
                 replies.append(conn.read_response())
             except redis.ResponseError as exc:
@@ -376,9 +422,7 @@ class JoinStore:
                              oom=any("OOM" in str(e) for e in errors))
         for lid in layout_ids:
             self.layouts.unsaved.pop(lid, None)
-        replies = replies[bool(layout_ids):]
-        return [(int(r[0]), emissions(p.request_id, *r[1:3], r[3:]) if len(r) > 1 else [])
-                for p, r in zip(parts, replies, strict=True)]
+        return _results(parts, replies[-1]) if parts else []
 
     def claim(self, now_ms: int, limit: int = 500) -> Claim:
         """Claim up to ``limit`` requests past their deadline; bury those with no orphans."""
