@@ -24,6 +24,7 @@ from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.join.fastpath import inference_part, shadow_part
 from shadowpipe.processors.join.parts import (
     FeatureLayouts,
+    build_bodies,
     build_body,
     encode_feedback,
     encode_inference,
@@ -174,16 +175,28 @@ class JoinCore:
                     codes[_PART[code]] += 1
                     if code in _ORPHAN:
                         codes[_ORPHAN[code]] += 1
-                    for e in emits:
-                        if code != LATE_INFERENCE:
-                            codes[_EMITTED[code == REDELIVERED][
-                                join_state(e.challenger, e.primary, e.feedback)]] += 1
-                        result.joined.append(self.encode(e, now_ms, self._cache))
+                    if emits:
+                        self._build(code, emits, now_ms, result, codes)
         except StoreError as exc:
             self.count(redis_errors=1, redis_oom=int(exc.oom))
             raise
         self.count(**codes)
         return result
+
+    def _build(self, code: int, emits: list[Emission], now_ms: int, result: BatchResult,
+               codes: Counter[str]) -> None:
+        """Append the records of one part's emissions (one request: shared primary, label)."""
+        first = emits[0]
+        emitted = _EMITTED[code == REDELIVERED]
+        for e in emits:
+            if code != LATE_INFERENCE:
+                codes[emitted[join_state(e.challenger, e.primary, e.feedback)]] += 1
+        bodies = build_bodies(first.request_id, first.primary, first.feedback,
+                              [(e.challenger, e.version, e.shadow) for e in emits],
+                              joined_at=now_ms, layouts=self.store.layouts, cache=self._cache,
+                              prefix=self._header)
+        key = first.request_id.encode()
+        result.joined.extend([(key, body) for body in bodies])
 
     def _decoded_chunks(self, messages: list[Message], result: BatchResult,
                         codes: Counter[str]) -> Iterator[list[Part]]:

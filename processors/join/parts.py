@@ -76,6 +76,7 @@ WIRE: tuple[tuple[str, Any], ...] = (
 _NO_PRIMARY = b"\x00" * 8
 _NO_SHADOW = b"\x00" * 5
 _NO_LABEL = b"\x00" * 3
+_NO_VERSION = b"\x00\x00"  # challenger_version "" and is_control false
 _DOUBLE = struct.Struct("<d")
 _NO_SOURCE = b"\x00" + _DOUBLE.pack(1.0)
 _JOINED = schema("JoinedRecord")
@@ -266,20 +267,13 @@ class FeatureLayouts:
 
 
 def _map_template(names: list[bytes]) -> Callable[[bytes], bytes]:
-    """The map encoding with 8-byte holes where the values go, filled per record."""
-    template = bytearray(write_long(len(names)))
-    holes = []
-    for name in names:
-        template += name
-        holes.append(len(template))
-        template += bytes(8)
-    template += b"\x00"
+    """The map encoding as a ``bytes %`` template with a hole per value, filled per record."""
+    template = b"".join((write_long(len(names)).replace(b"%", b"%%"),
+                         *(name.replace(b"%", b"%%") + b"%b" for name in names), b"\x00"))
+    values = struct.Struct("8s" * len(names))
 
-    def encode(values: bytes) -> bytes:
-        out = template.copy()
-        for n, hole in enumerate(holes):
-            out[hole:hole + 8] = values[8 * n:8 * n + 8]
-        return bytes(out)
+    def encode(packed: bytes) -> bytes:
+        return template % values.unpack(packed)
 
     return encode
 
@@ -353,13 +347,6 @@ def _split_inference(part: bytes, layouts: FeatureLayouts | None
     return event_time, prob, trace_id, b"".join((head, num, part[pos:]))
 
 
-def _split_shadow(part: bytes) -> tuple[int, str, bool, bytes]:
-    _check_format(part)
-    event_time, pos = read_long(part, 1)
-    version, pos = read_string(part, pos)
-    return event_time, version, part[pos] == 1, part[pos + 1:]
-
-
 def _split_feedback(part: bytes) -> tuple[int, float, bytes, bytes]:
     _check_format(part)
     label_time, pos = read_long(part, 1)
@@ -381,6 +368,9 @@ def join_state(challenger: str, primary: bytes | None, feedback: bytes | None) -
     return "labelled" if feedback is not None else "predicted"
 
 
+_STATE_CODES = {state: write_long(n) for n, state in enumerate(_STATES)}
+
+
 def build_body(
     request_id: str,
     challenger: str,
@@ -400,7 +390,28 @@ def build_body(
     (a labelled record exists only if both were sampled). ``cache`` (owned by one thread)
     keeps split primary parts, which every challenger of a request shares.
     """
-    state = join_state(challenger, primary, feedback)
+    return build_bodies(request_id, primary, feedback, [(challenger, version, shadow)],
+                        joined_at=joined_at, layouts=layouts, cache=cache)[0]
+
+
+def build_bodies(
+    request_id: str,
+    primary: bytes | None,
+    feedback: bytes | None,
+    shadows: Sequence[tuple[str, int, bytes | None]],
+    *,
+    joined_at: int,
+    layouts: FeatureLayouts | None = None,
+    cache: dict[bytes, Any] | None = None,
+    prefix: bytes = b"",
+) -> list[bytes]:
+    """:func:`build_body` for each ``(challenger, version, shadow)`` of one request, sharing
+    the work on the primary and the label; each body starts with ``prefix`` (the framing).
+
+    >>> a, b = build_bodies("r", None, None, [("c", 1, None), ("d", 2, None)], joined_at=0)
+    >>> decode_body(b)["challenger"], decode_body(b)["version"], decode_body(a)["state"]
+    ('d', 2, 'orphan_prediction')
+    """
     event_time = trace_id = None
     prob = 1.0
     primary_seg = _NO_PRIMARY
@@ -409,27 +420,44 @@ def build_body(
         if split is None:
             split = _split_inference(primary, layouts)
             if cache is not None:
-                if len(cache) >= CACHE_SIZE:
-                    del cache[next(iter(cache))]
+                if len(cache) >= CACHE_SIZE:  # not FIFO: deleting a dict's first keys
+                    cache.clear()                 # again and again makes iter() crawl
                 cache[primary] = split
         event_time, prob, trace_id, primary_seg = split
-    ch_version, is_control, shadow_seg = "", False, _NO_SHADOW
-    if shadow is not None:
-        shadow_time, ch_version, is_control, shadow_seg = _split_shadow(shadow)
-        event_time = shadow_time if event_time is None else event_time
     label_time = None
     label_seg, source_seg = _NO_LABEL, _NO_SOURCE
     if feedback is not None:
         label_time, fb_prob, label_seg, source_seg = _split_feedback(feedback)
         prob *= fb_prob
-    delay = label_time - event_time if label_time is not None and event_time is not None else None
-    return b"".join((
-        write_string(request_id), write_string(challenger), write_string(ch_version),
-        b"\x01" if is_control else b"\x00", write_long(version),
-        write_long(_STATES.index(state)), _opt_long(event_time),
-        primary_seg, shadow_seg, label_seg, _opt_long(delay), source_seg,
-        _DOUBLE.pack(prob), write_long(joined_at), _opt_string(trace_id),
-    ))
+    rid = request_id.encode()
+    head = prefix + write_long(len(rid)) + rid
+    # What follows the segments of the primary and the shadow, given the event time.
+    after = b"".join((_DOUBLE.pack(prob), write_long(joined_at), _opt_string(trace_id)))
+    tail = None
+    if event_time is not None:
+        delay = label_time - event_time if label_time is not None else None
+        tail = b"".join((label_seg, _opt_long(delay), source_seg, after))
+    out = []
+    for challenger, version, shadow in shadows:
+        state = _STATE_CODES[join_state(challenger, primary, feedback)]
+        at = _opt_long(event_time)
+        version_seg, shadow_seg = _NO_VERSION, _NO_SHADOW
+        if shadow is not None:
+            _check_format(shadow)
+            shadow_time, pos = read_long(shadow, 1)
+            size, start = read_long(shadow, pos)
+            version_seg, shadow_seg = shadow[pos:start + size + 1], shadow[start + size + 1:]
+            if event_time is None:
+                at = _opt_long(shadow_time)
+        end = tail
+        if end is None:  # no primary: the event time is the shadow prediction's, if any
+            own_time = None if shadow is None else shadow_time
+            delay = label_time - own_time if label_time is not None and own_time is not None \
+                else None
+            end = b"".join((label_seg, _opt_long(delay), source_seg, after))
+        out.append(b"".join((head, write_string(challenger), version_seg, write_long(version),
+                             state, at, primary_seg, shadow_seg, end)))
+    return out
 
 
 def decode_body(body: bytes) -> dict[str, Any]:
