@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -30,7 +31,7 @@ from shadowpipe.processors.shadow.challengers import (
 )
 from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
 from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
-from shadowpipe.processors.shadow.runner import Runner
+from shadowpipe.processors.shadow.runner import Result, Runner
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 from sklearn.linear_model import LinearRegression, LogisticRegression
@@ -296,6 +297,50 @@ def test_fast_encoder_writes_fastavro_bytes(
     assert fast.endswith(body.getvalue())
     assert enc.encode(rid, event_time, long_bytes(scored), output, t, -t, error,
                       rec["error_kind"]) == fast
+
+
+results = st.one_of(
+    outputs.map(Result),
+    st.tuples(st.text(max_size=50), st.sampled_from(["exception", "timeout"])).map(
+        lambda e: Result(None, *e)),
+)
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(batch=st.lists(st.tuples(st.text(max_size=40), st.integers(-(2**63), 2**63 - 1),
+                                results, st.floats(allow_nan=False)), max_size=6),
+       share=st.floats(allow_nan=False))
+def test_batch_encoder_equals_the_record_encoder(batch: list[tuple], share: float) -> None:
+    enc = PredictionEncoder(CODEC, "lr", "1", False)
+    scored = long_bytes(1_700_000_000_123)
+    rids, times, res, lags = zip(*batch, strict=True) if batch else ((), (), (), ())
+    keys = [r.encode() for r in rids]
+    for _ in range(2):  # the second pass reads the cached layouts
+        assert enc.encode_many(keys, times, res, share, lags, scored) == [
+            enc.encode(rid, t, scored, r.output, share, lag, r.error, r.error_kind)
+            for rid, t, r, lag in batch]
+
+
+def test_challenger_thread_follows_the_callers_cpu() -> None:
+    from shadowpipe.processors.shadow.affinity import LoopPin, current_cpu
+
+    pin = LoopPin()
+    if current_cpu is None or len(pin.allowed) < 2:
+        pytest.skip("thread pinning needs Linux and two CPUs")
+    seen: list[set[int]] = []
+    runner = Runner("cpu", CallableModel(lambda f: seen.append(os.sched_getaffinity(0)) or 1.0,
+                                         False), timeout_ms=2000)
+    try:
+        pin.pin()
+        records = [{"num_features": {}, "cat_features": {}, "null_features": []}]
+        for _ in range(2):  # the thread starts on the first call, follows from the second
+            runner.collect(runner.submit(records))
+        assert os.sched_getaffinity(0) == {pin.cpu}
+        assert seen[-1] == {pin.cpu}
+    finally:
+        pin.release()
+        runner.close()
+    assert os.sched_getaffinity(0) == pin.allowed
 
 
 def test_sampling_follows_the_producer_rule() -> None:

@@ -24,6 +24,7 @@ to publish (ShadowPredictions and DeadLetters). The consumer loop
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -158,20 +159,18 @@ class ShadowProcessor:
         records: list[dict[str, Any]], lags: list[float], scored_at: bytes, out: Scored,
     ) -> None:
         share_ms = pending.elapsed_s() * 1000 / max(len(picked), 1)
-        encode, append = ch.encoder.encode, out.predictions.append
-        errors = timeouts = 0
-        for i, res in zip(picked, results, strict=True):
-            rec = records[i]
-            rid = rec["request_id"]
-            if res.error_kind is not None:
-                if res.error_kind == "timeout":
-                    timeouts += 1
-                else:
-                    errors += 1
-            append((rid.encode(), encode(rid, rec["event_time"], scored_at, res.output, share_ms,
-                                         lags[i], res.error, res.error_kind)))
-        ok = len(picked) - errors - timeouts
-        self.stats.challengers[ch.spec.name].add(ok, errors, timeouts, len(records) - len(picked))
+        if len(picked) == len(records):  # sampled at rate 1: no copies
+            chosen, chosen_lags = records, lags
+        else:
+            chosen, chosen_lags = [records[i] for i in picked], [lags[i] for i in picked]
+        keys = [rec["request_id"].encode() for rec in chosen]
+        values = ch.encoder.encode_many(keys, [rec["event_time"] for rec in chosen], results,
+                                        share_ms, chosen_lags, scored_at)
+        out.predictions.extend(zip(keys, values, strict=True))
+        kinds = Counter(r.error_kind for r in results)
+        errors = len(results) - kinds[None] - kinds["timeout"]
+        self.stats.challengers[ch.spec.name].add(
+            kinds[None], errors, kinds["timeout"], len(records) - len(picked))
         self.stats.outputs += len(picked)
 
     def close(self) -> None:

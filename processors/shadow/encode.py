@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import fastavro
-from shadowpipe.producers.avro import long_bytes, string_bytes
+from shadowpipe.producers.avro import SMALL_COUNT, SMALL_LONGS, long_bytes, string_bytes, time_bytes
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 
@@ -32,6 +33,7 @@ SOME = b"\x02"  # union branch 1
 _double = struct.Struct("<d").pack
 _two_doubles = struct.Struct("<dd").pack
 _CACHE_LIMIT = 4096
+_NO_ERROR = NULL + NULL
 
 
 def wire_prefix(codec: Codec, name: str, sample: dict[str, Any]) -> bytes:
@@ -56,6 +58,7 @@ class PredictionEncoder:
             string_bytes(challenger) + string_bytes(version) + (b"\x01" if is_control else NULL)
         )
         self._strings: dict[str, bytes] = {}
+        self._plans: dict[tuple[Any, ...], tuple[Any, list[Any]]] = {}
 
     def _str(self, s: str) -> bytes:
         cached = self._strings.get(s)
@@ -90,7 +93,69 @@ class PredictionEncoder:
             scored_at = long_bytes(scored_at)
         return b"".join((
             self._head, string_bytes(request_id), self._const, long_bytes(event_time),
-            scored_at, self._output(output), _two_doubles(model_time_ms, queue_lag_ms),
+            scored_at, self._tail(output, model_time_ms, queue_lag_ms, error, error_kind),
+        ))
+
+    def _tail(
+        self, output: dict[str, Any] | None, model_time_ms: float, queue_lag_ms: float,
+        error: str | None, error_kind: str | None,
+    ) -> bytes:
+        return b"".join((
+            self._output(output), _two_doubles(model_time_ms, queue_lag_ms),
             NULL if error is None else SOME + string_bytes(error),
             NULL if error_kind is None else SOME + self._str(error_kind),
         ))
+
+    def encode_many(
+        self, keys: Sequence[bytes], event_times: Sequence[int], results: Sequence[Any],
+        model_time_ms: float, queue_lags: Sequence[float], scored_at: bytes,
+    ) -> list[bytes]:
+        """:meth:`encode` for a batch: ``keys`` are the UTF-8 request ids, each result has
+        ``output``, ``error`` and ``error_kind``; ``scored_at`` is pre-encoded.
+
+        Successful classifier outputs (label, probabilities, no value) take one
+        ``struct`` call per record, from a layout cached per label and class names.
+        """
+        head, const, plans, out = self._head, self._const, self._plans, []
+        for key, event_time, res, lag in zip(keys, event_times, results, queue_lags,
+                                             strict=True):
+            output = res.output
+            if res.error is None and output is not None and output["value"] is None:
+                probs = output["probabilities"]
+                plan = plans.get((output["label"], *probs))
+                if plan is None:
+                    plan = self._plan(output["label"], tuple(probs))
+                layout, template = plan
+                args = template.copy()
+                args[2:-4:2] = probs.values()
+                args[-3] = model_time_ms
+                args[-2] = lag
+                tail = layout.pack(*args)
+            else:
+                tail = self._tail(output, model_time_ms, lag, res.error, res.error_kind)
+            size = len(key)
+            out.append(b"".join((
+                head, SMALL_LONGS[size] if size < SMALL_COUNT else long_bytes(size), key,
+                const, time_bytes(event_time), scored_at, tail,
+            )))
+        return out
+
+    def _plan(self, label: str | None, classes: tuple[str, ...]) -> tuple[Any, list[Any]]:
+        """Layout and argument template of a successful classifier output's bytes through
+        the end of the record: probabilities at ``[2:-4:2]``, the two timings at -3, -2."""
+        first = SOME + (NULL if label is None else SOME + self._str(label))
+        first += long_bytes(len(classes)) if classes else b""
+        template: list[Any] = [first]
+        layout = [f"<{len(first)}s"]
+        for name in classes:
+            key = string_bytes(name)
+            template += (key, 0.0)
+            layout.append(f"{len(key)}sd")
+        rest = NULL + NULL  # the map terminator (or empty map), value: null
+        template += (rest, 0.0, 0.0, _NO_ERROR)
+        layout.append(f"{len(rest)}sdd2s")
+        plan = struct.Struct("".join(layout)), template
+        if len(self._plans) >= _CACHE_LIMIT:
+            self._plans.clear()
+        self._plans[(label, *classes)] = plan
+        return plan
