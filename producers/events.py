@@ -63,6 +63,11 @@ from shadowpipe.producers.avro import (
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, schema_fingerprint
 
+try:  # the compiled common case (producers/_encode.c); optional at install time
+    from shadowpipe.producers._encode import encode_inference as compiled_inference
+except ImportError:  # pragma: no cover - a build without a C compiler
+    compiled_inference = None
+
 _SOURCES = {"explicit": b"\x00", "implicit": b"\x02"}
 _OUTPUT_FIELDS = frozenset(("label", "probabilities", "value"))
 _NUM, _CAT, _NULL = "num", "cat", "null"
@@ -184,6 +189,9 @@ class EventEncoder:
     ``inference_header`` / ``feedback_header`` are the framing prefixes (single-object
     marker and fingerprint, or Confluent magic byte and schema id). Shapes of features and
     context are planned once and cached (bounded), so steady traffic pays no planning.
+    Plain inference events (dicts of str, float, int, None; no privacy rules) are written
+    by the compiled encoder when it was built (``compiled=False`` forces Python); it
+    writes the same bytes and leaves every other input to the Python code.
     """
 
     def __init__(
@@ -192,6 +200,7 @@ class EventEncoder:
         feedback_header: bytes,
         privacy: Privacy | None = None,
         max_bytes: int = 1 << 20,
+        compiled: bool = True,
     ) -> None:
         self.inference_header = inference_header
         self.feedback_header = feedback_header
@@ -203,6 +212,9 @@ class EventEncoder:
         self._labels: dict[Any, bytes] = {}
         self._output_plans: dict[tuple[str, ...], tuple[struct.Struct, list[Any]]] = {}
         self._context_plans: dict[tuple[Any, ...], tuple[tuple[int, bytes, bool], ...]] = {}
+        # The compiled encoder knows no privacy rules: with any, every event takes Python.
+        plain = compiled and not (self.privacy.drop or self.privacy.hash)
+        self._compiled = compiled_inference if plain else None
 
     # -- events ---------------------------------------------------------------------------
 
@@ -224,6 +236,15 @@ class EventEncoder:
         model_version = self._model_versions.get((model, version))
         if model_version is None:
             model_version = self._model_version(model, version)
+        if self._compiled is not None:
+            data = self._compiled(
+                self.inference_header, request_id, features, output, model_version,
+                latency_ms, context, event_time, inclusion_prob, trace_id,
+            )
+            if data is not None:  # None: not the plain case, Python decides below
+                if len(data) > self.max_bytes:
+                    raise Invalid("too_large")
+                return data
         num, cat, null = self._features(features)
         if latency_ms - latency_ms != 0:
             raise Invalid("non_finite")

@@ -16,6 +16,7 @@ from shadowpipe.producers.events import (
     EventEncoder,
     Invalid,
     Privacy,
+    compiled_inference,
     reason_of,
     single_object_header,
 )
@@ -41,9 +42,9 @@ outputs = st.one_of(
 )
 
 
-def encoder(privacy: Privacy | None = None) -> EventEncoder:
+def encoder(privacy: Privacy | None = None, compiled: bool = True) -> EventEncoder:
     return EventEncoder(single_object_header("InferenceEvent"), single_object_header("Feedback"),
-                        privacy)
+                        privacy, compiled=compiled)
 
 
 def fastavro_body(name: str, record: dict) -> bytes:
@@ -239,3 +240,57 @@ def test_classifier_output_with_bad_probability_is_refused(bad) -> None:
                             context=None, event_time=0, inclusion_prob=1.0, trace_id=None)
     assert reason_of(caught.value) == ("non_finite" if isinstance(bad, float)
                                        else "unsupported_type")
+
+
+anything = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(), st.binary(),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.floats(),
+                                                         max_size=3),
+)
+loose_mappings = st.dictionaries(st.one_of(names, st.integers()), anything, max_size=8)
+loose_outputs = st.one_of(anything, outputs, st.dictionaries(
+    st.sampled_from(["label", "probabilities", "value", "other"]), anything, max_size=3))
+
+
+@pytest.mark.skipif(compiled_inference is None, reason="built without a C compiler")
+@settings(max_examples=500, deadline=None)
+@given(
+    request_id=st.text(min_size=1),
+    features=st.one_of(st.none(), loose_mappings, anything),
+    output=loose_outputs,
+    context=st.one_of(st.none(), loose_mappings, st.dictionaries(names, st.text(), max_size=3)),
+    event_time=st.one_of(st.integers(), anything),
+    latency=anything,
+    trace_id=st.one_of(st.none(), st.text(), anything),
+)
+def test_compiled_encoder_writes_pythons_bytes_or_defers(
+    request_id, features, output, context, event_time, latency, trace_id
+) -> None:
+    """On any input the compiled encoder either returns exactly what the Python encoder
+    returns, or None (the Python encoder then decides, and refuses with its reason)."""
+    key = request_id.encode(errors="surrogatepass")
+    args = dict(model="m", version="1", latency_ms=latency, context=context,
+                event_time=event_time, inclusion_prob=0.25, trace_id=trace_id)
+    try:
+        expected = encoder(compiled=False).inference(key, features, output, **args)
+    except Exception:
+        expected = None
+    got = compiled_inference(single_object_header("InferenceEvent"), key, features, output,
+                             string_bytes("m") + string_bytes("1"), latency, context,
+                             event_time, 0.25, trace_id)
+    assert got is None or got == expected
+
+
+@pytest.mark.skipif(compiled_inference is None, reason="built without a C compiler")
+def test_compiled_encoder_takes_the_plain_case() -> None:
+    features = {"amount": 12.5, "n": 3, "flag": True, "country": "DE", "ref": None}
+    outputs_ = ["ok", 0.5, {"label": "1", "probabilities": {"0": 0.25, "1": 0.75}},
+                {"value": 2.0}, {"label": None, "probabilities": {}}]
+    for output in outputs_:
+        got = compiled_inference(single_object_header("InferenceEvent"), b"r1", features,
+                                 output, string_bytes("m") + string_bytes("1"), 0.5,
+                                 {"country": "DE"}, 1_700_000_000_000, 1.0, "t")
+        assert got is not None and got == encoder(compiled=False).inference(
+            b"r1", features, output, model="m", version="1", latency_ms=0.5,
+            context={"country": "DE"}, event_time=1_700_000_000_000, inclusion_prob=1.0,
+            trace_id="t")
