@@ -214,7 +214,7 @@ class EventEncoder:
         self._context_plans: dict[tuple[Any, ...], tuple[tuple[int, bytes, bool], ...]] = {}
         # The compiled encoder knows no privacy rules: with any, every event takes Python.
         plain = compiled and not (self.privacy.drop or self.privacy.hash)
-        self._compiled = compiled_inference if plain else None
+        self.compiled = compiled_inference if plain else None
 
     # -- events ---------------------------------------------------------------------------
 
@@ -236,8 +236,8 @@ class EventEncoder:
         model_version = self._model_versions.get((model, version))
         if model_version is None:
             model_version = self._model_version(model, version)
-        if self._compiled is not None:
-            data = self._compiled(
+        if self.compiled is not None:
+            data = self.compiled(
                 self.inference_header, request_id, features, output, model_version,
                 latency_ms, context, event_time, inclusion_prob, trace_id,
             )
@@ -266,6 +266,11 @@ class EventEncoder:
         if len(data) > self.max_bytes:
             raise Invalid("too_large")
         return data
+
+    def model_version(self, model: Any, version: Any) -> bytes:
+        """The encoded ``model`` and ``version`` fields (memoised), or Invalid."""
+        encoded = self._model_versions.get((model, version))
+        return encoded if encoded is not None else self._model_version(model, version)
 
     def _model_version(self, model: Any, version: Any) -> bytes:
         if type(model) is not str or type(version) is not str:
