@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from shadowpipe.processors.publisher import DeliveryError
-from shadowpipe.processors.shadow.affinity import LoopPin
+from shadowpipe.processors.shadow.affinity import LoopPin, thread_ids
 from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
 
 from shadowpipe import kafka
@@ -117,6 +117,7 @@ class ShadowLoop:
         self._outputs: Outputs | None = None
         self._inflight: list[Raw] = []  # published, not yet flushed nor committed
         self._produced_at = 0.0
+        self.pin: LoopPin | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,10 +125,12 @@ class ShadowLoop:
     def run(self) -> None:
         """The loop; returns after :meth:`stop`, having committed what was published."""
         s = self.settings
-        pin = LoopPin()
+        pin = self.pin = LoopPin()
         pin.pin()  # before the clients: their threads inherit the CPU
+        before = thread_ids()
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
         self._outputs = Outputs(s)
+        pin.adopt(thread_ids() - before)
         consumer.subscribe(
             [s.topic("inference")], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -135,6 +138,7 @@ class ShadowLoop:
         tune_gc()
         try:
             while not self._stop.is_set():
+                pin.tick()
                 waited = time.perf_counter()
                 msgs = consumer.consume(s.shadow_batch_size, s.shadow_batch_ms / 1000)
                 if msgs:
