@@ -52,7 +52,7 @@ from shadowpipe.config import Settings
 INPUTS = {"inference": ("InferenceEvent", "i"), "predictions": ("ShadowPrediction", "s"),
           "feedback": ("Feedback", "f")}
 WORKER = "join"
-CHUNK = 500  # messages per pipelined round: Redis merges one while Python decodes the next
+CHUNK = 100  # messages per script call: Redis merges one while Python decodes the next
 
 
 class InvalidInput(ValueError):
@@ -170,32 +170,32 @@ class JoinCore:
         chunks = self._decoded_chunks(messages, result, codes)
         try:
             for parts, replies in self.store.merge_chunks(chunks, now_ms):
-                for part, (code, emits) in zip(parts, replies, strict=True):
+                for part, (code, primary, feedback, flat) in zip(parts, replies, strict=True):
                     codes[_IN[part.kind]] += 1
                     codes[_PART[code]] += 1
                     if code in _ORPHAN:
                         codes[_ORPHAN[code]] += 1
-                    if emits:
-                        self._build(code, emits, now_ms, result, codes)
+                    if flat:
+                        self._build(part.request_id, code, primary, feedback, flat, now_ms,
+                                    result, codes)
         except StoreError as exc:
             self.count(redis_errors=1, redis_oom=int(exc.oom))
             raise
         self.count(**codes)
         return result
 
-    def _build(self, code: int, emits: list[Emission], now_ms: int, result: BatchResult,
+    def _build(self, request_id: str, code: int, primary: bytes | None,
+               feedback: bytes | None, flat: list[Any], now_ms: int, result: BatchResult,
                codes: Counter[str]) -> None:
-        """Append the records of one part's emissions (one request: shared primary, label)."""
-        first = emits[0]
-        emitted = _EMITTED[code == REDELIVERED]
-        for e in emits:
-            if code != LATE_INFERENCE:
-                codes[emitted[join_state(e.challenger, e.primary, e.feedback)]] += 1
-        bodies = build_bodies(first.request_id, first.primary, first.feedback,
-                              [(e.challenger, e.version, e.shadow) for e in emits],
-                              joined_at=now_ms, layouts=self.store.layouts, cache=self._cache,
+        """Append the records of one part: flat ``challenger, version, shadow`` triples."""
+        if code != LATE_INFERENCE:
+            emitted = _EMITTED[code == REDELIVERED]
+            for n in range(0, len(flat), 3):
+                codes[emitted[join_state(flat[n], primary, feedback)]] += 1
+        bodies = build_bodies(request_id, primary, feedback, flat, joined_at=now_ms,
+                              layouts=self.store.layouts, cache=self._cache,
                               prefix=self._header)
-        key = first.request_id.encode()
+        key = request_id.encode()
         result.joined.extend([(key, body) for body in bodies])
 
     def _decoded_chunks(self, messages: list[Message], result: BatchResult,

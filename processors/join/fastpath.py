@@ -82,6 +82,17 @@ def _long(data: bytes, pos: int) -> tuple[int, int]:
     return read_long(data, pos)
 
 
+_VARINT = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]")  # one long, in a single C call
+
+
+def _skip_long(data: bytes, pos: int) -> int:
+    """The position after the long at ``pos`` (times: 6-byte varints, value not needed)."""
+    match = _VARINT.match(data, pos)
+    if match is None:
+        raise _Unusual
+    return match.end()
+
+
 def _text(data: bytes, pos: int) -> tuple[str, int]:
     size = data[pos]
     if size < 0x80 and not size & 1:  # the usual short string: a one-byte length
@@ -233,7 +244,7 @@ def inference_part(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
         return None
     try:
         request_id, time_at = _text(data, 10)
-        _, pos = _long(data, time_at)
+        pos = _skip_long(data, time_at)
         event_time, head_at = data[time_at:pos], pos
         pos = _string(data, _string(data, pos))
         head = data[head_at:pos]
@@ -269,9 +280,8 @@ def shadow_part(data: bytes) -> tuple[str, str, bool, bytes] | None:
         if data[control_at] > 1:
             raise _Unusual
         time_at = control_at + 1
-        _, pos = _long(data, time_at)
-        time_end = pos
-        _, pos = _long(data, pos)  # scored_at
+        time_end = pos = _skip_long(data, time_at)
+        pos = _skip_long(data, pos)  # scored_at
         out_at, has_output = pos, data[pos] != 0
         if data[pos] > 2 or data[pos] == 1:
             raise _Unusual

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import struct
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -78,6 +79,7 @@ _NO_SHADOW = b"\x00" * 5
 _NO_LABEL = b"\x00" * 3
 _NO_VERSION = b"\x00\x00"  # challenger_version "" and is_control false
 _DOUBLE = struct.Struct("<d")
+_VARINT = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]")  # skips one long in a single C call
 _NO_SOURCE = b"\x00" + _DOUBLE.pack(1.0)
 _JOINED = schema("JoinedRecord")
 CACHE_SIZE = 20_000  # split primary parts kept per build cache (~0.5 KB each)
@@ -150,6 +152,12 @@ def read_long(data: bytes, pos: int) -> tuple[int, int]:
 @lru_cache(maxsize=16384)  # labels, model names, challengers, map keys recur
 def write_string(text: str) -> bytes:
     raw = text.encode()
+    return write_long(len(raw)) + raw
+
+
+@lru_cache(maxsize=4096)
+def _write_name(name: str | bytes) -> bytes:
+    raw = name.encode() if isinstance(name, str) else name
     return write_long(len(raw)) + raw
 
 
@@ -355,7 +363,7 @@ def _split_feedback(part: bytes) -> tuple[int, float, bytes, bytes]:
     return label_time, prob, part[pos:pos + size], part[pos + size:]
 
 
-def join_state(challenger: str, primary: bytes | None, feedback: bytes | None) -> str:
+def join_state(challenger: str | bytes, primary: bytes | None, feedback: bytes | None) -> str:
     """The completeness state a record with these parts has.
 
     >>> join_state("", None, b"f"), join_state("c", None, None), join_state("c", b"i", b"f")
@@ -390,7 +398,7 @@ def build_body(
     (a labelled record exists only if both were sampled). ``cache`` (owned by one thread)
     keeps split primary parts, which every challenger of a request shares.
     """
-    return build_bodies(request_id, primary, feedback, [(challenger, version, shadow)],
+    return build_bodies(request_id, primary, feedback, [challenger, version, shadow],
                         joined_at=joined_at, layouts=layouts, cache=cache)[0]
 
 
@@ -398,17 +406,18 @@ def build_bodies(
     request_id: str,
     primary: bytes | None,
     feedback: bytes | None,
-    shadows: Sequence[tuple[str, int, bytes | None]],
+    shadows: Sequence[Any],
     *,
     joined_at: int,
     layouts: FeatureLayouts | None = None,
     cache: dict[bytes, Any] | None = None,
     prefix: bytes = b"",
 ) -> list[bytes]:
-    """:func:`build_body` for each ``(challenger, version, shadow)`` of one request, sharing
-    the work on the primary and the label; each body starts with ``prefix`` (the framing).
+    """:func:`build_body` for each challenger of one request, sharing the work on the primary
+    and the label; ``shadows`` is flat, ``challenger, version, shadow`` repeated (as the merge
+    script replies; challengers as str or bytes). Each body starts with ``prefix`` (framing).
 
-    >>> a, b = build_bodies("r", None, None, [("c", 1, None), ("d", 2, None)], joined_at=0)
+    >>> a, b = build_bodies("r", None, None, ["c", 1, None, b"d", 2, None], joined_at=0)
     >>> decode_body(b)["challenger"], decode_body(b)["version"], decode_body(a)["state"]
     ('d', 2, 'orphan_prediction')
     """
@@ -438,24 +447,27 @@ def build_bodies(
         delay = label_time - event_time if label_time is not None else None
         tail = b"".join((label_seg, _opt_long(delay), source_seg, after))
     out = []
-    for challenger, version, shadow in shadows:
+    for n in range(0, len(shadows), 3):
+        challenger, version, shadow = shadows[n], shadows[n + 1], shadows[n + 2]
         state = _STATE_CODES[join_state(challenger, primary, feedback)]
         at = _opt_long(event_time)
         version_seg, shadow_seg = _NO_VERSION, _NO_SHADOW
+        own_time = None
         if shadow is not None:
             _check_format(shadow)
-            shadow_time, pos = read_long(shadow, 1)
-            size, start = read_long(shadow, pos)
+            pos = _VARINT.match(shadow, 1).end()  # type: ignore[union-attr]  # our own part
+            size = shadow[pos]
+            size, start = (size >> 1, pos + 1) if size < 0x80 else read_long(shadow, pos)
             version_seg, shadow_seg = shadow[pos:start + size + 1], shadow[start + size + 1:]
             if event_time is None:
-                at = _opt_long(shadow_time)
+                own_time = read_long(shadow, 1)[0]
+                at = _opt_long(own_time)
         end = tail
         if end is None:  # no primary: the event time is the shadow prediction's, if any
-            own_time = None if shadow is None else shadow_time
             delay = label_time - own_time if label_time is not None and own_time is not None \
                 else None
             end = b"".join((label_seg, _opt_long(delay), source_seg, after))
-        out.append(b"".join((head, write_string(challenger), version_seg, write_long(version),
+        out.append(b"".join((head, _write_name(challenger), version_seg, write_long(version),
                              state, at, primary_seg, shadow_seg, end)))
     return out
 

@@ -284,24 +284,23 @@ def emissions(request_id: str, primary: Any, feedback: Any, triples: Sequence[An
     return out
 
 
-def _results(parts: list[Part], reply: list[Any]) -> list[tuple[int, list[Emission]]]:
-    """Split the merge script's flat reply into (code, emissions) per part."""
-    out: list[tuple[int, list[Emission]]] = []
+# Per part: (code, primary, feedback, flat ``challenger, version, shadow`` triples).
+Merged = tuple[int, Any, Any, list[Any]]
+
+
+def _results(parts: list[Part], reply: list[Any]) -> list[Merged]:
+    """Split the merge script's flat reply per part (slices, no per-record objects)."""
+    out: list[Merged] = []
     pos = 0
-    for p in parts:
+    for _ in parts:
         code, n = reply[pos], reply[pos + 1]
-        if not n:
-            out.append((code, []))
+        if n:
+            end = pos + 4 + 3 * n
+            out.append((code, reply[pos + 2], reply[pos + 3], reply[pos + 4:end]))
+            pos = end
+        else:
+            out.append((code, None, None, []))
             pos += 2
-            continue
-        primary, feedback, pos = reply[pos + 2], reply[pos + 3], pos + 4
-        rid = p.request_id
-        emits = []
-        for _ in range(n):
-            emits.append(Emission(rid, reply[pos].decode(), reply[pos + 1], primary,
-                                  reply[pos + 2], feedback))
-            pos += 3
-        out.append((code, emits))
     return out
 
 
@@ -358,10 +357,12 @@ class JoinStore:
         Raises :class:`StoreError` if any merge failed: the caller retries the whole batch,
         which is safe because re-applying a stored message re-emits rather than duplicates.
         """
-        return [r for _, replies in self.merge_chunks([parts], now_ms) for r in replies]
+        return [(code, emissions(p.request_id, primary, feedback, flat))
+                for chunk, replies in self.merge_chunks([parts], now_ms)
+                for p, (code, primary, feedback, flat) in zip(chunk, replies, strict=True)]
 
     def merge_chunks(self, chunks: Iterable[list[Part]], now_ms: int) -> Iterator[
-            tuple[list[Part], list[tuple[int, list[Emission]]]]]:
+            tuple[list[Part], list[Merged]]]:
         """:meth:`merge` for a stream of chunks on one connection, one chunk ahead: Redis
         merges chunk k while the caller decodes chunk k+1 and builds the records of k-1."""
         import redis
@@ -405,8 +406,7 @@ class JoinStore:
         conn.send_packed_command(packed, check_health=False)
         return parts, layout_ids
 
-    def _receive(self, conn: Any, parts: list[Part], layout_ids: list[bytes]) -> list[
-            tuple[int, list[Emission]]]:
+    def _receive(self, conn: Any, parts: list[Part], layout_ids: list[bytes]) -> list[Merged]:
         import redis
 
         replies, errors = [], []
