@@ -135,3 +135,16 @@ def test_fast_path_leaves_anything_unusual_to_the_codec() -> None:
     pred = CODEC.encode("ShadowPrediction", req["predictions"][0])
     assert fastpath.shadow_part(pred[:-3]) is None
     assert fastpath.shadow_part(good) is None  # another schema's fingerprint
+
+
+def test_known_feature_maps_match_only_the_same_names() -> None:
+    layouts, slow = parts.FeatureLayouts(), parts.FeatureLayouts()
+    req = make_requests(random.Random(10), 1)[0]
+    base = ["a.b", "(x|y)", "50%", "d*", "é"]
+    variants = [base, base, base[:4] + ["f"], base + ["g"], base[:1] + base[2:] + base[1:2]]
+    for n, names in enumerate(variants):  # the first name is shared: one pattern is tried
+        inf = {**req["inference"], "num_features": {k: n + i / 7 for i, k in enumerate(names)}}
+        data = CODEC.encode("InferenceEvent", inf)
+        assert fastpath.inference_part(data, layouts) == (req["id"], parts.encode_inference(
+            CODEC.decode(data, "InferenceEvent"), slow))
+        assert fastpath.inference_part(data[:-1], layouts) is None
