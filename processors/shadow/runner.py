@@ -35,7 +35,7 @@ ERROR_CHARS = 500
 
 class Result(NamedTuple):
     """One record's outcome: an Output dict, or an error and its kind (a tuple: one is
-    made per record and prediction, and a frozen dataclass costs several times more)."""
+    made per record and prediction, and a frozen dataclass is slower to build)."""
 
     output: dict[str, Any] | None
     error: str | None = None
