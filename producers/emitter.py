@@ -6,7 +6,8 @@ loop, 3-4x that right after other work: caches go cold, see docs/producer.md):
 validate and sample, encode (plain inputs with the compiled encoder in one C call, others
 with the specialised Python writer of :mod:`.events`), hand the bytes to librdkafka's
 ``produce()``, which only enqueues. Compression, batching, sending
-and retries happen on librdkafka's threads; a background thread serves its callbacks.
+and retries happen on librdkafka's threads. Every 16th emit serves librdkafka's reports
+on the caller's thread (which holds the GIL anyway); a background thread covers quiet times.
 Only failed deliveries call back (``delivery.report.only.error``), so successful events
 cost no Python work after ``produce()``: ``delivered = sent - failed - in queue``.
 
@@ -50,6 +51,11 @@ log = logging.getLogger("shadowpipe.producers")
 _LIBRDKAFKA_LOG = logging.getLogger("shadowpipe.producers.librdkafka")
 _PER_MESSAGE_OVERHEAD = 256
 _LOG_EVERY_S = 60.0
+# The client takes the GIL for every delivery report, even a success it then discards.
+# Served by the emitting thread, which holds the GIL anyway, every 16th event; a thread
+# parked in poll() would take it from the service once per message (docs/producer.md).
+_SERVE_EVERY_MASK = 15
+_POLL_EVERY_S = 0.2
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -318,7 +324,8 @@ class Emitter:
             return self._drop("produce_error", exc)
         except Exception as exc:  # the caller must never see an exception
             return self._drop(reason_of(exc), exc)
-        next(self._sent)
+        if not next(self._sent) & _SERVE_EVERY_MASK:
+            self._serve_reports()
         return True
 
     def emit_feedback(
@@ -358,7 +365,8 @@ class Emitter:
             return self._drop("produce_error", exc)
         except Exception as exc:  # the caller must never see an exception
             return self._drop(reason_of(exc), exc)
-        next(self._sent)
+        if not next(self._sent) & _SERVE_EVERY_MASK:
+            self._serve_reports()
         return True
 
     def _model(self, model: Any, version: Any) -> tuple[float, bytes | None, bytes]:
@@ -415,12 +423,17 @@ class Emitter:
     def _on_error(self, err: KafkaError) -> None:
         self._log("error:" + err.name(), "shadowpipe emitter %s: %s", self.name, err.str())
 
+    def _serve_reports(self) -> None:
+        """Serve librdkafka's reports on this thread (failures are counted here)."""
+        try:
+            self._producer.poll(0)
+        except Exception:  # a callback bug must not kill delivery accounting
+            log.exception("shadowpipe emitter %s: poll failed", self.name)
+
     def _poll_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._producer.poll(0.2)
-            except Exception:  # a callback bug must not kill delivery accounting
-                log.exception("shadowpipe emitter %s: poll failed", self.name)
+        # Emitting threads serve reports as they go; this covers the quiet times.
+        while not self._stop.wait(_POLL_EVERY_S):
+            self._serve_reports()
 
     # -- state ----------------------------------------------------------------------------
 
