@@ -8,8 +8,9 @@ with the specialised Python writer of :mod:`.events`), hand the bytes to librdka
 ``produce()``, which only enqueues. Compression, batching, sending
 and retries happen on librdkafka's threads. Every 16th emit serves librdkafka's reports
 on the caller's thread (which holds the GIL anyway); a background thread covers quiet times.
-Only failed deliveries call back (``delivery.report.only.error``), so successful events
-cost no Python work after ``produce()``: ``delivered = sent - failed - in queue``.
+Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
+the client still takes the GIL per report to discard a success), so
+``delivered = sent - failed - in queue``.
 
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
