@@ -246,6 +246,7 @@ class Emitter:
         self._inference_topic = self.settings.topic("inference")
         self._feedback_topic = self.settings.topic("feedback")
         self._block_s = self.settings.producer_block_ms / 1000
+        self._max_messages = max_messages(self.settings)
         # (model, version) -> (inclusion probability, sampling threshold, encoded fields)
         self._models: dict[tuple[Any, Any], tuple[float, bytes | None, bytes]] = {}
         self._compiled = self._encoder.compiled
@@ -305,6 +306,8 @@ class Emitter:
                 self._models.get((model, version)) or self._model(model, version))
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
+            if len(self._producer) >= self._max_messages and not self._block_s:
+                return self._drop("queue_full")  # full: spend neither encoding nor a raise
             event_time = time.time_ns() // 1_000_000 if ts is None else _millis(ts)
             data = None if self._compiled is None else self._compiled(
                 self._inference_header, key, features, output, model_version, latency_ms,
