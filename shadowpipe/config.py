@@ -97,6 +97,10 @@ class Settings:
     challengers: str = _opt("", "challengers file (TOML or JSON) for the shadow worker")
     shadow_batch_size: int = _opt(500, "max events per micro-batch in the shadow worker", min=1)
     shadow_batch_ms: int = _opt(50, "max wait to fill a micro-batch, ms", min=1)
+    shadow_cpu_pinning: str = _opt(
+        "auto", "auto: the shadow scoring loop and its threads share one CPU (Linux); off",
+        choices=("auto", "off"),
+    )
     challenger_timeout_ms: int = _opt(1000, "default per-batch timeout of a challenger, ms", min=1)
     feedback_horizon_s: int = _opt(7 * 86400, "how long the joiner waits for late parts, s", min=1)
     window_s: int = _opt(60, "monitor tumbling window size (event time), s", min=1)

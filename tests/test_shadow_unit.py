@@ -480,3 +480,16 @@ def _canonical(x: Any) -> str:
     import re
 
     return re.sub(r"0x[0-9a-f]+", "0x?", repr(x))
+
+
+def test_cpu_pinning_can_be_turned_off() -> None:
+    from shadowpipe.processors.shadow.affinity import LoopPin
+
+    assert Settings.load(env={"SHADOWPIPE_SHADOW_CPU_PINNING": "off"}).shadow_cpu_pinning == "off"
+    with pytest.raises(ConfigError, match="SHADOWPIPE_SHADOW_CPU_PINNING"):
+        Settings.load(env={"SHADOWPIPE_SHADOW_CPU_PINNING": "always"})
+    pin = LoopPin(enabled=False)
+    pin.pin()
+    pin.tick()
+    assert pin.cpu == -1 and not pin.allowed
+    pin.release()

@@ -11,7 +11,8 @@ the mask), and challenger threads follow it. Nothing else is pinned: the broker,
 event loop and other processes are placed by the scheduler, which moves them off the
 loop's busy CPU; when the loop itself keeps waiting for its CPU (another process got
 there), the loop and its threads move to the CPU that was idle the longest. Where pinning
-is unsupported or refused, everything is left as it was.
+is unsupported or refused, or ``SHADOWPIPE_SHADOW_CPU_PINNING=off``, everything is left
+as it was.
 
 >>> pin = LoopPin()
 >>> pin.pin()  # pinned to the CPU it runs on (where supported)
@@ -101,8 +102,8 @@ class LoopPin:
     and the group moves to the allowed CPU that was idle the longest meanwhile.
     """
 
-    def __init__(self, check_s: float = 1.0, max_wait: float = 0.2) -> None:
-        supported = current_cpu is not None
+    def __init__(self, check_s: float = 1.0, max_wait: float = 0.2, enabled: bool = True) -> None:
+        supported = enabled and current_cpu is not None
         self.allowed: set[int] = os.sched_getaffinity(0) if supported else set()
         self.cpu = -1  # where the thread is pinned; -1: not pinned
         self.moves = 0
@@ -111,7 +112,7 @@ class LoopPin:
         self._seen: tuple[float, float, dict[int, int]] | None = None
 
     def pin(self) -> None:
-        if current_cpu is None or len(self.allowed) < 2:
+        if current_cpu is None or len(self.allowed) < 2:  # also when disabled: none allowed
             return
         cpu = current_cpu()
         if pin_thread(0, cpu):

@@ -125,7 +125,7 @@ class ShadowLoop:
     def run(self) -> None:
         """The loop; returns after :meth:`stop`, having committed what was published."""
         s = self.settings
-        pin = self.pin = LoopPin()
+        pin = self.pin = LoopPin(enabled=s.shadow_cpu_pinning == "auto")
         pin.pin()  # before the clients: their threads inherit the CPU
         before = thread_ids()
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
