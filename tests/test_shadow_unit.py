@@ -343,19 +343,18 @@ def test_challenger_thread_follows_the_callers_cpu() -> None:
     assert os.sched_getaffinity(0) == pin.allowed
 
 
-def test_outputs_report_failed_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shadowpipe.processors.publisher import DeliveryError
+def test_publisher_reports_failed_deliveries() -> None:
+    from shadowpipe.processors.publisher import DeliveryError, Publisher
     from shadowpipe.processors.shadow import service
 
     # Only failures are reported: they must still surface, here from a closed port.
-    monkeypatch.setitem(service.PRODUCER_OVERRIDES, "message.timeout.ms", 300)
-    monkeypatch.setitem(service.PRODUCER_OVERRIDES, "log_level", 0)
     closed = Settings.load(env={}).replace(kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
-    outputs = service.Outputs(closed)
-    outputs.produce("t", [(b"k", b"v"), (None, b"w")])
+    outputs = Publisher(closed, **{**service.PRODUCER_OVERRIDES, "message.timeout.ms": 300,
+                                   "log_level": 0})
+    outputs.produce_many("t", [(b"k", b"v"), (None, b"w")])
     with pytest.raises(DeliveryError, match="2 failed"):
-        outputs.flush(10)
-    outputs.flush(1)  # nothing queued, nothing failed since
+        outputs.flush_sync(10)
+    outputs.flush_sync(1)  # nothing queued, nothing failed since
 
 
 def _closed_port() -> int:

@@ -54,11 +54,8 @@ def group_id(settings: Settings) -> str:
 
 def produce(publisher: Publisher, settings: Settings, result: BatchResult) -> None:
     """Queue a batch's records and dead letters (confirm with ``publisher.flush_sync``)."""
-    joined_topic, dead_topic = settings.topic("joined"), settings.topic("deadletter")
-    for key, value in result.joined:
-        publisher.produce(joined_topic, key, value)
-    for key, value in result.dead:
-        publisher.produce(dead_topic, key, value)
+    publisher.produce_many(settings.topic("joined"), result.joined)
+    publisher.produce_many(settings.topic("deadletter"), result.dead)
 
 
 class JoinLoop:

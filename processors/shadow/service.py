@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from shadowpipe.processors.publisher import DeliveryError
+from shadowpipe.processors.publisher import DeliveryError, Publisher
 from shadowpipe.processors.shadow.affinity import LoopPin, thread_ids
 from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
 
@@ -44,44 +44,8 @@ CONSUMER_OVERRIDES: dict[str, Any] = {
     "fetch.error.backoff.ms": 20,
     "fetch.queue.backoff.ms": 20,
 }
-PRODUCER_OVERRIDES: dict[str, Any] = {
-    "linger.ms": 2,
-    "batch.num.messages": 10000,
-    # A Python callback per acknowledged output cost ~1 us each: report failures only.
-    "delivery.report.only.error": True,
-}
+PRODUCER_OVERRIDES: dict[str, Any] = {"linger.ms": 2, "batch.num.messages": 10000}
 YOUNG_GC_THRESHOLD = 50_000
-
-
-class Outputs:
-    """The loop's producer: ``flush`` returns when every output is acknowledged, or raises
-    DeliveryError. Only failed deliveries are reported (see PRODUCER_OVERRIDES), so a
-    complete flush with no failure reported means the batch is on the broker."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._failures: list[str] = []
-        self._producer = kafka.producer(settings, on_delivery=self._failed, **PRODUCER_OVERRIDES)
-
-    def _failed(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self._failures.append(str(err))
-
-    def produce(self, topic: str, pairs: list[tuple[Any, bytes]]) -> None:
-        """Queue (key, value) pairs; on a full local queue, serve deliveries and retry."""
-        produce = self._producer.produce
-        for key, value in pairs:
-            while True:
-                try:
-                    produce(topic, value, key)
-                    break
-                except BufferError:
-                    self._producer.poll(0.05)
-
-    def flush(self, timeout_s: float = 30.0) -> None:
-        remaining = self._producer.flush(timeout_s)
-        failures, self._failures = self._failures, []
-        if remaining or failures:
-            raise DeliveryError(f"{remaining} undelivered, {len(failures)} failed: {failures[:3]}")
 
 
 def tune_gc() -> None:
@@ -114,7 +78,7 @@ class ShadowLoop:
         self._stop = threading.Event()
         self._published: dict[tuple[str, int], int] = {}  # next offset, flushed outputs
         self._consumer: Any = None
-        self._outputs: Outputs | None = None
+        self._publisher: Publisher | None = None
         self._inflight: list[Raw] = []  # published, not yet flushed nor committed
         self._produced_at = 0.0
         self.pin: LoopPin | None = None
@@ -129,7 +93,7 @@ class ShadowLoop:
         pin.pin()  # before the clients: their threads inherit the CPU
         before = thread_ids()
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
-        self._outputs = Outputs(s)
+        self._publisher = Publisher(s, **PRODUCER_OVERRIDES)
         pin.adopt(thread_ids() - before)
         consumer.subscribe(
             [s.topic("inference")], on_assign=self._on_assign, on_revoke=self._on_revoke
@@ -176,8 +140,8 @@ class ShadowLoop:
             self.stats.record_timing("score_ms", (time.perf_counter() - started) * 1000)
         if not self._settle(consumer, batch, asynchronous=True) or scored is None:
             return
-        self._outputs.produce(self.settings.topic("predictions"), scored.predictions)
-        self._outputs.produce(self.settings.topic("deadletter"), scored.dead_letters)
+        self._publisher.produce_many(self.settings.topic("predictions"), scored.predictions)
+        self._publisher.produce_many(self.settings.topic("deadletter"), scored.dead_letters)
         self._inflight = batch
         self._produced_at = time.perf_counter()
 
@@ -190,7 +154,7 @@ class ShadowLoop:
         inflight, self._inflight = self._inflight, []
         if inflight:
             try:
-                self._outputs.flush()
+                self._publisher.flush_sync()
             except DeliveryError as exc:
                 self._rewind(consumer, inflight + upcoming, exc)
                 return False
