@@ -251,7 +251,7 @@ class Emitter:
         self._models: dict[tuple[Any, Any], tuple[float, bytes | None, bytes]] = {}
         self._compiled = self._encoder.compiled
         self._inference_header = self._encoder.inference_header
-        self._max_event_bytes = self.settings.producer_max_event_bytes
+        self._max_event_bytes = self._encoder.max_bytes
         self._lock = threading.Lock()
         # next() on a count is atomic under the GIL: no lock on the hot path.
         self._sent = itertools.count(1)
@@ -313,13 +313,13 @@ class Emitter:
                 self._inference_header, key, features, output, model_version, latency_ms,
                 context, event_time, rate, trace_id,
             )
-            if data is None or len(data) > self._max_event_bytes:
-                # Not the plain case: the Python encoder writes it or says why not.
-                data = self._encoder.inference(
-                    key, features, output, model=model, version=version,
-                    latency_ms=latency_ms, context=context, inclusion_prob=rate,
-                    trace_id=trace_id, event_time=event_time,
+            if data is None:  # not the plain case: Python writes it or says why not
+                data = self._encoder.python_inference(
+                    key, features, output, model_version, latency_ms, context, event_time,
+                    rate, trace_id,
                 )
+            elif len(data) > self._max_event_bytes:
+                raise Invalid("too_large")
             self._produce(self._inference_topic, data, key)
         except BufferError:
             if not self._block_s or not self._retry_until_space(self._inference_topic, key, data):

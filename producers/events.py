@@ -233,18 +233,34 @@ class EventEncoder:
         trace_id: str | None,
     ) -> bytes:
         """An ``InferenceEvent``; ``request_id`` is the id's UTF-8 bytes."""
-        model_version = self._model_versions.get((model, version))
-        if model_version is None:
-            model_version = self._model_version(model, version)
-        if self.compiled is not None:
-            data = self.compiled(
-                self.inference_header, request_id, features, output, model_version,
-                latency_ms, context, event_time, inclusion_prob, trace_id,
+        model_version = self.model_version(model, version)
+        data = None if self.compiled is None else self.compiled(
+            self.inference_header, request_id, features, output, model_version,
+            latency_ms, context, event_time, inclusion_prob, trace_id,
+        )
+        if data is None:  # not the plain case: Python writes it or says why not
+            return self.python_inference(
+                request_id, features, output, model_version, latency_ms, context,
+                event_time, inclusion_prob, trace_id,
             )
-            if data is not None:  # None: not the plain case, Python decides below
-                if len(data) > self.max_bytes:
-                    raise Invalid("too_large")
-                return data
+        if len(data) > self.max_bytes:
+            raise Invalid("too_large")
+        return data
+
+    def python_inference(
+        self,
+        request_id: bytes,
+        features: Mapping[str, Any] | None,
+        output: Any,
+        model_version: bytes,
+        latency_ms: float,
+        context: Mapping[str, str] | None,
+        event_time: int,
+        inclusion_prob: float,
+        trace_id: str | None,
+    ) -> bytes:
+        """:meth:`inference` by the Python encoder alone (every input, any rule), with
+        the model fields already encoded (:meth:`model_version`)."""
         num, cat, null = self._features(features)
         if latency_ms - latency_ms != 0:
             raise Invalid("non_finite")
