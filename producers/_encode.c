@@ -128,8 +128,10 @@ static int put_features(Buf *b, PyObject *features) {
     return OK;
 }
 
-/* map<double> of str -> finite number; an empty or absent map is one 0 byte. */
-static int put_double_map(Buf *b, PyObject *map) {
+/* map<double> (str -> finite number: the probabilities) or map<string> (str -> str: the
+ * context); an empty or absent map is one 0 byte. Context keys must be exact str, as in
+ * events.py; probability keys may be str subclasses there too. */
+static int put_map(Buf *b, PyObject *map, int doubles) {
     if (map == NULL || map == Py_None) return put_byte(b, 0);
     if (!PyDict_CheckExact(map)) return FALLBACK;
     Py_ssize_t n = PyDict_GET_SIZE(map), pos = 0;
@@ -137,27 +139,12 @@ static int put_double_map(Buf *b, PyObject *map) {
     if (put_long(b, n) < 0) return FAILED;
     PyObject *key, *value;
     while (PyDict_Next(map, &pos, &key, &value)) {
-        double x;
-        if (!PyUnicode_Check(key) || finite_number(value, &x) != OK) return FALLBACK;
+        double x = 0.0;
+        int valid = doubles ? PyUnicode_Check(key) && finite_number(value, &x) == OK
+                            : PyUnicode_CheckExact(key) && PyUnicode_Check(value);
+        if (!valid) return FALLBACK;
         int r = put_str(b, key);
-        if (r != OK) return r;
-        if (put_double(b, x) < 0) return FAILED;
-    }
-    return put_byte(b, 0);
-}
-
-/* map<string> of str -> str (the context). */
-static int put_string_map(Buf *b, PyObject *map) {
-    if (map == Py_None) return put_byte(b, 0);
-    if (!PyDict_CheckExact(map)) return FALLBACK;
-    Py_ssize_t n = PyDict_GET_SIZE(map), pos = 0;
-    if (n == 0) return put_byte(b, 0);
-    if (put_long(b, n) < 0) return FAILED;
-    PyObject *key, *value;
-    while (PyDict_Next(map, &pos, &key, &value)) {
-        if (!PyUnicode_CheckExact(key) || !PyUnicode_Check(value)) return FALLBACK;
-        int r = put_str(b, key);
-        if (r == OK) r = put_str(b, value);
+        if (r == OK) r = doubles ? (put_double(b, x) < 0 ? FAILED : OK) : put_str(b, value);
         if (r != OK) return r;
     }
     return put_byte(b, 0);
@@ -202,7 +189,7 @@ static int put_output(Buf *b, PyObject *output) {
     }
     if (label != NULL && label != Py_None && !PyUnicode_CheckExact(label)) return FALLBACK;
     int r = put_optional_str(b, label);
-    if (r == OK) r = put_double_map(b, probabilities);
+    if (r == OK) r = put_map(b, probabilities, 1);
     if (r == OK) r = put_optional_double(b, value);
     return r;
 }
@@ -238,7 +225,7 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
     if (r == OK) r = put_features(&b, features);
     if (r == OK) r = put_output(&b, output);
     if (r == OK) r = put_double(&b, latency_ms);
-    if (r == OK) r = put_string_map(&b, context);
+    if (r == OK) r = put_map(&b, context, 0);
     if (r == OK) r = put_double(&b, PyFloat_AS_DOUBLE(inclusion_prob));
     if (r == OK) r = put_optional_str(&b, trace_id);
     PyObject *result = NULL;
