@@ -74,6 +74,19 @@ def _header(name: str) -> bytes | None:
 
 HEADERS = {name: _header(name) for name in EXPECTED}
 
+try:  # the compiled walkers (join/_fastpath.c); optional at install time
+    from shadowpipe.processors.join import _fastpath as compiled
+except ImportError:  # pragma: no cover - a build without a C compiler
+    compiled = None
+if compiled is not None and (
+        bytes((compiled.FORMAT,)) != FORMAT or compiled.MIN_INTERNED != MIN_INTERNED
+        or not all(HEADERS.values())):  # they would disagree with the Python walkers
+    compiled = None  # pragma: no cover
+_compiled_inference = compiled.inference_part if compiled is not None else None
+_compiled_shadow = compiled.shadow_part if compiled is not None else None
+_INFERENCE_HEADER = HEADERS["InferenceEvent"]
+_SHADOW_HEADER = HEADERS["ShadowPrediction"]
+
 
 def _long(data: bytes, pos: int) -> tuple[int, int]:
     byte = data[pos]
@@ -239,7 +252,29 @@ def inference_part(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
     """(request_id, stored part) of a current-schema single-object InferenceEvent, else None.
 
     Same bytes as ``encode_inference(Codec().decode(data, "InferenceEvent"), layouts)``.
+    The compiled walker answers unless the numeric feature names are new (then
+    :func:`walk_inference` interns them) or the extension is not built.
     """
+    if _compiled_inference is not None:
+        part = _compiled_inference(data, _INFERENCE_HEADER,
+                                   None if layouts is None else layouts.signatures)
+        if part is not NotImplemented:
+            return part
+    return walk_inference(data, layouts)
+
+
+def shadow_part(data: bytes) -> tuple[str, str, bool, bytes] | None:
+    """(request_id, challenger, has_output_or_error, stored part) of a current-schema
+    single-object ShadowPrediction, else None. Same part as ``encode_shadow(decoded)``."""
+    if _compiled_shadow is not None:
+        part = _compiled_shadow(data, _SHADOW_HEADER)
+        if part is not NotImplemented:
+            return part
+    return walk_shadow(data)
+
+
+def walk_inference(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, bytes] | None:
+    """:func:`inference_part` in Python: the reference for the compiled walker."""
     if data[:10] != HEADERS["InferenceEvent"]:
         return None
     try:
@@ -268,9 +303,8 @@ def inference_part(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
     ))
 
 
-def shadow_part(data: bytes) -> tuple[str, str, bool, bytes] | None:
-    """(request_id, challenger, has_output_or_error, stored part) of a current-schema
-    single-object ShadowPrediction, else None. Same part as ``encode_shadow(decoded)``."""
+def walk_shadow(data: bytes) -> tuple[str, str, bool, bytes] | None:
+    """:func:`shadow_part` in Python: the reference for the compiled walker."""
     if data[:10] != HEADERS["ShadowPrediction"]:
         return None
     try:

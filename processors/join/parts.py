@@ -230,6 +230,9 @@ class FeatureLayouts:
                  capacity: int = 10_000) -> None:
         self._ids: dict[tuple[str, ...], bytes] = {}
         self._raw_ids: dict[tuple[bytes, ...], bytes] = {}
+        # The same ids by the names' canonical encoding (count, then each name as an Avro
+        # string): what the compiled fast path (join/_fastpath.c) looks up without objects.
+        self.signatures: dict[bytes, bytes] = {}
         self._names: dict[bytes, list[bytes]] = {}
         self.unsaved: dict[bytes, bytes] = {}
         self._encoders: dict[bytes, Callable[[bytes], bytes]] = {}
@@ -257,6 +260,8 @@ class FeatureLayouts:
             lid = self.intern(tuple(n.decode() for n in names))
             if lid is not None:
                 self._raw_ids[names] = lid
+                self.signatures[write_long(len(names)) + b"".join(
+                    write_long(len(n)) + n for n in names)] = lid
         return lid
 
     def map_encoder(self, lid: bytes) -> Callable[[bytes], bytes]:

@@ -1,0 +1,457 @@
+/* The joiner's decode fast path (processors/join/fastpath.py), compiled.
+ *
+ * inference_part() and shadow_part() return exactly what the Python walkers walk_inference()
+ * and walk_shadow() return: the same tuples and bytes, and None wherever they return None
+ * (another header, truncation, trailing bytes, a bad union index, a negative or second map
+ * block, invalid UTF-8 under Python's strict decoder). tests/test_join_fastpath.py checks
+ * this on valid and on mutated messages.
+ *
+ * One case is left to Python on purpose: numeric feature names not interned yet. The C walker
+ * looks the names up in FeatureLayouts.signatures (canonical encoding of the count and names
+ * -> layout id, filled by FeatureLayouts.intern_raw) and returns NotImplemented when they are
+ * missing, so the Python walker interns and registers them; interning stays in one place.
+ * NotImplemented also answers any `data` that is not bytes.
+ *
+ * Why compiled: decoding was half of the benchmark's critical-path thread (docs/joiner.md).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FORMAT 0x01      /* parts.FORMAT, checked by fastpath.py at import */
+#define MIN_INTERNED 4   /* parts.MIN_INTERNED, likewise */
+#define MAX_FEATURES 512 /* more numeric features: left to Python (NotImplemented) */
+
+typedef const unsigned char *Data;
+
+/* A position, or FAIL: the message is not in the form the walkers take (they return None). */
+#define FAIL ((Py_ssize_t)-1)
+
+/* An Avro long as parts.read_long reads it: any number of bytes. A value beyond 64 bits can
+ * only fail later (as a size or a count), so it comes back as INT64_MAX or INT64_MIN, with
+ * the sign Python gives it. */
+static Py_ssize_t get_long(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
+    uint64_t r = 0;
+    int shift = 0, big = 0;
+    for (;;) {
+        if (pos >= n) return FAIL;
+        unsigned char byte = d[pos++];
+        uint64_t bits = byte & 0x7F;
+        if (bits) {
+            if (shift >= 64 || (shift > 57 && (bits >> (64 - shift)))) big = 1;
+            else r |= bits << shift;
+        }
+        if (byte < 0x80) break;
+        if (shift < 64) shift += 7;
+    }
+    if (big) *out = (r & 1) ? INT64_MIN : INT64_MAX;
+    else *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
+    return pos;
+}
+
+/* Canonical Avro long (parts.write_long); returns the bytes written (at most 10). */
+static int put_long(unsigned char *out, int64_t v) {
+    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+    int k = 0;
+    while (z > 0x7F) {
+        out[k++] = (unsigned char)((z & 0x7F) | 0x80);
+        z >>= 7;
+    }
+    out[k++] = (unsigned char)z;
+    return k;
+}
+
+/* Python's strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF. */
+static int utf8_ok(Data s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        unsigned char c = s[i];
+        if (c < 0x80) { i++; continue; }
+        if (c < 0xC2) return 0;
+        if (c < 0xE0) {
+            if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return 0;
+            i += 2;
+            continue;
+        }
+        if (c < 0xF0) {
+            if (i + 2 >= n) return 0;
+            unsigned char c1 = s[i + 1];
+            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return 0;
+            if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 >= 0xA0)) return 0;
+            i += 3;
+            continue;
+        }
+        if (c < 0xF5) {
+            if (i + 3 >= n) return 0;
+            unsigned char c1 = s[i + 1];
+            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80 || (s[i + 3] & 0xC0) != 0x80)
+                return 0;
+            if ((c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 >= 0x90)) return 0;
+            i += 4;
+            continue;
+        }
+        return 0;
+    }
+    return 1;
+}
+
+/* A string's bytes: their start in *at, their size in *size; returns the end. */
+static Py_ssize_t text(Data d, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *at, Py_ssize_t *size) {
+    int64_t len;
+    pos = get_long(d, n, pos, &len);
+    if (pos == FAIL || len < 0 || len > n - pos) return FAIL;
+    *at = pos;
+    *size = (Py_ssize_t)len;
+    return pos + (Py_ssize_t)len;
+}
+
+/* A UTF-8 string (fastpath._string). */
+static Py_ssize_t string(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    Py_ssize_t at, size;
+    pos = text(d, n, pos, &at, &size);
+    return pos == FAIL || !utf8_ok(d + at, size) ? FAIL : pos;
+}
+
+static Py_ssize_t dbl(Py_ssize_t n, Py_ssize_t pos) {
+    return pos == FAIL || pos > n - 8 ? FAIL : pos + 8;
+}
+
+/* A time: the value is not needed, so like fastpath._skip_long at most 10 bytes. */
+static Py_ssize_t skip_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    for (int k = 0; k < 10 && pos < n; k++) {
+        if (d[pos++] < 0x80) return pos;
+    }
+    return FAIL;
+}
+
+/* Union ["null", T]: 0 for null, 1 for T (at *pos + 1), FAIL otherwise. */
+static int branch(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    if (pos == FAIL || pos >= n) return FAIL;
+    return d[pos] == 0 ? 0 : d[pos] == 2 ? 1 : FAIL;
+}
+
+static Py_ssize_t opt_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    int b = branch(d, n, pos);
+    return b == FAIL ? FAIL : b ? string(d, n, pos + 1) : pos + 1;
+}
+
+static Py_ssize_t opt_double(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    int b = branch(d, n, pos);
+    return b == FAIL ? FAIL : b ? dbl(n, pos + 1) : pos + 1;
+}
+
+/* One block's count (a negative count, i.e. a block with a byte size, fails). */
+static Py_ssize_t block(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *count) {
+    if (pos == FAIL) return FAIL;
+    pos = get_long(d, n, pos, count);
+    /* every item takes at least one byte: a larger count can only run out of data */
+    return pos == FAIL || *count < 0 || *count > n - pos ? FAIL : pos;
+}
+
+/* After the items: the zero that ends a non-empty map or array (a second block fails). */
+static Py_ssize_t block_end(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t count) {
+    if (pos == FAIL || !count) return pos;
+    return pos < n && d[pos] == 0 ? pos + 1 : FAIL;
+}
+
+static Py_ssize_t map_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    int64_t count = 0;
+    pos = block(d, n, pos, &count);
+    for (int64_t k = 0; k < count && pos != FAIL; k++) pos = string(d, n, string(d, n, pos));
+    return block_end(d, n, pos, count);
+}
+
+static Py_ssize_t map_double(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    int64_t count = 0;
+    pos = block(d, n, pos, &count);
+    for (int64_t k = 0; k < count && pos != FAIL; k++) pos = dbl(n, string(d, n, pos));
+    return block_end(d, n, pos, count);
+}
+
+static Py_ssize_t array_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    int64_t count = 0;
+    pos = block(d, n, pos, &count);
+    for (int64_t k = 0; k < count && pos != FAIL; k++) pos = string(d, n, pos);
+    return block_end(d, n, pos, count);
+}
+
+static Py_ssize_t output(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    return opt_double(d, n, map_double(d, n, opt_string(d, n, pos)));
+}
+
+static Py_ssize_t string_at(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    return pos == FAIL ? FAIL : string(d, n, pos);
+}
+
+/* A str of the string at pos (Python's own strict decoder); NULL with no error: invalid. */
+static PyObject *decode_text(Data d, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *end) {
+    Py_ssize_t at, size;
+    *end = text(d, n, pos, &at, &size);
+    if (*end == FAIL) return NULL;
+    PyObject *s = PyUnicode_DecodeUTF8((const char *)d + at, size, "strict");
+    if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
+    return s;
+}
+
+static int same_header(Data d, Py_ssize_t n, PyObject *header) {
+    return PyBytes_CheckExact(header) && PyBytes_GET_SIZE(header) == 10 && n >= 10
+           && memcmp(d, PyBytes_AS_STRING(header), 10) == 0;
+}
+
+/* Builds a bytes object from (pointer, length) pieces. */
+typedef struct {
+    const void *ptr[16];
+    Py_ssize_t len[16];
+    int count;
+    Py_ssize_t total;
+} Pieces;
+
+static void add(Pieces *p, const void *ptr, Py_ssize_t len) {
+    p->ptr[p->count] = ptr;
+    p->len[p->count++] = len;
+    p->total += len;
+}
+
+static PyObject *joined(const Pieces *p) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, p->total);
+    if (out == NULL) return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    for (int k = 0; k < p->count; k++) {
+        memcpy(w, p->ptr[k], p->len[k]);
+        w += p->len[k];
+    }
+    return out;
+}
+
+static const unsigned char ONE = FORMAT, TWO = 0x02, ZERO = 0x00;
+
+/* The numeric features at pos (fastpath._features): one block of name -> 8-byte value. */
+typedef struct {
+    Py_ssize_t start, end;
+    int64_t count;
+    Py_ssize_t names[MAX_FEATURES]; /* position of each name's length */
+} Features;
+
+static Py_ssize_t features(Data d, Py_ssize_t n, Py_ssize_t pos, Features *f) {
+    f->start = pos;
+    pos = block(d, n, pos, &f->count);
+    if (pos == FAIL) return FAIL;
+    for (int64_t k = 0; k < f->count; k++) {
+        int64_t size;
+        Py_ssize_t at = get_long(d, n, pos, &size);
+        if (at == FAIL || size < 0 || size > n - at || n - at - size < 8) return FAIL;
+        if (!utf8_ok(d + at, (Py_ssize_t)size)) return FAIL;
+        if (k < MAX_FEATURES) f->names[k] = pos;
+        pos = at + (Py_ssize_t)size + 8;
+    }
+    return f->end = block_end(d, n, pos, f->count);
+}
+
+/* The layout id of the names (new reference), Py_None when not interned, NULL on error. */
+static PyObject *layout_id(Data d, Py_ssize_t n, const Features *f, PyObject *signatures) {
+    /* canonical lengths are never longer than the message's own */
+    PyObject *key = PyBytes_FromStringAndSize(NULL, 10 + (f->end - f->start));
+    if (key == NULL) return NULL;
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(key), *w0 = w;
+    w += put_long(w, f->count);
+    for (int64_t k = 0; k < f->count; k++) {
+        int64_t len;
+        Py_ssize_t at = get_long(d, n, f->names[k], &len);
+        w += put_long(w, len);
+        memcpy(w, d + at, (size_t)len);
+        w += len;
+    }
+    if (_PyBytes_Resize(&key, w - w0) < 0) return NULL;
+    PyObject *lid = PyDict_GetItemWithError(signatures, key);
+    Py_DECREF(key);
+    if (lid == NULL) return PyErr_Occurred() ? NULL : Py_NewRef(Py_None);
+    if (!PyBytes_CheckExact(lid) || PyBytes_GET_SIZE(lid) != 8) return Py_NewRef(Py_None);
+    return Py_NewRef(lid);
+}
+
+/* The stored numeric-features block: inline, or interned (id + count + values). */
+static PyObject *features_block(Data d, Py_ssize_t n, const Features *f, PyObject *signatures) {
+    unsigned char prefix[11];
+    if (signatures == Py_None || f->count < MIN_INTERNED) {
+        Py_ssize_t raw = f->end - f->start;
+        prefix[0] = ZERO;
+        int k = 1 + put_long(prefix + 1, raw);
+        Pieces p = {.count = 0, .total = 0};
+        add(&p, prefix, k);
+        add(&p, d + f->start, raw);
+        return joined(&p);
+    }
+    if (f->count > MAX_FEATURES) Py_RETURN_NOTIMPLEMENTED;
+    PyObject *lid = layout_id(d, n, f, signatures);
+    if (lid == NULL || lid == Py_None) {
+        if (lid == Py_None) {
+            Py_DECREF(lid);
+            Py_RETURN_NOTIMPLEMENTED;
+        }
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, 9 + 10 + 8 * f->count);
+    if (out == NULL) {
+        Py_DECREF(lid);
+        return NULL;
+    }
+    unsigned char *w = (unsigned char *)PyBytes_AS_STRING(out), *w0 = w;
+    *w++ = ONE;
+    memcpy(w, PyBytes_AS_STRING(lid), 8);
+    w += 8;
+    Py_DECREF(lid);
+    w += put_long(w, f->count);
+    for (int64_t k = 0; k < f->count; k++) {
+        int64_t len;
+        Py_ssize_t at = get_long(d, n, f->names[k], &len);
+        memcpy(w, d + at + len, 8);
+        w += 8;
+    }
+    if (_PyBytes_Resize(&out, w - w0) < 0) return NULL;
+    return out;
+}
+
+static PyObject *inference_part(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "inference_part takes 3 arguments");
+        return NULL;
+    }
+    PyObject *data = args[0], *header = args[1], *signatures = args[2];
+    if (!PyBytes_CheckExact(data) || (signatures != Py_None && !PyDict_CheckExact(signatures)))
+        Py_RETURN_NOTIMPLEMENTED;
+    Data d = (Data)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (!same_header(d, n, header)) Py_RETURN_NONE;
+    Py_ssize_t time_at;
+    PyObject *request_id = decode_text(d, n, 10, &time_at);
+    if (request_id == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    Features f;
+    Py_ssize_t head_at = skip_time(d, n, time_at);
+    Py_ssize_t head_end = string_at(d, n, string_at(d, n, head_at));
+    Py_ssize_t rest_at = head_end == FAIL ? FAIL : features(d, n, head_end, &f);
+    Py_ssize_t out_at = array_string(d, n, map_string(d, n, rest_at));
+    Py_ssize_t latency_at = out_at == FAIL ? FAIL : output(d, n, out_at);
+    Py_ssize_t context_at = dbl(n, latency_at);
+    Py_ssize_t prob_at = context_at == FAIL ? FAIL : map_string(d, n, context_at);
+    Py_ssize_t trace_at = dbl(n, prob_at);
+    Py_ssize_t end = trace_at == FAIL ? FAIL : opt_string(d, n, trace_at);
+    if (end != n) {
+        Py_DECREF(request_id);
+        Py_RETURN_NONE;
+    }
+    PyObject *num = features_block(d, n, &f, signatures);
+    if (num == NULL || num == Py_NotImplemented) {
+        Py_DECREF(request_id);
+        return num;
+    }
+    Py_ssize_t head_len = (head_end - head_at) + (prob_at - context_at);
+    unsigned char head_size[10];
+    Pieces p = {.count = 0, .total = 0};
+    add(&p, &ONE, 1);
+    add(&p, d + time_at, head_at - time_at);
+    add(&p, d + prob_at, trace_at - prob_at);
+    add(&p, d + trace_at, n - trace_at);
+    add(&p, head_size, put_long(head_size, head_len));
+    add(&p, d + head_at, head_end - head_at);
+    add(&p, d + context_at, prob_at - context_at);
+    add(&p, PyBytes_AS_STRING(num), PyBytes_GET_SIZE(num));
+    add(&p, d + rest_at, out_at - rest_at);
+    add(&p, &TWO, 1);
+    add(&p, d + out_at, latency_at - out_at);
+    add(&p, &TWO, 1);
+    add(&p, d + latency_at, context_at - latency_at);
+    PyObject *part = joined(&p);
+    Py_DECREF(num);
+    if (part == NULL) {
+        Py_DECREF(request_id);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, request_id, part);
+    Py_DECREF(request_id);
+    Py_DECREF(part);
+    return result;
+}
+
+static PyObject *shadow_part(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "shadow_part takes 2 arguments");
+        return NULL;
+    }
+    PyObject *data = args[0], *header = args[1];
+    if (!PyBytes_CheckExact(data)) Py_RETURN_NOTIMPLEMENTED;
+    Data d = (Data)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    if (!same_header(d, n, header)) Py_RETURN_NONE;
+    PyObject *request_id = NULL, *challenger = NULL, *part = NULL, *result = NULL;
+    Py_ssize_t pos, version_at;
+    request_id = decode_text(d, n, 10, &pos);
+    if (request_id == NULL) goto done;
+    challenger = decode_text(d, n, pos, &version_at);
+    if (challenger == NULL) goto done;
+    Py_ssize_t control_at = string(d, n, version_at);
+    if (control_at == FAIL || control_at >= n || d[control_at] > 1) goto done;
+    Py_ssize_t time_at = control_at + 1;
+    Py_ssize_t time_end = skip_time(d, n, time_at);
+    Py_ssize_t out_at = time_end == FAIL ? FAIL : skip_time(d, n, time_end); /* scored_at */
+    int has_output = branch(d, n, out_at);
+    if (has_output == FAIL) goto done;
+    Py_ssize_t timings_at = has_output ? output(d, n, out_at + 1) : out_at + 1;
+    Py_ssize_t error_at = dbl(n, dbl(n, timings_at));
+    int has_error = branch(d, n, error_at);
+    Py_ssize_t end = error_at == FAIL ? FAIL : opt_string(d, n, opt_string(d, n, error_at));
+    if (end != n) goto done;
+    /* Python's walker reads has_error before checking the branch; a bad one fails anyway */
+    (void)has_error;
+    Pieces p = {.count = 0, .total = 0};
+    add(&p, &ONE, 1);
+    add(&p, d + time_at, time_end - time_at);
+    add(&p, d + version_at, control_at - version_at);
+    add(&p, d + control_at, 1);
+    add(&p, d + out_at, timings_at - out_at);
+    add(&p, d + error_at, n - error_at);
+    add(&p, &TWO, 1);
+    add(&p, d + timings_at, 8);
+    add(&p, &TWO, 1);
+    add(&p, d + timings_at + 8, error_at - timings_at - 8);
+    part = joined(&p);
+    if (part == NULL) goto done;
+    result = PyTuple_Pack(4, request_id, challenger,
+                          has_output || d[error_at] != 0 ? Py_True : Py_False, part);
+done:
+    Py_XDECREF(request_id);
+    Py_XDECREF(challenger);
+    Py_XDECREF(part);
+    if (result == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"inference_part", (PyCFunction)(void (*)(void))inference_part, METH_FASTCALL,
+     "inference_part(data, header, signatures) -> (request_id, part) | None | NotImplemented\n\n"
+     "fastpath.walk_inference's result; NotImplemented: feature names not interned yet\n"
+     "(signatures: FeatureLayouts.signatures, or None for no interning)."},
+    {"shadow_part", (PyCFunction)(void (*)(void))shadow_part, METH_FASTCALL,
+     "shadow_part(data, header) -> (request_id, challenger, answered, part) | None\n\n"
+     "fastpath.walk_shadow's result (NotImplemented for data that is not bytes)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fastpath",
+    "Compiled shadowpipe.processors.join.fastpath walkers.", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "FORMAT", FORMAT) < 0
+        || PyModule_AddIntConstant(m, "MIN_INTERNED", MIN_INTERNED) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,277 @@
+"""The compiled decode walkers (processors/join/_fastpath.c) return exactly what the Python
+walkers return, on valid messages and on mutated, truncated and random bytes (pure logic)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from shadowpipe.processors.join import fastpath, parts
+from shadowpipe.schemas.codec import Codec
+
+CODEC = Codec()
+INFERENCE = fastpath.HEADERS["InferenceEvent"]
+SHADOW = fastpath.HEADERS["ShadowPrediction"]
+compiled = fastpath.compiled
+needs_compiled = pytest.mark.skipif(compiled is None, reason="built without a C compiler")
+EXAMPLES = settings(max_examples=250, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+texts = st.text(max_size=12).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s))
+doubles = st.floats(allow_nan=True, allow_infinity=True)
+# a few shared names so that layouts repeat, some odd ones so that they do not
+names = st.one_of(st.sampled_from(["f0", "f1", "f2", "f3", "f4", "é", "%s"]), texts)
+outputs = st.fixed_dictionaries({
+    "label": st.none() | texts, "probabilities": st.dictionaries(texts, doubles, max_size=3),
+    "value": st.none() | doubles,
+})
+inference_events = st.fixed_dictionaries({
+    "request_id": texts, "event_time": st.integers(-(2**63), 2**63 - 1), "model": texts,
+    "model_version": texts, "num_features": st.dictionaries(names, doubles, max_size=24),
+    "cat_features": st.dictionaries(texts, texts, max_size=3),
+    "null_features": st.lists(texts, max_size=3), "output": outputs, "latency_ms": doubles,
+    "context": st.dictionaries(texts, texts, max_size=3), "inclusion_prob": doubles,
+    "trace_id": st.none() | texts,
+})
+shadow_predictions = st.fixed_dictionaries({
+    "request_id": texts, "challenger": texts, "challenger_version": texts,
+    "is_control": st.booleans(), "event_time": st.integers(-(2**63), 2**63 - 1),
+    "scored_at": st.integers(-(2**63), 2**63 - 1), "output": st.none() | outputs,
+    "model_time_ms": doubles, "queue_lag_ms": doubles, "error": st.none() | texts,
+    "error_kind": st.none() | texts,
+})
+
+
+@st.composite
+def mutated(draw: Any, valid: bytes) -> bytes:
+    """``valid`` with a few bytes flipped, inserted or deleted, or cut short."""
+    data = bytearray(valid)
+    rng = draw(st.randoms(use_true_random=False))  # positions uniform over the message
+    for _ in range(draw(st.integers(1, 3))):
+        at = rng.randint(10, max(10, len(data)))
+        op = draw(st.sampled_from(("set", "insert", "delete", "cut")))
+        byte = draw(st.sampled_from((0x00, 0x01, 0x02, 0x03, 0x7F, 0x80, 0xC0, 0xED, 0xFF))
+                    | st.integers(0, 255))
+        if op == "set" and at < len(data):
+            data[at] = byte
+        elif op == "insert":
+            data.insert(at, byte)
+        elif op == "delete" and at < len(data):
+            del data[at]
+        else:
+            del data[at:]
+    return bytes(data)
+
+
+def check_inference(data: bytes, layouts: parts.FeatureLayouts | None) -> Any:
+    """Compiled == Python; before the Python walker has interned new names the compiled one
+    may defer (NotImplemented), after it must answer."""
+    sigs = None if layouts is None else layouts.signatures
+    first = compiled.inference_part(data, INFERENCE, sigs)
+    expected = fastpath.walk_inference(data, layouts)
+    assert first is NotImplemented or first == expected
+    assert compiled.inference_part(data, INFERENCE, sigs) == expected
+    assert fastpath.inference_part(data, layouts) == expected
+    return expected
+
+
+def check_shadow(data: bytes) -> Any:
+    expected = fastpath.walk_shadow(data)
+    assert compiled.shadow_part(data, SHADOW) == expected
+    assert fastpath.shadow_part(data) == expected
+    return expected
+
+
+@needs_compiled
+@EXAMPLES
+@given(event=inference_events, interned=st.booleans())
+def test_compiled_inference_equals_python_on_valid_events(event: dict, interned: bool) -> None:
+    data = CODEC.encode("InferenceEvent", event)
+    layouts = parts.FeatureLayouts() if interned else None
+    got = check_inference(data, layouts)
+    assert got == (event["request_id"], parts.encode_inference(
+        CODEC.decode(data, "InferenceEvent"), parts.FeatureLayouts() if interned else None))
+
+
+@needs_compiled
+@EXAMPLES
+@given(pred=shadow_predictions)
+def test_compiled_shadow_equals_python_on_valid_predictions(pred: dict) -> None:
+    data = CODEC.encode("ShadowPrediction", pred)
+    rid, challenger, answered, part = check_shadow(data)
+    assert (rid, challenger, answered) == (
+        pred["request_id"], pred["challenger"],
+        pred["output"] is not None or pred["error"] is not None)
+    assert part == parts.encode_shadow(CODEC.decode(data, "ShadowPrediction"))
+
+
+@needs_compiled
+@EXAMPLES
+@given(data=st.data(), event=inference_events, interned=st.booleans())
+def test_compiled_inference_equals_python_on_mutated_bytes(data: Any, event: dict,
+                                                            interned: bool) -> None:
+    layouts = parts.FeatureLayouts() if interned else None
+    valid = CODEC.encode("InferenceEvent", event)
+    check_inference(valid, layouts)  # names interned, so mutants hit the compiled lookup
+    check_inference(data.draw(mutated(valid)), layouts)
+
+
+@needs_compiled
+@EXAMPLES
+@given(data=st.data(), pred=shadow_predictions)
+def test_compiled_shadow_equals_python_on_mutated_bytes(data: Any, pred: dict) -> None:
+    check_shadow(data.draw(mutated(CODEC.encode("ShadowPrediction", pred))))
+
+
+@needs_compiled
+@EXAMPLES
+@given(tail=st.binary(max_size=200), interned=st.booleans())
+def test_compiled_walkers_equal_python_on_random_bytes(tail: bytes, interned: bool) -> None:
+    check_inference(INFERENCE + tail, parts.FeatureLayouts() if interned else None)
+    check_shadow(SHADOW + tail)
+    assert compiled.shadow_part(INFERENCE + tail, SHADOW) is None  # another header
+    assert compiled.inference_part(tail, INFERENCE, None) == fastpath.walk_inference(tail, None)
+
+
+EXAMPLE_EVENT = {
+    "request_id": "r1", "event_time": 1, "model": "m", "model_version": "1",
+    "num_features": {f"f{n}": n / 7 for n in range(20)}, "cat_features": {"c": "x"},
+    "null_features": ["n"], "output": {"label": "a", "probabilities": {"a": 1.0}, "value": 0.5},
+    "latency_ms": 1.0, "context": {"k": "v"}, "trace_id": "t",
+}
+EXAMPLE_PREDICTIONS = [{
+    "request_id": "r1", "challenger": "c", "challenger_version": "2", "is_control": True,
+    "event_time": 1, "scored_at": 1, "output": output, "model_time_ms": 0.5, "queue_lag_ms": 1.0,
+    "error": error, "error_kind": error,
+} for output, error in ((EXAMPLE_EVENT["output"], None), (None, "boom"))]
+# every byte a union index, a length, a count or a varint could be, and their neighbours
+SUBSTITUTES = (0x00, 0x01, 0x02, 0x03, 0x04, 0x7E, 0x7F, 0x80, 0x81, 0xC0, 0xED, 0xFE, 0xFF)
+
+
+@needs_compiled
+def test_compiled_equals_python_for_every_single_byte_change_and_cut() -> None:
+    """Exhaustive over positions: each byte replaced, deleted, or the message cut there."""
+    inf = CODEC.encode("InferenceEvent", EXAMPLE_EVENT)
+    layouts = parts.FeatureLayouts()
+    assert check_inference(inf, layouts) is not None
+    preds = [CODEC.encode("ShadowPrediction", p) for p in EXAMPLE_PREDICTIONS]
+    for pred in preds:
+        assert check_shadow(pred) is not None
+    for data, check in [(inf, lambda d: check_inference(d, layouts)),
+                        (inf, lambda d: check_inference(d, None))] + [
+            (pred, check_shadow) for pred in preds]:
+        for at in range(len(data) + 1):
+            check(data[:at])
+            check(data[:at] + data[at + 1:])
+            for byte in SUBSTITUTES:
+                check(data[:at] + bytes((byte,)) + data[at + 1:])
+
+
+@needs_compiled
+@pytest.mark.parametrize("extra", range(12))
+def test_compiled_skips_times_like_python(extra: int) -> None:
+    """Times are skipped as at most 10 bytes (fastpath._skip_long); longer forms are None."""
+    padded = b"\x82" + b"\x80" * extra + b"\x00" if extra else b"\x02"  # 1, then padding
+    inf = CODEC.encode("InferenceEvent", EXAMPLE_EVENT)
+    at = 10 + len(parts.write_string("r1"))
+    got = check_inference(inf[:at] + padded + inf[at + 1:], parts.FeatureLayouts())
+    assert (got is not None) == (extra <= 8)
+    pred = CODEC.encode("ShadowPrediction", EXAMPLE_PREDICTIONS[0])
+    at = 10 + len(parts.write_string("r1") + parts.write_string("c") + parts.write_string("2"))
+    at += 1  # is_control
+    assert pred[at:at + 2] == b"\x02\x02"  # event_time, scored_at
+    for changed in (padded + pred[at + 1:], pred[at:at + 1] + padded + pred[at + 2:]):
+        assert (check_shadow(pred[:at] + changed) is not None) == (extra <= 8)
+
+
+def _with_model(raw: bytes, size: bytes | None = None) -> bytes:
+    """A valid InferenceEvent whose model name is ``raw`` (any bytes), its length encoded as
+    ``size`` (default: canonical)."""
+    event = {"request_id": "r", "event_time": 1, "model": "\x00MODEL\x00", "model_version": "1",
+             "num_features": {f"f{n}": n / 3 for n in range(6)},
+             "output": {"label": None, "probabilities": {}, "value": None},
+             "latency_ms": 1.0}
+    data = CODEC.encode("InferenceEvent", event)
+    marker = parts.write_string("\x00MODEL\x00")
+    return data.replace(marker, (size or parts.write_long(len(raw))) + raw)
+
+
+@needs_compiled
+@EXAMPLES
+@given(raw=st.binary(max_size=8))
+def test_compiled_utf8_check_is_pythons(raw: bytes) -> None:
+    got = check_inference(_with_model(raw), parts.FeatureLayouts())
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        assert got is None
+    else:
+        assert got is not None
+
+
+@needs_compiled
+@pytest.mark.parametrize("raw", [
+    b"\xc0\x80", b"\xc1\xbf", b"\xe0\x80\x80", b"\xe0\x9f\xbf", b"\xed\xa0\x80", b"\xed\xbf\xbf",
+    b"\xf0\x80\x80\x80", b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xe2\x82", b"\x80",
+    b"\xef\xbf\xbf", b"\xf0\x90\x80\x80", b"\xf4\x8f\xbf\xbf", b"\xed\x9f\xbf", b"\x00",
+])
+def test_compiled_utf8_edges(raw: bytes) -> None:
+    """Overlongs, surrogates, beyond U+10FFFF, truncated sequences, and their valid borders."""
+    try:
+        valid = raw.decode() is not None
+    except UnicodeDecodeError:
+        valid = False
+    assert (check_inference(_with_model(raw), None) is not None) == valid
+
+
+@needs_compiled
+@pytest.mark.parametrize("extra", [0, 1, 5, 9, 10, 12, 30])
+def test_compiled_reads_long_varints_like_python(extra: int) -> None:
+    """Non-canonical lengths (any number of continuation bytes) and values past 64 bits."""
+    for raw in (b"", b"m", b"model"):
+        size = parts.write_long(len(raw))
+        padded = bytes([size[0] | 0x80]) + b"\x80" * extra + b"\x00" if extra else size
+        assert check_inference(_with_model(raw, padded), None) is not None
+        negative = b"\xff" * (extra + 1) + b"\x01"
+        assert check_inference(_with_model(raw, negative), parts.FeatureLayouts()) is None
+        positive = b"\xfe" + b"\xff" * extra + b"\x01"
+        got = check_inference(_with_model(raw, positive), parts.FeatureLayouts())
+        assert got is None or extra < 9
+
+
+def _extension_files() -> list[Path]:
+    folder = Path(fastpath.__file__).parent
+    return [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            for p in folder.glob(f"_fastpath{suffix}")]
+
+
+def test_a_built_extension_is_used() -> None:
+    """A compiled module next to fastpath.py must be the one in use: a silent fallback to the
+    Python walkers (import failure, constants out of step) fails here, not as a slow bench."""
+    assert (fastpath.compiled is not None) == bool(_extension_files())
+
+
+@needs_compiled
+def test_the_compiled_path_serves_known_layouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    event = {"request_id": "r1", "event_time": 5, "model": "m", "model_version": "1",
+             "num_features": {f"f{n}": n / 7 for n in range(20)},
+             "output": {"label": "a", "probabilities": {"a": 1.0}, "value": None},
+             "latency_ms": 1.0}
+    pred = {"request_id": "r1", "challenger": "c", "challenger_version": "2", "event_time": 5,
+            "scored_at": 6, "output": None, "model_time_ms": 0.5, "queue_lag_ms": 1.0,
+            "error": "boom"}
+    inf, shadow = CODEC.encode("InferenceEvent", event), CODEC.encode("ShadowPrediction", pred)
+    layouts = parts.FeatureLayouts()
+    expected = fastpath.inference_part(inf, layouts), fastpath.shadow_part(shadow)
+
+    def python_walker(*args: Any) -> None:
+        raise AssertionError("the Python walker ran")
+
+    monkeypatch.setattr(fastpath, "walk_inference", python_walker)
+    monkeypatch.setattr(fastpath, "walk_shadow", python_walker)
+    assert (fastpath.inference_part(inf, layouts), fastpath.shadow_part(shadow)) == expected
+    assert fastpath.inference_part(inf, None)[0] == "r1"
