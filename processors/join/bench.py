@@ -130,6 +130,7 @@ def workload(args: argparse.Namespace, partitions: int) -> list[Any]:
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark on a live stack; returns the figures."""
+    from shadowpipe.processors.join import fastpath
     from shadowpipe.processors.join.core import JoinCore
     from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, produce
     from shadowpipe.processors.publisher import Publisher
@@ -191,6 +192,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
         "messages": len(messages),
         "batch": args.batch,
         "published": publisher is not None,
+        "compiled_decode": fastpath.compiled is not None,
         "joined_records": records,
         "labelled_records": stats.get("emitted_labelled", 0),
         "seconds": round(elapsed, 3),
