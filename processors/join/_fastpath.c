@@ -201,8 +201,8 @@ static int same_header(Data d, Py_ssize_t n, PyObject *header) {
 
 /* Builds a bytes object from (pointer, length) pieces. */
 typedef struct {
-    const void *ptr[16];
-    Py_ssize_t len[16];
+    const void *ptr[32];
+    Py_ssize_t len[32];
     int count;
     Py_ssize_t total;
 } Pieces;
@@ -429,6 +429,426 @@ done:
     return result;
 }
 
+/* -- JoinedRecord bodies (parts.build_bodies) ---------------------------------------------
+ * Stored parts come from this joiner's own encoders, so anything unexpected in them (bad
+ * format byte, out-of-range slice, unknown layout, a value beyond 64 bits) is answered with
+ * NotImplemented: parts.build_bodies then runs in Python and raises or returns what it does. */
+
+#define NI ((Py_ssize_t)-2) /* a position: leave this input to Python */
+
+/* parts.read_long, failing (FAIL) on values beyond 64 bits and on running out of data. */
+static Py_ssize_t read_exact(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
+    uint64_t r = 0;
+    for (int shift = 0;; shift += 7) {
+        if (pos >= n) return FAIL;
+        unsigned char byte = d[pos++];
+        uint64_t bits = byte & 0x7F;
+        if (bits && (shift >= 64 || (shift > 57 && (bits >> (64 - shift))))) return FAIL;
+        if (shift < 64) r |= bits << shift;
+        if (byte < 0x80) break;
+        if (shift > 70) shift = 70; /* keeps counting continuation bytes without overflow */
+    }
+    *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
+    return pos;
+}
+
+/* A slice [at, at + size) of d, FAIL unless it lies inside d. */
+static Py_ssize_t inside(Py_ssize_t n, Py_ssize_t at, int64_t size) {
+    return at == FAIL || size < 0 || size > n - at ? FAIL : at + (Py_ssize_t)size;
+}
+
+typedef struct {
+    int has_primary;
+    int64_t event_time;
+    double prob;
+    Data trace;            /* the trace id's bytes, or NULL (null) */
+    Py_ssize_t trace_len;
+    Data head, num, rest;  /* primary segment: head + num + rest */
+    Py_ssize_t head_len, num_len, rest_len;
+    unsigned char *map;    /* the interned features rebuilt as an Avro map (owned) */
+} Primary;
+
+/* parts._split_inference; 0 ok, 1 leave to Python, -1 error. */
+static int split_primary(PyObject *part, PyObject *names, Primary *out) {
+    if (!PyBytes_CheckExact(part)) return 1;
+    Data d = (Data)PyBytes_AS_STRING(part);
+    Py_ssize_t n = PyBytes_GET_SIZE(part), pos, end;
+    int64_t size;
+    if (n < 1 || d[0] != FORMAT) return 1;
+    pos = read_exact(d, n, 1, &out->event_time);
+    if (pos == FAIL || pos > n - 9) return 1;
+    out->prob = PyFloat_Unpack8((const char *)d + pos, 1);
+    pos += 8;
+    out->trace = NULL;
+    if (d[pos] != 0) { /* _read_opt_string: any other byte means a string follows */
+        pos = read_exact(d, n, pos + 1, &size);
+        end = inside(n, pos, size);
+        if (end == FAIL || !utf8_ok(d + pos, end - pos)) return 1;
+        out->trace = d + pos;
+        out->trace_len = end - pos;
+        pos = end;
+    } else {
+        pos++;
+    }
+    pos = read_exact(d, n, pos, &size);
+    end = inside(n, pos, size);
+    if (end == FAIL || end >= n) return 1;
+    out->head = d + pos;
+    out->head_len = end - pos;
+    pos = end;
+    if (d[pos] == 0) {
+        pos = read_exact(d, n, pos + 1, &size);
+        end = inside(n, pos, size);
+        if (end == FAIL) return 1;
+        out->num = d + pos;
+        out->num_len = end - pos;
+    } else {
+        if (names == Py_None || pos > n - 9) return 1;
+        PyObject *lid = PyBytes_FromStringAndSize((const char *)d + pos + 1, 8);
+        if (lid == NULL) return -1;
+        PyObject *list = PyDict_GetItemWithError(names, lid);
+        Py_DECREF(lid);
+        if (list == NULL) return PyErr_Occurred() ? -1 : 1;
+        int64_t count;
+        pos = read_exact(d, n, pos + 9, &count);
+        if (!PyList_CheckExact(list) || pos == FAIL || count != PyList_GET_SIZE(list)
+            || count > (n - pos) / 8) return 1;
+        Py_ssize_t total = 11 + 8 * (Py_ssize_t)count;
+        for (Py_ssize_t k = 0; k < count; k++) {
+            PyObject *name = PyList_GET_ITEM(list, k);
+            if (!PyBytes_CheckExact(name)) return 1;
+            total += PyBytes_GET_SIZE(name);
+        }
+        unsigned char *w = out->map = PyMem_Malloc(total);
+        if (w == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        w += put_long(w, count);
+        for (Py_ssize_t k = 0; k < count; k++) {
+            PyObject *name = PyList_GET_ITEM(list, k);
+            memcpy(w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
+            w += PyBytes_GET_SIZE(name);
+            memcpy(w, d + pos + 8 * k, 8);
+            w += 8;
+        }
+        *w++ = 0;
+        out->num = out->map;
+        out->num_len = w - out->map;
+        end = pos + 8 * (Py_ssize_t)count;
+    }
+    out->rest = d + end;
+    out->rest_len = n - end;
+    out->has_primary = 1;
+    return 0;
+}
+
+typedef struct {
+    int has_feedback;
+    int64_t label_time;
+    double prob;
+    Data label, source;
+    Py_ssize_t label_len, source_len;
+} Feedback;
+
+/* parts._split_feedback; 0 ok, 1 leave to Python. */
+static int split_feedback(PyObject *part, Feedback *out) {
+    if (!PyBytes_CheckExact(part)) return 1;
+    Data d = (Data)PyBytes_AS_STRING(part);
+    Py_ssize_t n = PyBytes_GET_SIZE(part), pos, end;
+    int64_t size;
+    if (n < 1 || d[0] != FORMAT) return 1;
+    pos = read_exact(d, n, 1, &out->label_time);
+    if (pos == FAIL || pos > n - 8) return 1;
+    out->prob = PyFloat_Unpack8((const char *)d + pos, 1);
+    pos = read_exact(d, n, pos + 8, &size);
+    end = inside(n, pos, size);
+    if (end == FAIL) return 1;
+    out->label = d + pos;
+    out->label_len = end - pos;
+    out->source = d + end;
+    out->source_len = n - end;
+    out->has_feedback = 1;
+    return 0;
+}
+
+/* UTF-8 of a str or the bytes themselves; NULL: leave to Python (no error set). */
+static const char *raw_text(PyObject *v, Py_ssize_t *len) {
+    if (PyBytes_CheckExact(v)) {
+        *len = PyBytes_GET_SIZE(v);
+        return PyBytes_AS_STRING(v);
+    }
+    if (!PyUnicode_CheckExact(v)) return NULL;
+    const char *s = PyUnicode_AsUTF8AndSize(v, len);
+    if (s == NULL) PyErr_Clear();
+    return s;
+}
+
+static int as_int64(PyObject *v, int64_t *out) {
+    if (!PyLong_CheckExact(v)) return 0;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (overflow || (x == -1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+/* The optional long (["null", "long"]) in buf; returns its size. */
+static int opt_long(unsigned char *buf, int known, int64_t v) {
+    if (!known) {
+        buf[0] = 0;
+        return 1;
+    }
+    buf[0] = 2;
+    return 1 + put_long(buf + 1, v);
+}
+
+/* Everything after the shadow segment: label, delay, source, prob, joined_at, trace id. */
+typedef struct {
+    unsigned char delay[11], prob[8], joined[10], trace_head[11];
+    int delay_len, joined_len, trace_head_len;
+} Tail;
+
+static int tail_delay(Tail *t, const Feedback *fb, int known, int64_t event_time) {
+    int64_t delay = 0;
+    int has = fb->has_feedback && known;
+    if (has && __builtin_sub_overflow(fb->label_time, event_time, &delay)) return 1;
+    t->delay_len = opt_long(t->delay, has, delay);
+    return 0;
+}
+
+static void add_tail(Pieces *p, const Tail *t, const Feedback *fb, const Primary *pr) {
+    static const unsigned char no_label[3] = {0, 0, 0};
+    /* null source, weight 1.0 (little-endian IEEE double) */
+    static const unsigned char no_source[9] = {0, 0, 0, 0, 0, 0, 0, 0xF0, 0x3F};
+    if (fb->has_feedback) add(p, fb->label, fb->label_len);
+    else add(p, no_label, 3);
+    add(p, t->delay, t->delay_len);
+    if (fb->has_feedback) add(p, fb->source, fb->source_len);
+    else add(p, no_source, 9);
+    add(p, t->prob, 8);
+    add(p, t->joined, t->joined_len);
+    add(p, t->trace_head, t->trace_head_len);
+    if (pr->trace != NULL) add(p, pr->trace, pr->trace_len);
+}
+
+static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedback,
+                        PyObject *shadows, PyObject *joined_at, PyObject *prefix,
+                        PyObject *names, Primary *pr) {
+    static const unsigned char no_primary[8] = {0}, no_shadow[5] = {0}, no_version[2] = {0};
+    Feedback fb = {0};
+    Tail t;
+    int64_t joined_ms;
+    Py_ssize_t rid_len;
+    const char *rid = PyUnicode_CheckExact(request_id) ? raw_text(request_id, &rid_len) : NULL;
+    if (rid == NULL || !PyBytes_CheckExact(prefix) || !as_int64(joined_at, &joined_ms)
+        || !(PyList_CheckExact(shadows) || PyTuple_CheckExact(shadows))
+        || PySequence_Fast_GET_SIZE(shadows) % 3 != 0
+        || (names != Py_None && !PyDict_CheckExact(names)))
+        Py_RETURN_NOTIMPLEMENTED;
+    if (primary != Py_None) {
+        int r = split_primary(primary, names, pr);
+        if (r < 0) return NULL;
+        if (r) Py_RETURN_NOTIMPLEMENTED;
+    }
+    if (feedback != Py_None && split_feedback(feedback, &fb)) Py_RETURN_NOTIMPLEMENTED;
+    double prob = pr->has_primary ? pr->prob : 1.0;
+    if (fb.has_feedback) prob *= fb.prob;
+    PyFloat_Pack8(prob, (char *)t.prob, 1);
+    t.joined_len = put_long(t.joined, joined_ms);
+    t.trace_head_len = 1;
+    t.trace_head[0] = 0;
+    if (pr->trace != NULL) {
+        t.trace_head[0] = 2;
+        t.trace_head_len += put_long(t.trace_head + 1, pr->trace_len);
+    }
+    if (pr->has_primary && tail_delay(&t, &fb, 1, pr->event_time)) Py_RETURN_NOTIMPLEMENTED;
+    unsigned char rid_size[10];
+    int rid_size_len = put_long(rid_size, rid_len);
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(shadows) / 3;
+    PyObject **items = PySequence_Fast_ITEMS(shadows);
+    PyObject *out = PyList_New(count);
+    if (out == NULL) return NULL;
+    for (Py_ssize_t k = 0; k < count; k++) {
+        PyObject *challenger = items[3 * k], *version = items[3 * k + 1];
+        PyObject *shadow = items[3 * k + 2];
+        Py_ssize_t name_len;
+        int64_t version_n, own_time = 0;
+        const char *name = raw_text(challenger, &name_len);
+        if (name == NULL || !as_int64(version, &version_n)
+            || (shadow != Py_None && !PyBytes_CheckExact(shadow)))
+            goto fallback;
+        unsigned char name_size[10], version_buf[10], at[11];
+        unsigned char state = !name_len ? 4 : !pr->has_primary ? 6 : fb.has_feedback ? 2 : 0;
+        Data version_seg = no_version, shadow_seg = no_shadow;
+        Py_ssize_t version_seg_len = 2, shadow_seg_len = 5;
+        int own_known = 0;
+        if (shadow != Py_None) {
+            Data d = (Data)PyBytes_AS_STRING(shadow);
+            Py_ssize_t n = PyBytes_GET_SIZE(shadow), pos, start;
+            int64_t size;
+            if (n < 1 || d[0] != FORMAT) goto fallback;
+            pos = skip_time(d, n, 1);
+            if (pos == FAIL || pos >= n) goto fallback;
+            if (d[pos] < 0x80) {
+                size = d[pos] >> 1; /* as parts.build_bodies reads a short size */
+                start = pos + 1;
+            } else {
+                start = read_exact(d, n, pos, &size);
+            }
+            Py_ssize_t split = inside(n, start, size);
+            if (split == FAIL || split >= n) goto fallback;
+            version_seg = d + pos;
+            version_seg_len = split + 1 - pos;
+            shadow_seg = d + split + 1;
+            shadow_seg_len = n - split - 1;
+            if (!pr->has_primary) {
+                if (read_exact(d, n, 1, &own_time) == FAIL) goto fallback;
+                own_known = 1;
+            }
+        }
+        int at_len = pr->has_primary ? opt_long(at, 1, pr->event_time)
+                                     : opt_long(at, own_known, own_time);
+        if (!pr->has_primary && tail_delay(&t, &fb, own_known, own_time)) goto fallback;
+        Pieces p = {.count = 0, .total = 0};
+        add(&p, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
+        add(&p, rid_size, rid_size_len);
+        add(&p, rid, rid_len);
+        add(&p, name_size, put_long(name_size, name_len));
+        add(&p, name, name_len);
+        add(&p, version_seg, version_seg_len);
+        add(&p, version_buf, put_long(version_buf, version_n));
+        add(&p, &state, 1);
+        add(&p, at, at_len);
+        if (pr->has_primary) {
+            add(&p, pr->head, pr->head_len);
+            add(&p, pr->num, pr->num_len);
+            add(&p, pr->rest, pr->rest_len);
+        } else {
+            add(&p, no_primary, 8);
+        }
+        add(&p, shadow_seg, shadow_seg_len);
+        add_tail(&p, &t, &fb, pr);
+        PyObject *body = joined(&p);
+        if (body == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, body);
+    }
+    return out;
+fallback:
+    Py_DECREF(out);
+    Py_RETURN_NOTIMPLEMENTED;
+}
+
+static PyObject *build_bodies(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "build_bodies takes 7 arguments");
+        return NULL;
+    }
+    Primary pr = {0};
+    PyObject *out = bodies(args[0], args[1], args[2], args[3], args[4], args[5], args[6], &pr);
+    PyMem_Free(pr.map);
+    return out;
+}
+
+/* -- the merge command (store.JoinStore._send) --------------------------------------------- */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int reserve(Buf *b, Py_ssize_t extra) {
+    if (b->len + extra <= b->cap) return 0;
+    Py_ssize_t cap = b->cap ? b->cap : 4096;
+    while (cap < b->len + extra) cap *= 2;
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+/* One RESP bulk string; `second` (may be NULL) is appended to `first` (key prefix + id). */
+static int bulk(Buf *b, const char *first, Py_ssize_t n1, const char *second, Py_ssize_t n2) {
+    if (reserve(b, n1 + n2 + 32) < 0) return -1;
+    b->len += sprintf(b->data + b->len, "$%zd\r\n", n1 + n2);
+    memcpy(b->data + b->len, first, n1);
+    if (n2) memcpy(b->data + b->len + n1, second, n2);
+    b->len += n1 + n2;
+    memcpy(b->data + b->len, "\r\n", 2);
+    b->len += 2;
+    return 0;
+}
+
+/* An argument as hiredis.pack_command writes it: str, bytes or int; 1: another type. */
+static int arg(Buf *b, PyObject *v) {
+    if (PyLong_CheckExact(v)) {
+        int64_t x;
+        if (!as_int64(v, &x)) return 1;
+        char digits[24];
+        int k = sprintf(digits, "%lld", (long long)x);
+        return bulk(b, digits, k, NULL, 0);
+    }
+    Py_ssize_t len;
+    const char *s = raw_text(v, &len);
+    return s == NULL ? 1 : bulk(b, s, len, NULL, 0);
+}
+
+static int pack(Buf *b, PyObject *head, PyObject *state, PyObject *tomb, PyObject *middle,
+                PyObject *parts) {
+    Py_ssize_t count = PyList_GET_SIZE(parts), state_len, tomb_len, rid_len;
+    Py_ssize_t argc = PyTuple_GET_SIZE(head) + PyTuple_GET_SIZE(middle) + 7 * count;
+    const char *state_s = raw_text(state, &state_len), *tomb_s = raw_text(tomb, &tomb_len);
+    if (state_s == NULL || tomb_s == NULL || reserve(b, 32) < 0) return state_s && tomb_s ? -1 : 1;
+    b->len += sprintf(b->data + b->len, "*%zd\r\n", argc);
+    int r = 0;
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(head) && !r; k++)
+        r = arg(b, PyTuple_GET_ITEM(head, k));
+    for (Py_ssize_t k = 0; k < count && !r; k++) {
+        PyObject *part = PyList_GET_ITEM(parts, k);
+        if (!PyTuple_Check(part) || PyTuple_GET_SIZE(part) != 6) return 1;
+        const char *rid = raw_text(PyTuple_GET_ITEM(part, 1), &rid_len);
+        if (rid == NULL || !PyUnicode_Check(PyTuple_GET_ITEM(part, 1))) return 1;
+        r = bulk(b, state_s, state_len, rid, rid_len);
+        if (!r) r = bulk(b, tomb_s, tomb_len, rid, rid_len);
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(middle) && !r; k++)
+        r = arg(b, PyTuple_GET_ITEM(middle, k));
+    static const int fields[5] = {0, 2, 3, 5, 4}; /* kind, challenger, blob, msg_id, rank */
+    for (Py_ssize_t k = 0; k < count && !r; k++) {
+        PyObject *part = PyList_GET_ITEM(parts, k);
+        for (int f = 0; f < 5 && !r; f++) r = arg(b, PyTuple_GET_ITEM(part, fields[f]));
+    }
+    return r;
+}
+
+static PyObject *pack_merge(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "pack_merge takes 5 arguments");
+        return NULL;
+    }
+    PyObject *head = args[0], *state = args[1], *tomb = args[2], *middle = args[3];
+    PyObject *parts = args[4];
+    if (!PyTuple_CheckExact(head) || !PyTuple_CheckExact(middle) || !PyList_CheckExact(parts)
+        || !PyUnicode_CheckExact(state) || !PyUnicode_CheckExact(tomb))
+        Py_RETURN_NOTIMPLEMENTED;
+    Buf b = {NULL, 0, 0};
+    int r = pack(&b, head, state, tomb, middle, parts);
+    PyObject *out = r < 0 ? NULL : r ? Py_NewRef(Py_NotImplemented)
+                                     : PyBytes_FromStringAndSize(b.data, b.len);
+    PyMem_Free(b.data);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"inference_part", (PyCFunction)(void (*)(void))inference_part, METH_FASTCALL,
      "inference_part(data, header, signatures) -> (request_id, part) | None | NotImplemented\n\n"
@@ -437,6 +857,16 @@ static PyMethodDef methods[] = {
     {"shadow_part", (PyCFunction)(void (*)(void))shadow_part, METH_FASTCALL,
      "shadow_part(data, header) -> (request_id, challenger, answered, part) | None\n\n"
      "fastpath.walk_shadow's result (NotImplemented for data that is not bytes)."},
+    {"build_bodies", (PyCFunction)(void (*)(void))build_bodies, METH_FASTCALL,
+     "build_bodies(request_id, primary, feedback, shadows, joined_at, prefix, names)\n"
+     "    -> list[bytes] | NotImplemented\n\n"
+     "parts.build_bodies' bodies (names: FeatureLayouts._names, or None for no layouts);\n"
+     "NotImplemented for anything it leaves to Python (unknown layout, unusual part)."},
+    {"pack_merge", (PyCFunction)(void (*)(void))pack_merge, METH_FASTCALL,
+     "pack_merge(head, state_prefix, tomb_prefix, middle, parts) -> bytes | NotImplemented\n\n"
+     "hiredis.pack_command((*head, *keys, *middle, *args)) for the merge script call:\n"
+     "keys are state_prefix + id, tomb_prefix + id per part; args kind, challenger, blob,\n"
+     "msg_id, rank per part. NotImplemented for arguments of other types."},
     {NULL, NULL, 0, NULL},
 };
 

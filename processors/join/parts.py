@@ -426,6 +426,27 @@ def build_bodies(
     >>> decode_body(b)["challenger"], decode_body(b)["version"], decode_body(a)["state"]
     ('d', 2, 'orphan_prediction')
     """
+    if _compiled_bodies is not None:  # join/_fastpath.c; it leaves anything unusual to Python
+        bodies = _compiled_bodies(request_id, primary, feedback, shadows, joined_at, prefix,
+                                  None if layouts is None else layouts._names)
+        if bodies is not NotImplemented:
+            return bodies
+    return python_bodies(request_id, primary, feedback, shadows, joined_at=joined_at,
+                         layouts=layouts, cache=cache, prefix=prefix)
+
+
+def python_bodies(
+    request_id: str,
+    primary: bytes | None,
+    feedback: bytes | None,
+    shadows: Sequence[Any],
+    *,
+    joined_at: int,
+    layouts: FeatureLayouts | None = None,
+    cache: dict[bytes, Any] | None = None,
+    prefix: bytes = b"",
+) -> list[bytes]:
+    """:func:`build_bodies` in Python: the reference for the compiled one, and its fallback."""
     event_time = trace_id = None
     prob = 1.0
     primary_seg = _NO_PRIMARY
@@ -452,10 +473,11 @@ def build_bodies(
         delay = label_time - event_time if label_time is not None else None
         tail = b"".join((label_seg, _opt_long(delay), source_seg, after))
     out = []
+    primary_at = _opt_long(event_time)
     for n in range(0, len(shadows), 3):
         challenger, version, shadow = shadows[n], shadows[n + 1], shadows[n + 2]
         state = _STATE_CODES[join_state(challenger, primary, feedback)]
-        at = _opt_long(event_time)
+        at = primary_at
         version_seg, shadow_seg = _NO_VERSION, _NO_SHADOW
         own_time = None
         if shadow is not None:
@@ -475,6 +497,14 @@ def build_bodies(
         out.append(b"".join((head, _write_name(challenger), version_seg, write_long(version),
                              state, at, primary_seg, shadow_seg, end)))
     return out
+
+
+try:  # the compiled build_bodies (join/_fastpath.c); optional at install time
+    from shadowpipe.processors.join._fastpath import build_bodies as _compiled_bodies
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _compiled_bodies = None
+if FORMAT != b"\x01":  # pragma: no cover - the compiled walkers read format 1 only
+    _compiled_bodies = None
 
 
 def decode_body(body: bytes) -> dict[str, Any]:

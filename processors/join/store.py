@@ -393,16 +393,22 @@ class JoinStore:
         if layout_ids:  # before the merges that refer to them, on the same connection
             pairs = [x for lid in layout_ids for x in (lid, self.layouts.unsaved[lid])]
             commands.append(("HSET", self.layouts_key, *pairs))
+        merge: Any = NotImplemented
         if parts:  # the whole chunk in one script call: one command to pack, parse, dispatch
             state, tomb = f"{self.prefix}s:", f"{self.prefix}t:"
-            keys = [k for p in parts for k in (state + p.request_id, tomb + p.request_id)]
-            args = [x for p in parts for x in (p.kind, p.challenger, p.blob, p.msg_id, p.rank)]
-            commands.append(("EVALSHA", self._merge_sha, len(keys) + 1, self.deadlines, *keys,
-                             now_ms, self.horizon_ms, self.ttl_ms, len(state), *args))
-        if _pack is not None:  # hiredis: one C call per command instead of redis-py's wrapper
+            head = ("EVALSHA", self._merge_sha, 2 * len(parts) + 1, self.deadlines)
+            middle = (now_ms, self.horizon_ms, self.ttl_ms, len(state))
+            if _pack_merge is not None:  # RESP bytes straight from the parts
+                merge = _pack_merge(head, state, tomb, middle, parts)
+            if merge is NotImplemented:
+                commands.append(merge_command(head, state, tomb, middle, parts))
+        packed: list[bytes] = []
+        if commands and _pack is not None:  # hiredis: one C call per command
             packed = [b"".join(_pack(c) for c in commands)]
-        else:
+        elif commands:
             packed = conn.pack_commands(commands)
+        if merge is not NotImplemented:
+            packed.append(merge)
         conn.send_packed_command(packed, check_health=False)
         return parts, layout_ids
 
@@ -460,10 +466,28 @@ class JoinStore:
         return int(self.client.zcard(self.deadlines))
 
 
+def merge_command(head: tuple[Any, ...], state: str, tomb: str, middle: tuple[Any, ...],
+                  parts: list[Part]) -> tuple[Any, ...]:
+    """The merge script call for ``parts``: ``head``, their state and tombstone keys,
+    ``middle``, then five arguments per part (what ``_fastpath.pack_merge`` packs).
+
+    >>> part = Part("f", "r", "", b"x", 9, 1)
+    >>> merge_command(("EVALSHA", "sha", 3, "d"), "s:", "t:", (5,), [part])
+    ('EVALSHA', 'sha', 3, 'd', 's:r', 't:r', 5, 'f', '', b'x', 1, 9)
+    """
+    keys = [k for p in parts for k in (state + p.request_id, tomb + p.request_id)]
+    args = [x for p in parts for x in (p.kind, p.challenger, p.blob, p.msg_id, p.rank)]
+    return (*head, *keys, *middle, *args)
+
+
 try:
     from hiredis import pack_command as _pack
 except ImportError:  # pure-Python redis-py packing: correct, slower
     _pack = None
+try:  # the compiled packer of the merge call (join/_fastpath.c); optional at install time
+    from shadowpipe.processors.join._fastpath import pack_merge as _pack_merge
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _pack_merge = None
 
 
 def _run(script: Any, keys: list[str], args: list[Any]) -> Any:

@@ -1,5 +1,7 @@
-"""The compiled decode walkers (processors/join/_fastpath.c) return exactly what the Python
-walkers return, on valid messages and on mutated, truncated and random bytes (pure logic)."""
+"""The compiled joiner functions (processors/join/_fastpath.c) return exactly what their Python
+references return: the decode walkers (fastpath.walk_*), build_bodies (parts.python_bodies) and
+the merge command's packing (hiredis.pack_command of store.merge_command), on valid inputs and
+on mutated, truncated and random bytes (pure logic, no services)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shadowpipe.processors.join import fastpath, parts
+from shadowpipe.processors.join import fastpath, parts, store
 from shadowpipe.schemas.codec import Codec
 
 CODEC = Codec()
@@ -47,12 +49,13 @@ shadow_predictions = st.fixed_dictionaries({
 
 
 @st.composite
-def mutated(draw: Any, valid: bytes) -> bytes:
-    """``valid`` with a few bytes flipped, inserted or deleted, or cut short."""
+def mutated(draw: Any, valid: bytes, start: int = 10) -> bytes:
+    """``valid`` with a few bytes flipped, inserted or deleted, or cut short (not before
+    ``start``: the single-object header)."""
     data = bytearray(valid)
     rng = draw(st.randoms(use_true_random=False))  # positions uniform over the message
     for _ in range(draw(st.integers(1, 3))):
-        at = rng.randint(10, max(10, len(data)))
+        at = rng.randint(start, max(start, len(data)))
         op = draw(st.sampled_from(("set", "insert", "delete", "cut")))
         byte = draw(st.sampled_from((0x00, 0x01, 0x02, 0x03, 0x7F, 0x80, 0xC0, 0xED, 0xFF))
                     | st.integers(0, 255))
@@ -243,6 +246,142 @@ def test_compiled_reads_long_varints_like_python(extra: int) -> None:
         assert got is None or extra < 9
 
 
+# -- build_bodies ------------------------------------------------------------------------------
+
+times = st.integers(-(2**61), 2**61)  # differences fit in 64 bits (else Python's big ints)
+feedbacks = st.fixed_dictionaries({
+    "request_id": texts, "label": st.none() | texts, "value": st.none() | doubles,
+    "event_time": times, "source": st.sampled_from(["explicit", "implicit"]),
+    "weight": doubles, "inclusion_prob": doubles,
+})
+challengers = st.one_of(texts, texts.map(str.encode))
+versions = st.integers(0, 2**62)
+
+
+def _part(name: str, record: dict) -> dict:
+    return CODEC.decode(CODEC.encode(name, record), name)
+
+
+@st.composite
+def body_inputs(draw: Any) -> dict[str, Any]:
+    """Stored parts as the encoders write them, in every combination build_bodies sees."""
+    layouts = parts.FeatureLayouts() if draw(st.booleans()) else None
+    primary = feedback = None
+    if draw(st.booleans()):
+        event = draw(inference_events) | {"event_time": draw(times)}
+        primary = parts.encode_inference(_part("InferenceEvent", event), layouts)
+    if draw(st.booleans()):
+        feedback = parts.encode_feedback(_part("Feedback", draw(feedbacks)))
+    shadows: list[Any] = []
+    for pred in draw(st.lists(st.none() | shadow_predictions, max_size=3)):
+        shadow = None
+        if pred is not None:
+            shadow = parts.encode_shadow(_part("ShadowPrediction", pred | {
+                "event_time": draw(times)}))
+        shadows += [draw(challengers), draw(versions), shadow]
+    return {"request_id": draw(texts), "primary": primary, "feedback": feedback,
+            "shadows": shadows, "joined_at": draw(times), "layouts": layouts,
+            "prefix": draw(st.binary(max_size=12))}
+
+
+def compiled_bodies(args: dict[str, Any]) -> Any:
+    layouts = args["layouts"]
+    return compiled.build_bodies(args["request_id"], args["primary"], args["feedback"],
+                                 args["shadows"], args["joined_at"], args["prefix"],
+                                 None if layouts is None else layouts._names)
+
+
+def check_bodies(args: dict[str, Any]) -> Any:
+    """Compiled == Python, or the compiled one leaves the input to Python (NotImplemented),
+    which it must whenever Python raises."""
+    got = compiled_bodies(args)
+    try:
+        expected = parts.python_bodies(**{k: v for k, v in args.items() if k != "shadows"},
+                                       shadows=args["shadows"])
+    except Exception:  # a corrupt stored part: LayoutError, IndexError, struct.error...
+        assert got is NotImplemented
+        return NotImplemented
+    assert got is NotImplemented or got == expected
+    return got
+
+
+@needs_compiled
+@EXAMPLES
+@given(args=body_inputs())
+def test_compiled_bodies_equal_python_on_stored_parts(args: dict[str, Any]) -> None:
+    got = check_bodies(args)
+    assert got is not NotImplemented  # every part the encoders write is handled in C
+    assert parts.build_bodies(**args) == got
+    for body in got:  # and they are JoinedRecords
+        assert parts.decode_body(body[len(args["prefix"]):])["request_id"] == args["request_id"]
+
+
+@needs_compiled
+@EXAMPLES
+@given(data=st.data(), args=body_inputs(), which=st.sampled_from(["primary", "feedback", "s"]))
+def test_compiled_bodies_equal_python_on_corrupt_parts(data: Any, args: dict[str, Any],
+                                                       which: str) -> None:
+    if which == "s":
+        shadows = args["shadows"]
+        at = data.draw(st.sampled_from([n for n in range(2, len(shadows), 3)
+                                        if shadows[n] is not None] or [-1]))
+        if at >= 0:
+            shadows[at] = data.draw(mutated(shadows[at], 0))
+    elif args[which] is not None:
+        args[which] = data.draw(mutated(args[which], 0))
+    check_bodies(args)
+
+
+@needs_compiled
+def test_compiled_bodies_leave_unknown_layouts_to_python() -> None:
+    """A layout another joiner made: Python fetches its names, then C has them too."""
+    writer = parts.FeatureLayouts()
+    primary = parts.encode_inference(_part("InferenceEvent", EXAMPLE_EVENT), writer)
+    reader = parts.FeatureLayouts(fetch=lambda ids: [writer.unsaved.get(i) for i in ids])
+    args = {"request_id": "r1", "primary": primary, "feedback": None,
+            "shadows": ["c", 1, None], "joined_at": 5, "layouts": reader, "prefix": b""}
+    assert compiled_bodies(args) is NotImplemented
+    expected = parts.build_bodies(**args)
+    assert compiled_bodies(args) == expected
+    assert compiled_bodies(args | {"layouts": None}) is NotImplemented
+    with pytest.raises(parts.LayoutError):
+        parts.build_bodies(**args | {"layouts": None})
+
+
+# -- the merge command -----------------------------------------------------------------------
+
+try:
+    import hiredis
+except ImportError:  # pragma: no cover - redis-py packs in Python then
+    hiredis = None
+needs_hiredis = pytest.mark.skipif(hiredis is None, reason="hiredis is not installed")
+int64s = st.integers(-(2**63), 2**63 - 1)
+store_parts = st.builds(store.Part, st.sampled_from("isf"), texts, texts, st.binary(max_size=40),
+                        int64s, st.integers(0, 2**53))
+
+
+@needs_compiled
+@needs_hiredis
+@EXAMPLES
+@given(parts_=st.lists(store_parts, max_size=30), state=texts, tomb=texts,
+       head=st.tuples(texts, texts, int64s, texts), middle=st.tuples(int64s, int64s, int64s))
+def test_compiled_merge_packing_is_hiredis(parts_: list[store.Part], state: str, tomb: str,
+                                           head: tuple, middle: tuple) -> None:
+    command = store.merge_command(head, state, tomb, middle, parts_)
+    assert compiled.pack_merge(head, state, tomb, middle, parts_) == hiredis.pack_command(command)
+
+
+@needs_compiled
+@pytest.mark.parametrize("odd", [1.5, True, 2**64, "\udc80", None])
+def test_compiled_merge_packing_leaves_other_types_to_hiredis(odd: Any) -> None:
+    part = store.Part("i", "r", "c", b"x", 0, 1)
+    for head, state, middle, parts_ in [
+            (("EVALSHA", odd), "s:", (1,), [part]), (("EVALSHA",), "s:", (odd,), [part]),
+            (("EVALSHA",), "s:", (1,), [part._replace(rank=odd)]),
+            (("EVALSHA",), "s:", (1,), [part._replace(request_id=odd)])]:
+        assert compiled.pack_merge(head, state, "t:", middle, parts_) is NotImplemented
+
+
 def _extension_files() -> list[Path]:
     folder = Path(fastpath.__file__).parent
     return [p for suffix in importlib.machinery.EXTENSION_SUFFIXES
@@ -251,8 +390,12 @@ def _extension_files() -> list[Path]:
 
 def test_a_built_extension_is_used() -> None:
     """A compiled module next to fastpath.py must be the one in use: a silent fallback to the
-    Python walkers (import failure, constants out of step) fails here, not as a slow bench."""
-    assert (fastpath.compiled is not None) == bool(_extension_files())
+    Python code (import failure, stale build, constants out of step) fails here, not as a
+    slow benchmark."""
+    built = bool(_extension_files())
+    assert (fastpath.compiled is not None) == built
+    assert (parts._compiled_bodies is not None) == built
+    assert (store._pack_merge is not None) == built
 
 
 @needs_compiled
@@ -275,3 +418,8 @@ def test_the_compiled_path_serves_known_layouts(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(fastpath, "walk_shadow", python_walker)
     assert (fastpath.inference_part(inf, layouts), fastpath.shadow_part(shadow)) == expected
     assert fastpath.inference_part(inf, None)[0] == "r1"
+    bodies = parts.python_bodies("r1", expected[0][1], None, ["c", 1, expected[1][3]],
+                                 joined_at=9, layouts=layouts)
+    monkeypatch.setattr(parts, "python_bodies", python_walker)
+    assert parts.build_bodies("r1", expected[0][1], None, ["c", 1, expected[1][3]],
+                              joined_at=9, layouts=layouts) == bodies
