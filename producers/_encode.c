@@ -14,6 +14,8 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
+#include <stddef.h>
 
 typedef struct {
     char *data;
@@ -238,11 +240,231 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
     return result;
 }
 
+/* ---- The whole plain emit in one call ----------------------------------------------
+ *
+ * FastEmit is what Emitter.emit_inference is bound to when the compiled encoder is used:
+ * for the common call (request id a non-blank str, no ts, a memoised model that is not
+ * sampled, room in librdkafka's queue, plain inputs) it encodes, produces and counts in C;
+ * every other call, and any failure on the way, is handed unchanged to the Python method
+ * (`slow`), which validates, counts and never raises. In a service this path runs with
+ * cold caches where each Python step costs ~1 us; measured in docs/producer.md. */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyObject *slow;      /* the Python emit_inference, bound: the reference behaviour */
+    PyObject *models;    /* dict (model, version) -> (rate, threshold|None, model_version) */
+    PyObject *header;    /* bytes: framing of every InferenceEvent */
+    PyObject *topic;     /* str */
+    PyObject *producer;  /* confluent_kafka.Producer: len() is its queue length */
+    PyObject *produce;   /* its bound produce */
+    PyObject *serve;     /* bound method serving delivery reports, never raises */
+    long serve_mask;     /* serve when (events sent & serve_mask) == 0 */
+    PyObject *sent;      /* itertools.count shared with the Python path */
+    Py_ssize_t max_messages, max_bytes;
+    int closed;
+} FastEmit;
+
+enum { KW_MODEL, KW_VERSION, KW_LATENCY, KW_CONTEXT, KW_TS, KW_TRACE, KW_COUNT };
+static const char *kw_names[KW_COUNT] = {"model", "version", "latency_ms", "context", "ts",
+                                         "trace_id"};
+static PyObject *kw_strings[KW_COUNT];
+
+/* Keyword values by name; 0 when every keyword is known, 1 otherwise. */
+static int read_keywords(PyObject *const *values, PyObject *kwnames, PyObject **out) {
+    Py_ssize_t n = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+        int k = 0;
+        while (k < KW_COUNT && name != kw_strings[k]
+               && PyUnicode_Compare(name, kw_strings[k]) != 0) k++;
+        if (k == KW_COUNT || out[k] != NULL) return 1;
+        out[k] = values[i];
+    }
+    return 0;
+}
+
+/* A str that is neither empty nor only whitespace (as `s and not s.isspace()`). */
+static int usable_id(PyObject *s) {
+    if (!PyUnicode_CheckExact(s)) return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!Py_UNICODE_ISSPACE(PyUnicode_READ(kind, data, i))) return 1;
+    }
+    return 0;
+}
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* encode_inference for this call with the memoised model fields; NULL when not plain. */
+static PyObject *encode_plain(FastEmit *self, PyObject *const *args, PyObject **kw,
+                              PyObject *memo) {
+    PyObject *key = PyUnicode_AsUTF8String(args[0]);
+    if (key == NULL) return NULL;
+    PyObject *time = PyLong_FromLongLong(now_ms());
+    PyObject *data = NULL;
+    if (time != NULL) {
+        PyObject *enc[10] = {self->header, key, args[1], args[2], PyTuple_GET_ITEM(memo, 2),
+                             kw[KW_LATENCY], kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None, time,
+                             PyTuple_GET_ITEM(memo, 0),
+                             kw[KW_TRACE] ? kw[KW_TRACE] : Py_None};
+        data = encode_inference(NULL, enc, 10);
+        Py_DECREF(time);
+    }
+    Py_DECREF(key);
+    if (data == Py_None || (data != NULL && PyBytes_GET_SIZE(data) > self->max_bytes)) {
+        Py_CLEAR(data);
+    }
+    return data;
+}
+
+/* The encoded event, or NULL (no exception set) when the call is not the plain case. */
+static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **kw) {
+    PyObject *request_id = args[0];
+    if (kw[KW_MODEL] == NULL || kw[KW_VERSION] == NULL || kw[KW_LATENCY] == NULL
+        || (kw[KW_TS] != NULL && kw[KW_TS] != Py_None) || !usable_id(request_id)) return NULL;
+    PyObject *memo_key = PyTuple_Pack(2, kw[KW_MODEL], kw[KW_VERSION]);
+    if (memo_key == NULL) return NULL;
+    /* A strong reference: an allocation below may run a finalizer that clears the memo. */
+    PyObject *memo = Py_XNewRef(PyDict_GetItemWithError(self->models, memo_key));
+    Py_DECREF(memo_key);
+    PyObject *data = NULL;
+    if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
+        && PyTuple_GET_ITEM(memo, 1) == Py_None) {
+        Py_ssize_t queued = PyObject_Length(self->producer);
+        if (queued >= 0 && queued < self->max_messages) {
+            data = encode_plain(self, args, kw, memo);
+        }
+    }
+    Py_XDECREF(memo);
+    return data;
+}
+
+static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                PyObject *kwnames) {
+    FastEmit *self = (FastEmit *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *kw[KW_COUNT] = {NULL};
+    PyObject *data = NULL;
+    if (!self->closed && nargs == 3 && read_keywords(args + nargs, kwnames, kw) == 0) {
+        data = plain_event(self, args, kw);
+    }
+    if (data != NULL) {
+        PyObject *produce_args[3] = {self->topic, data, args[0]};
+        PyObject *r = PyObject_Vectorcall(self->produce, produce_args, 3, NULL);
+        Py_DECREF(data);
+        if (r != NULL) {
+            Py_DECREF(r);
+            PyObject *count = PyIter_Next(self->sent);
+            long n = count == NULL ? -1 : PyLong_AsLong(count);
+            Py_XDECREF(count);
+            if (n >= 0 && (n & self->serve_mask) == 0) {
+                PyObject *served = PyObject_CallNoArgs(self->serve);
+                Py_XDECREF(served);
+            }
+            PyErr_Clear(); /* counting and serving may not fail the (queued) event */
+            Py_RETURN_TRUE;
+        }
+    }
+    /* Not the plain case, or produce refused it (a full queue...): the Python method
+     * decides, counts and, for a refused produce, tries again with its own handling. */
+    PyErr_Clear();
+    return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+}
+
+static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
+    Py_VISIT(self->slow); Py_VISIT(self->models); Py_VISIT(self->header);
+    Py_VISIT(self->topic); Py_VISIT(self->producer); Py_VISIT(self->produce);
+    Py_VISIT(self->serve); Py_VISIT(self->sent);
+    return 0;
+}
+
+static int fast_emit_clear(FastEmit *self) {
+    Py_CLEAR(self->slow); Py_CLEAR(self->models); Py_CLEAR(self->header);
+    Py_CLEAR(self->topic); Py_CLEAR(self->producer); Py_CLEAR(self->produce);
+    Py_CLEAR(self->serve); Py_CLEAR(self->sent);
+    return 0;
+}
+
+static void fast_emit_dealloc(FastEmit *self) {
+    PyObject_GC_UnTrack(self);
+    fast_emit_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *fast_emit_close(FastEmit *self, PyObject *unused) {
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef fast_emit_methods[] = {
+    {"close", (PyCFunction)fast_emit_close, METH_NOARGS,
+     "Send every later call to the Python method (the emitter is closed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FastEmitType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shadowpipe.producers._encode.FastEmit",
+    .tp_doc = "emit_inference's plain case in C; everything else goes to the Python method.",
+    .tp_basicsize = sizeof(FastEmit),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(FastEmit, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_traverse = (traverseproc)fast_emit_traverse,
+    .tp_clear = (inquiry)fast_emit_clear,
+    .tp_dealloc = (destructor)fast_emit_dealloc,
+    .tp_methods = fast_emit_methods,
+};
+
+static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "fast_emitter takes 10 arguments");
+        return NULL;
+    }
+    if (!PyDict_Check(args[1]) || !PyBytes_CheckExact(args[2]) || !PyUnicode_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "fast_emitter: models dict, header bytes, topic str");
+        return NULL;
+    }
+    Py_ssize_t max_messages = PyLong_AsSsize_t(args[7]), max_bytes = PyLong_AsSsize_t(args[8]);
+    long serve_mask = PyLong_AsLong(args[9]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *produce = PyObject_GetAttrString(args[4], "produce");
+    if (produce == NULL) return NULL;
+    FastEmit *self = PyObject_GC_New(FastEmit, &FastEmitType);
+    if (self == NULL) { Py_DECREF(produce); return NULL; }
+    self->vectorcall = fast_emit_call;
+    self->slow = Py_NewRef(args[0]);
+    self->models = Py_NewRef(args[1]);
+    self->header = Py_NewRef(args[2]);
+    self->topic = Py_NewRef(args[3]);
+    self->producer = Py_NewRef(args[4]);
+    self->produce = produce;
+    self->serve = Py_NewRef(args[5]);
+    self->sent = Py_NewRef(args[6]);
+    self->max_messages = max_messages;
+    self->max_bytes = max_bytes;
+    self->serve_mask = serve_mask;
+    self->closed = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 static PyMethodDef methods[] = {
     {"encode_inference", (PyCFunction)(void (*)(void))encode_inference, METH_FASTCALL,
      "encode_inference(header, request_id, features, output, model_version, latency_ms,\n"
      "                 context, event_time, inclusion_prob, trace_id) -> bytes | None\n\n"
      "The InferenceEvent bytes for plain inputs, None for the Python encoder to handle."},
+    {"fast_emitter", (PyCFunction)(void (*)(void))fast_emitter, METH_FASTCALL,
+     "fast_emitter(slow, models, header, topic, producer, serve, sent, max_messages,\n"
+     "             max_bytes, serve_mask) -> FastEmit\n\n"
+     "A callable with emit_inference's signature: the plain case in C, the rest to slow."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -251,4 +473,10 @@ static struct PyModuleDef module = {
     "Compiled common case of shadowpipe.producers.events.EventEncoder.inference.", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__encode(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__encode(void) {
+    for (int k = 0; k < KW_COUNT; k++) {
+        if ((kw_strings[k] = PyUnicode_InternFromString(kw_names[k])) == NULL) return NULL;
+    }
+    if (PyType_Ready(&FastEmitType) < 0) return NULL;
+    return PyModule_Create(&module);
+}

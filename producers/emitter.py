@@ -48,6 +48,11 @@ from shadowpipe.schemas.codec import Codec
 from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.kafka import PRODUCER_DEFAULTS
 
+try:  # emit_inference's plain case in one C call (producers/_encode.c); optional
+    from shadowpipe.producers._encode import fast_emitter
+except ImportError:
+    fast_emitter = None
+
 log = logging.getLogger("shadowpipe.producers")
 _LIBRDKAFKA_LOG = logging.getLogger("shadowpipe.producers.librdkafka")
 _PER_MESSAGE_OVERHEAD = 256
@@ -271,6 +276,15 @@ class Emitter:
             target=self._poll_loop, name=f"shadowpipe-emitter-{name}", daemon=True
         )
         self._poller.start()
+        self._fast = None
+        if self._compiled is not None and fast_emitter is not None:
+            # The instance attribute shadows the method below, which stays the reference:
+            # every call that is not the plain case is handed to it unchanged.
+            self._fast = self.emit_inference = fast_emitter(  # type: ignore[method-assign]
+                type(self).emit_inference.__get__(self), self._models, self._inference_header,
+                self._inference_topic, self._producer, self._serve_reports, self._sent,
+                self._max_messages, self._max_event_bytes, _SERVE_EVERY_MASK,
+            )
         atexit.register(self._close_at_exit)
         metrics.watch(self)
 
@@ -465,6 +479,8 @@ class Emitter:
             if self._closed:
                 return 0
             self._closed = True
+        if self._fast is not None:
+            self._fast.close()
         atexit.unregister(self._close_at_exit)
         self._stop.set()
         self._poller.join()

@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from shadowpipe.producers import Emitter, current_request_id, is_sampled, use_request_id
+from shadowpipe.producers.emitter import fast_emitter
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
@@ -160,6 +161,68 @@ def test_arbitrary_inputs_never_raise_and_are_counted(settings: Settings) -> Non
         emitter.close(timeout=10)
     stats = emitter.stats()
     assert stats.delivered == stats.sent and not stats.failed
+
+
+def test_arbitrary_plain_calls_never_raise_and_are_counted(settings: Settings) -> None:
+    """The call shape the compiled emit takes (no ts): whatever it gets, never a raise."""
+    emitter = Emitter(settings, kafka_overrides=QUIET, producer_max_event_bytes=2048)
+    made = 0
+
+    @hsettings(max_examples=300, deadline=None)
+    @given(calls=st.lists(call, min_size=1, max_size=10))
+    def check(calls: list) -> None:
+        nonlocal made
+        for _, rid, a, b, c, d in calls:
+            # Half the calls reuse one model so that they pass the memo into the C path.
+            model = "m" if made % 2 else c
+            assert emitter.emit_inference(rid, a, b, model=model, version="1",
+                                          latency_ms=1.5, context=d) in (True, False)
+            made += 1
+        stats = emitter.stats()
+        assert stats.sent + stats.dropped_total + stats.sampled_out == made
+        assert "internal_error" not in stats.dropped
+
+    try:
+        check()
+    finally:
+        emitter.close(timeout=10)
+    stats = emitter.stats()
+    assert stats.delivered == stats.sent and not stats.failed
+
+
+def test_plain_calls_take_the_compiled_path_and_write_the_python_bytes(
+        settings: Settings) -> None:
+    emitter = Emitter(settings, kafka_overrides=QUIET)
+    if fast_emitter is None:
+        pytest.skip("the C extension is not built here")
+    assert type(emitter.emit_inference).__name__ == "FastEmit"
+    before = time.time_ns() // 1_000_000
+    sent = {}
+    for i in range(60):
+        rid = f"fast-{i}-\u00e9" if i % 5 == 0 else f"fast-{i}"
+        features = {"amount": i * 1.5, "items": i, "country": "DE", "referrer": None}
+        output = {"label": "ok", "probabilities": {"fraud": 0.25, "ok": 0.75}} if i % 2 \
+            else "fraud"
+        trace = None if i % 3 else f"t{i}"
+        assert emitter.emit_inference(rid, features, output, model="fraud", version="3",
+                                      latency_ms=0.5 + i, context={"device": "ios"},
+                                      trace_id=trace)
+        sent[rid] = (features, output, 0.5 + i, trace)
+    after = time.time_ns() // 1_000_000
+    assert emitter.close(timeout=20) == 0
+    stats = emitter.stats()
+    assert stats.sent == stats.delivered == 60 and not stats.dropped and not stats.failed
+    codec, encoder = Codec(), emitter._encoder
+    records = consume(settings, {"inference": "InferenceEvent"}, 60)["InferenceEvent"]
+    assert {r["request_id"] for r in records} == set(sent)
+    for record in records:
+        features, output, latency, trace = sent[record["request_id"]]
+        assert before <= record["event_time"] <= after
+        python = encoder.python_inference(
+            record["request_id"].encode(), features, output,
+            encoder.model_version("fraud", "3"), latency, {"device": "ios"},
+            record["event_time"], 1.0, trace)
+        assert codec.decode(python, "InferenceEvent") == record
 
 
 def test_specific_invalid_inputs_are_counted_by_reason(settings: Settings) -> None:
