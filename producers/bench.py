@@ -10,6 +10,10 @@ noise hits both alike; every handler call is timed (wall clock and thread CPU).
   without / with; ``emit_cpu_us_per_event`` = the handler thread's extra CPU per emitting
   request + all CPU of the other threads (librdkafka's, the poller) during the run and the
   final flush, per event; ``emit_call_*`` time the emit call alone.
+* ``added_p99_ci95_us``: how far ``added_p99_us`` would move in another run of the same
+  length (a 95 % bootstrap interval over the request pairs). A p99 of a few hundred
+  microseconds that machine noise spreads over a millisecond is hard to pin: at 20,000
+  pairs the interval here is ~50 us wide, hence the default of 50,000.
 * Without ``--broker-down`` the broker of the settings is used if it answers (topics under
   a fresh prefix, deleted after), else an embedded stack is started on free ports in a
   temporary directory and stopped after.
@@ -50,7 +54,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--broker-down", action="store_true",
                         help="emit to an address where nothing listens")
-    parser.add_argument("--requests", type=int, default=20000,
+    parser.add_argument("--requests", type=int, default=50_000,
                         help="requests per mode (with and without emit)")
     parser.set_defaults(func=run)
 
@@ -233,12 +237,35 @@ def _measure(
         "emit_p99_us": _percentile(emit, 99) / 1000,
         "added_p50_us": (_percentile(emit, 50) - _percentile(base, 50)) / 1000,
         "added_p99_us": (_percentile(emit, 99) - _percentile(base, 99)) / 1000,
+        "added_p99_ci95_us": _added_p99_interval(base, emit),
         "throughput_ratio": sum(base) / sum(emit),
         "handler_cpu_added_us": (cpu[True] - cpu[False]) / count * 1e6,
         "other_threads_cpu_us": other_threads / count * 1e6,
         "rss_samples": rss_samples,
         "rss_before": rss_before,
     }
+
+
+def _added_p99_interval(base: Sequence[int], emit: Sequence[int], resamples: int = 200
+                        ) -> list[float]:
+    """95 % bootstrap interval of ``added_p99_us``: pairs resampled with replacement.
+
+    >>> base = array("q", range(1000, 101_000, 100)); emit = array("q", (b + 5000 for b in base))
+    >>> _added_p99_interval(base, emit)
+    [5.0, 5.0]
+    """
+    import numpy as np
+
+    b, e = np.asarray(base), np.asarray(emit)
+    n = len(b)
+    k = min(n - 1, int(round(0.99 * (n - 1))))  # the rank _percentile takes
+    rng = np.random.default_rng(5)
+    added = []
+    for _ in range(resamples):
+        pick = rng.integers(0, n, n)
+        added.append(int(np.partition(e[pick], k)[k]) - int(np.partition(b[pick], k)[k]))
+    low, high = np.percentile(added, [2.5, 97.5])
+    return [round(float(low) / 1000, 1), round(float(high) / 1000, 1)]
 
 
 def _targets_met(result: dict[str, Any]) -> dict[str, bool]:

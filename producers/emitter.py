@@ -449,9 +449,14 @@ class Emitter:
             log.exception("shadowpipe emitter %s: poll failed", self.name)
 
     def _poll_loop(self) -> None:
-        # Emitting threads serve reports as they go; this covers the quiet times.
+        # Emitting threads serve reports as they go; this covers the quiet times only. While
+        # they serve, polling here would take the GIL from them once per report.
+        seen = _count_value(self._sent)
         while not self._stop.wait(_POLL_EVERY_S):
-            self._serve_reports()
+            now = _count_value(self._sent)
+            if now - seen <= _SERVE_EVERY_MASK:  # no emit served since the last look
+                self._serve_reports()
+            seen = now
 
     # -- state ----------------------------------------------------------------------------
 
