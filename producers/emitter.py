@@ -450,11 +450,11 @@ class Emitter:
 
     def _poll_loop(self) -> None:
         # Emitting threads serve reports as they go; this covers the quiet times only. While
-        # they serve, polling here would take the GIL from them once per report.
+        # they emit, a report served here would take the GIL from them once per message.
         seen = _count_value(self._sent)
         while not self._stop.wait(_POLL_EVERY_S):
             now = _count_value(self._sent)
-            if now - seen <= _SERVE_EVERY_MASK:  # no emit served since the last look
+            if now == seen:  # no emit since the last look
                 self._serve_reports()
             seen = now
 
