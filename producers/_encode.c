@@ -63,7 +63,11 @@ static int put_long(Buf *b, int64_t n) {
 
 static int put_double(Buf *b, double x) {
     if (buf_reserve(b, 8) < 0) return -1;
+#if PY_LITTLE_ENDIAN
+    memcpy(b->data + b->len, &x, 8); /* Avro doubles are little-endian IEEE 754 */
+#else
     if (PyFloat_Pack8(x, b->data + b->len, 1) < 0) return -1;
+#endif
     b->len += 8;
     return 0;
 }
@@ -71,8 +75,14 @@ static int put_double(Buf *b, double x) {
 /* Avro string of a str; 1 when it has no UTF-8 form (lone surrogate): not the plain case. */
 static int put_str(Buf *b, PyObject *s) {
     Py_ssize_t n;
-    const char *utf8 = PyUnicode_AsUTF8AndSize(s, &n);
-    if (utf8 == NULL) { PyErr_Clear(); return 1; }
+    const char *utf8;
+    if (PyUnicode_IS_COMPACT_ASCII(s)) {  /* the usual name or label: its bytes are UTF-8 */
+        n = PyUnicode_GET_LENGTH(s);
+        utf8 = (const char *)PyUnicode_DATA(s);
+    } else if ((utf8 = PyUnicode_AsUTF8AndSize(s, &n)) == NULL) {
+        PyErr_Clear();
+        return 1;
+    }
     if (put_long(b, n) < 0 || put_bytes(b, utf8, n) < 0) return -1;
     return 0;
 }
@@ -100,34 +110,36 @@ static int feature_kind(PyObject *v) {
     return -1;
 }
 
-/* num_features, cat_features, null_features: three blocks, entries in dict order. */
+/* One block (count, entries, 0) whose entries were written to `entries`. */
+static int put_block(Buf *b, Py_ssize_t count, Buf *entries) {
+    if (count && (put_long(b, count) < 0 || put_bytes(b, entries->data, entries->len) < 0))
+        return FAILED;
+    return put_byte(b, 0) < 0 ? FAILED : OK;
+}
+
+/* num_features, cat_features, null_features: three blocks, entries in dict order, written
+ * in one walk over the dict (the walk is what costs when the caches are cold). */
 static int put_features(Buf *b, PyObject *features) {
     if (features == Py_None) return put_bytes(b, "\0\0\0", 3);
     if (!PyDict_CheckExact(features)) return FALLBACK;
+    Buf block[KINDS];
     Py_ssize_t count[KINDS] = {0, 0, 0}, pos = 0;
     PyObject *name, *value;
-    while (PyDict_Next(features, &pos, &name, &value)) {
+    int r = OK;
+    for (int kind = NUM; kind < KINDS; kind++) buf_init(&block[kind]);
+    while (r == OK && PyDict_Next(features, &pos, &name, &value)) {
         int kind = feature_kind(value);
-        if (kind < 0 || !PyUnicode_CheckExact(name)) return FALLBACK;
-        count[kind]++;
+        double x;
+        if (kind < 0 || !PyUnicode_CheckExact(name)) r = FALLBACK;
+        else if (kind == NUM && finite_number(value, &x) != OK) r = FALLBACK; /* NaN: missing */
+        else r = put_str(&block[kind], name);
+        if (r == OK && kind == NUM) r = put_double(&block[NUM], x) < 0 ? FAILED : OK;
+        if (r == OK && kind == CAT) r = put_str(&block[CAT], value);
+        count[kind >= 0 ? kind : 0]++;
     }
-    for (int kind = NUM; kind < KINDS; kind++) {
-        if (count[kind] && put_long(b, count[kind]) < 0) return FAILED;
-        for (pos = 0; PyDict_Next(features, &pos, &name, &value);) {
-            if (feature_kind(value) != kind) continue;
-            int r = put_str(b, name);
-            if (r != OK) return r;
-            if (kind == NUM) {
-                double x;
-                if (finite_number(value, &x) != OK) return FALLBACK; /* NaN is "missing" */
-                if (put_double(b, x) < 0) return FAILED;
-            } else if (kind == CAT && (r = put_str(b, value)) != OK) {
-                return r;
-            }
-        }
-        if (put_byte(b, 0) < 0) return FAILED;
-    }
-    return OK;
+    for (int kind = NUM; r == OK && kind < KINDS; kind++) r = put_block(b, count[kind], &block[kind]);
+    for (int kind = NUM; kind < KINDS; kind++) buf_free(&block[kind]);
+    return r;
 }
 
 /* map<double> (str -> finite number: the probabilities) or map<string> (str -> str: the
@@ -196,31 +208,16 @@ static int put_output(Buf *b, PyObject *output) {
     return r;
 }
 
-static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "encode_inference takes 10 arguments");
-        return NULL;
-    }
-    PyObject *header = args[0], *request_id = args[1], *features = args[2], *output = args[3],
-             *model_version = args[4], *latency = args[5], *context = args[6],
-             *event_time = args[7], *inclusion_prob = args[8], *trace_id = args[9];
-    if (!PyBytes_CheckExact(header) || !PyBytes_CheckExact(request_id)
-        || !PyBytes_CheckExact(model_version) || !PyLong_CheckExact(event_time)
-        || !PyFloat_CheckExact(inclusion_prob)) {
-        Py_RETURN_NONE;
-    }
-    int overflow;
-    long long ms = PyLong_AsLongLongAndOverflow(event_time, &overflow);
-    double latency_ms;
-    if (overflow || (ms == -1 && PyErr_Occurred()) || finite_number(latency, &latency_ms) != OK) {
-        PyErr_Clear();
-        Py_RETURN_NONE;
-    }
+/* The event's bytes, None when an input is not the plain case, NULL on an error. */
+static PyObject *write_event(PyObject *header, const char *key, Py_ssize_t key_len,
+                             long long ms, PyObject *features, PyObject *output,
+                             PyObject *model_version, double latency_ms, PyObject *context,
+                             double inclusion_prob, PyObject *trace_id) {
     Buf b;
     buf_init(&b);
     int r = put_bytes(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header));
-    if (r == OK) r = put_long(&b, PyBytes_GET_SIZE(request_id));
-    if (r == OK) r = put_bytes(&b, PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id));
+    if (r == OK) r = put_long(&b, key_len);
+    if (r == OK) r = put_bytes(&b, key, key_len);
     if (r == OK) r = put_long(&b, ms);
     if (r == OK) r = put_bytes(&b, PyBytes_AS_STRING(model_version),
                                PyBytes_GET_SIZE(model_version));
@@ -228,7 +225,7 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
     if (r == OK) r = put_output(&b, output);
     if (r == OK) r = put_double(&b, latency_ms);
     if (r == OK) r = put_map(&b, context, 0);
-    if (r == OK) r = put_double(&b, PyFloat_AS_DOUBLE(inclusion_prob));
+    if (r == OK) r = put_double(&b, inclusion_prob);
     if (r == OK) r = put_optional_str(&b, trace_id);
     PyObject *result = NULL;
     if (r == OK) {
@@ -238,6 +235,30 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
     }
     buf_free(&b);
     return result;
+}
+
+static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError, "encode_inference takes 10 arguments");
+        return NULL;
+    }
+    PyObject *header = args[0], *request_id = args[1], *model_version = args[4],
+             *event_time = args[7], *inclusion_prob = args[8];
+    if (!PyBytes_CheckExact(header) || !PyBytes_CheckExact(request_id)
+        || !PyBytes_CheckExact(model_version) || !PyLong_CheckExact(event_time)
+        || !PyFloat_CheckExact(inclusion_prob)) {
+        Py_RETURN_NONE;
+    }
+    int overflow;
+    long long ms = PyLong_AsLongLongAndOverflow(event_time, &overflow);
+    double latency_ms;
+    if (overflow || (ms == -1 && PyErr_Occurred()) || finite_number(args[5], &latency_ms) != OK) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    return write_event(header, PyBytes_AS_STRING(request_id), PyBytes_GET_SIZE(request_id), ms,
+                       args[2], args[3], model_version, latency_ms, args[6],
+                       PyFloat_AS_DOUBLE(inclusion_prob), args[9]);
 }
 
 /* ---- The whole plain emit in one call ----------------------------------------------
@@ -260,6 +281,7 @@ typedef struct {
     PyObject *produce;   /* its bound produce */
     PyObject *serve;     /* bound method serving delivery reports, never raises */
     long serve_mask;     /* serve when (events sent & serve_mask) == 0 */
+    PyObject *last_model, *last_version, *last_memo; /* the previous call's memo entry */
     PyObject *sent;      /* itertools.count shared with the Python path */
     Py_ssize_t max_messages, max_bytes;
     int closed;
@@ -302,26 +324,41 @@ static long long now_ms(void) {
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* encode_inference for this call with the memoised model fields; NULL when not plain. */
+/* write_event for this call with the memoised model fields; NULL when not plain. */
 static PyObject *encode_plain(FastEmit *self, PyObject *const *args, PyObject **kw,
                               PyObject *memo) {
-    PyObject *key = PyUnicode_AsUTF8String(args[0]);
-    if (key == NULL) return NULL;
-    PyObject *time = PyLong_FromLongLong(now_ms());
-    PyObject *data = NULL;
-    if (time != NULL) {
-        PyObject *enc[10] = {self->header, key, args[1], args[2], PyTuple_GET_ITEM(memo, 2),
-                             kw[KW_LATENCY], kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None, time,
-                             PyTuple_GET_ITEM(memo, 0),
-                             kw[KW_TRACE] ? kw[KW_TRACE] : Py_None};
-        data = encode_inference(NULL, enc, 10);
-        Py_DECREF(time);
-    }
-    Py_DECREF(key);
+    Py_ssize_t key_len;
+    const char *key = PyUnicode_AsUTF8AndSize(args[0], &key_len); /* cached by the str */
+    PyObject *model_version = PyTuple_GET_ITEM(memo, 2), *rate = PyTuple_GET_ITEM(memo, 0);
+    double latency_ms;
+    if (key == NULL || !PyBytes_CheckExact(model_version) || !PyFloat_CheckExact(rate)
+        || finite_number(kw[KW_LATENCY], &latency_ms) != OK) return NULL;
+    PyObject *data = write_event(self->header, key, key_len, now_ms(), args[1], args[2],
+                                 model_version, latency_ms,
+                                 kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None,
+                                 PyFloat_AS_DOUBLE(rate), kw[KW_TRACE] ? kw[KW_TRACE] : Py_None);
     if (data == Py_None || (data != NULL && PyBytes_GET_SIZE(data) > self->max_bytes)) {
         Py_CLEAR(data);
     }
     return data;
+}
+
+/* The memo entry of (model, version), a new reference, or NULL. A service passes the same
+ * two objects on every call: the entry of the previous call is kept with them (entries
+ * never change; the dict may be cleared by the Python side, which only costs a lookup). */
+static PyObject *remembered_memo(FastEmit *self, PyObject *model, PyObject *version) {
+    if (model == self->last_model && version == self->last_version)
+        return Py_NewRef(self->last_memo);
+    PyObject *memo_key = PyTuple_Pack(2, model, version);
+    if (memo_key == NULL) return NULL;
+    PyObject *memo = Py_XNewRef(PyDict_GetItemWithError(self->models, memo_key));
+    Py_DECREF(memo_key);
+    if (memo != NULL) {
+        Py_XSETREF(self->last_model, Py_NewRef(model));
+        Py_XSETREF(self->last_version, Py_NewRef(version));
+        Py_XSETREF(self->last_memo, Py_NewRef(memo));
+    }
+    return memo;
 }
 
 /* The encoded event, or NULL (no exception set) when the call is not the plain case. */
@@ -329,11 +366,8 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     PyObject *request_id = args[0];
     if (kw[KW_MODEL] == NULL || kw[KW_VERSION] == NULL || kw[KW_LATENCY] == NULL
         || (kw[KW_TS] != NULL && kw[KW_TS] != Py_None) || !usable_id(request_id)) return NULL;
-    PyObject *memo_key = PyTuple_Pack(2, kw[KW_MODEL], kw[KW_VERSION]);
-    if (memo_key == NULL) return NULL;
-    /* A strong reference: an allocation below may run a finalizer that clears the memo. */
-    PyObject *memo = Py_XNewRef(PyDict_GetItemWithError(self->models, memo_key));
-    Py_DECREF(memo_key);
+    PyObject *memo = remembered_memo(self, kw[KW_MODEL], kw[KW_VERSION]);
+    if (memo == NULL) return NULL;
     PyObject *data = NULL;
     if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
         && PyTuple_GET_ITEM(memo, 1) == Py_None) {
@@ -382,6 +416,7 @@ static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
     Py_VISIT(self->slow); Py_VISIT(self->models); Py_VISIT(self->header);
     Py_VISIT(self->topic); Py_VISIT(self->producer); Py_VISIT(self->produce);
     Py_VISIT(self->serve); Py_VISIT(self->sent);
+    Py_VISIT(self->last_model); Py_VISIT(self->last_version); Py_VISIT(self->last_memo);
     return 0;
 }
 
@@ -389,6 +424,7 @@ static int fast_emit_clear(FastEmit *self) {
     Py_CLEAR(self->slow); Py_CLEAR(self->models); Py_CLEAR(self->header);
     Py_CLEAR(self->topic); Py_CLEAR(self->producer); Py_CLEAR(self->produce);
     Py_CLEAR(self->serve); Py_CLEAR(self->sent);
+    Py_CLEAR(self->last_model); Py_CLEAR(self->last_version); Py_CLEAR(self->last_memo);
     return 0;
 }
 
@@ -451,6 +487,7 @@ static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_
     self->max_messages = max_messages;
     self->max_bytes = max_bytes;
     self->serve_mask = serve_mask;
+    self->last_model = self->last_version = self->last_memo = NULL;
     self->closed = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
