@@ -3,7 +3,7 @@
  * inference_part() and shadow_part() return exactly what the Python walkers walk_inference()
  * and walk_shadow() return: the same tuples and bytes, and None wherever they return None
  * (another header, truncation, trailing bytes, a bad union index, a negative or second map
- * block, invalid UTF-8 under Python's strict decoder). tests/test_join_fastpath.py checks
+ * block, invalid UTF-8 under Python's strict decoder). tests/test_join_compiled.py checks
  * this on valid and on mutated messages.
  *
  * One case is left to Python on purpose: numeric feature names not interned yet. The C walker
