@@ -2,12 +2,14 @@
 raising into, or blocking, the service that calls it.
 
 Hot path of an emit call, all on the caller's thread (~4 us with 20 features in a tight
-loop, 3-4x that right after other work: caches go cold, see docs/producer.md):
-validate and sample, encode (plain inputs with the compiled encoder in one C call, others
-with the specialised Python writer of :mod:`.events`), hand the bytes to librdkafka's
-``produce()``, which only enqueues. Compression, batching, sending
-and retries happen on librdkafka's threads. Every 16th emit serves librdkafka's reports
-on the caller's thread (which holds the GIL anyway); a background thread covers quiet times.
+loop, 1.5-3x that right after other work: caches go cold, see docs/producer.md):
+validate and sample, encode, hand the bytes to librdkafka's ``produce()``, which only
+enqueues. A plain ``emit_inference`` (unsampled model, no ``ts``, plain inputs) does all of
+it in one C call (``FastEmit``, producers/_encode.c); every other call runs the Python
+method below, with the specialised writer of :mod:`.events` where the C encoder declines.
+Compression, batching, sending and retries happen on librdkafka's threads. Every 16th emit
+serves librdkafka's reports on the caller's thread (which holds the GIL anyway); a
+background thread covers quiet times.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
 the client still takes the GIL per report to discard a success), so
 ``delivered = sent - failed - in queue``.
