@@ -8,9 +8,11 @@ per acknowledged output cost ~1 us each on the workers' hot loops. A flush that 
 librdkafka's queue with no failure reported means the whole batch is on the broker.
 
 >>> from shadowpipe.config import Settings
->>> pub = Publisher(Settings.load(env={}))
->>> pub.pending
-0
+>>> pub = Publisher(Settings.load(env={"SHADOWPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:9"}),
+...                 log_level=0)
+>>> pub.produce("shadowpipe.joined", "r1", b"record")
+>>> pub.pending >= 1  # no broker there: it stays queued (connection errors count too)
+True
 """
 
 from __future__ import annotations
