@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -135,7 +136,8 @@ call = st.tuples(
 )
 
 
-def test_arbitrary_inputs_never_raise_and_are_counted(settings: Settings) -> None:
+def _never_raises_and_counts(settings: Settings, emit_one: Any) -> None:
+    """Arbitrary calls (``emit_one(emitter, n, *drawn)``): never a raise, all counted."""
     emitter = Emitter(settings, kafka_overrides=QUIET, producer_max_event_bytes=2048)
     made = 0
 
@@ -143,14 +145,9 @@ def test_arbitrary_inputs_never_raise_and_are_counted(settings: Settings) -> Non
     @given(calls=st.lists(call, min_size=1, max_size=10))
     def check(calls: list) -> None:
         nonlocal made
-        for kind, rid, a, b, c, d in calls:
-            if kind == "inference":
-                ok = emitter.emit_inference(rid, a, b, model=c, version="1", latency_ms=c,
-                                            context=d, ts=c)
-            else:
-                ok = emitter.emit_feedback(rid, a, ts=b, source=c, weight=d, value=a)
+        for drawn in calls:
+            assert emit_one(emitter, made, *drawn) in (True, False)
             made += 1
-            assert ok in (True, False)
         stats = emitter.stats()
         assert stats.sent + stats.dropped_total + stats.sampled_out == made
         assert "internal_error" not in stats.dropped
@@ -161,33 +158,28 @@ def test_arbitrary_inputs_never_raise_and_are_counted(settings: Settings) -> Non
         emitter.close(timeout=10)
     stats = emitter.stats()
     assert stats.delivered == stats.sent and not stats.failed
+
+
+def test_arbitrary_inputs_never_raise_and_are_counted(settings: Settings) -> None:
+    def emit_one(emitter: Emitter, _: int, kind: str, rid: Any, a: Any, b: Any, c: Any,
+                 d: Any) -> bool:
+        if kind == "inference":
+            return emitter.emit_inference(rid, a, b, model=c, version="1", latency_ms=c,
+                                          context=d, ts=c)
+        return emitter.emit_feedback(rid, a, ts=b, source=c, weight=d, value=a)
+
+    _never_raises_and_counts(settings, emit_one)
 
 
 def test_arbitrary_plain_calls_never_raise_and_are_counted(settings: Settings) -> None:
     """The call shape the compiled emit takes (no ts): whatever it gets, never a raise."""
-    emitter = Emitter(settings, kafka_overrides=QUIET, producer_max_event_bytes=2048)
-    made = 0
+    def emit_one(emitter: Emitter, n: int, _: str, rid: Any, a: Any, b: Any, c: Any,
+                 d: Any) -> bool:
+        # Half the calls reuse one model so that they pass the memo into the C path.
+        return emitter.emit_inference(rid, a, b, model="m" if n % 2 else c, version="1",
+                                      latency_ms=1.5, context=d)
 
-    @hsettings(max_examples=300, deadline=None)
-    @given(calls=st.lists(call, min_size=1, max_size=10))
-    def check(calls: list) -> None:
-        nonlocal made
-        for _, rid, a, b, c, d in calls:
-            # Half the calls reuse one model so that they pass the memo into the C path.
-            model = "m" if made % 2 else c
-            assert emitter.emit_inference(rid, a, b, model=model, version="1",
-                                          latency_ms=1.5, context=d) in (True, False)
-            made += 1
-        stats = emitter.stats()
-        assert stats.sent + stats.dropped_total + stats.sampled_out == made
-        assert "internal_error" not in stats.dropped
-
-    try:
-        check()
-    finally:
-        emitter.close(timeout=10)
-    stats = emitter.stats()
-    assert stats.delivered == stats.sent and not stats.failed
+    _never_raises_and_counts(settings, emit_one)
 
 
 def test_plain_calls_take_the_compiled_path_and_write_the_python_bytes(
