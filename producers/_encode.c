@@ -135,7 +135,7 @@ static int put_features(Buf *b, PyObject *features) {
         else r = put_str(&block[kind], name);
         if (r == OK && kind == NUM) r = put_double(&block[NUM], x) < 0 ? FAILED : OK;
         if (r == OK && kind == CAT) r = put_str(&block[CAT], value);
-        count[kind >= 0 ? kind : 0]++;
+        if (r == OK) count[kind]++;
     }
     for (int kind = NUM; r == OK && kind < KINDS; kind++) r = put_block(b, count[kind], &block[kind]);
     for (int kind = NUM; kind < KINDS; kind++) buf_free(&block[kind]);
@@ -369,14 +369,14 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     PyObject *memo = remembered_memo(self, kw[KW_MODEL], kw[KW_VERSION]);
     if (memo == NULL) return NULL;
     PyObject *data = NULL;
-    if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
+    if (PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
         && PyTuple_GET_ITEM(memo, 1) == Py_None) {
         Py_ssize_t queued = PyObject_Length(self->producer);
         if (queued >= 0 && queued < self->max_messages) {
             data = encode_plain(self, args, kw, memo);
         }
     }
-    Py_XDECREF(memo);
+    Py_DECREF(memo);
     return data;
 }
 

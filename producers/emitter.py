@@ -256,9 +256,6 @@ class Emitter:
         self._max_messages = max_messages(self.settings)
         # (model, version) -> (inclusion probability, sampling threshold, encoded fields)
         self._models: dict[tuple[Any, Any], tuple[float, bytes | None, bytes]] = {}
-        self._compiled = self._encoder.compiled
-        self._inference_header = self._encoder.inference_header
-        self._max_event_bytes = self._encoder.max_bytes
         self._lock = threading.Lock()
         # next() on a count is atomic under the GIL: no lock on the hot path.
         self._sent = itertools.count(1)
@@ -279,13 +276,14 @@ class Emitter:
         )
         self._poller.start()
         self._fast = None
-        if self._compiled is not None and fast_emitter is not None:
+        if self._encoder.compiled is not None and fast_emitter is not None:
             # The instance attribute shadows the method below, which stays the reference:
             # every call that is not the plain case is handed to it unchanged.
             self._fast = self.emit_inference = fast_emitter(  # type: ignore[method-assign]
-                type(self).emit_inference.__get__(self), self._models, self._inference_header,
-                self._inference_topic, self._producer, self._serve_reports, self._sent,
-                self._max_messages, self._max_event_bytes, _SERVE_EVERY_MASK,
+                type(self).emit_inference.__get__(self), self._models,
+                self._encoder.inference_header, self._inference_topic, self._producer,
+                self._serve_reports, self._sent, self._max_messages, self._encoder.max_bytes,
+                _SERVE_EVERY_MASK,
             )
         atexit.register(self._close_at_exit)
         metrics.watch(self)
@@ -325,17 +323,10 @@ class Emitter:
             if len(self._producer) >= self._max_messages and not self._block_s:
                 return self._drop("queue_full")  # full: spend neither encoding nor a raise
             event_time = time.time_ns() // 1_000_000 if ts is None else _millis(ts)
-            data = None if self._compiled is None else self._compiled(
-                self._inference_header, key, features, output, model_version, latency_ms,
-                context, event_time, rate, trace_id,
+            data = self._encoder.encoded_model_inference(
+                key, features, output, model_version, latency_ms, context, event_time, rate,
+                trace_id,
             )
-            if data is None:  # not the plain case: Python writes it or says why not
-                data = self._encoder.python_inference(
-                    key, features, output, model_version, latency_ms, context, event_time,
-                    rate, trace_id,
-                )
-            elif len(data) > self._max_event_bytes:
-                raise Invalid("too_large")
             self._produce(self._inference_topic, data, key)
         except BufferError:
             if not self._block_s or not self._retry_until_space(self._inference_topic, key, data):

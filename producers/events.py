@@ -233,7 +233,25 @@ class EventEncoder:
         trace_id: str | None,
     ) -> bytes:
         """An ``InferenceEvent``; ``request_id`` is the id's UTF-8 bytes."""
-        model_version = self.model_version(model, version)
+        return self.encoded_model_inference(
+            request_id, features, output, self.model_version(model, version), latency_ms,
+            context, event_time, inclusion_prob, trace_id,
+        )
+
+    def encoded_model_inference(
+        self,
+        request_id: bytes,
+        features: Mapping[str, Any] | None,
+        output: Any,
+        model_version: bytes,
+        latency_ms: float,
+        context: Mapping[str, str] | None,
+        event_time: int,
+        inclusion_prob: float,
+        trace_id: str | None,
+    ) -> bytes:
+        """:meth:`inference` with the model fields already encoded (:meth:`model_version`):
+        the compiled encoder when it takes the inputs, else the Python one."""
         data = None if self.compiled is None else self.compiled(
             self.inference_header, request_id, features, output, model_version,
             latency_ms, context, event_time, inclusion_prob, trace_id,
