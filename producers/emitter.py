@@ -4,20 +4,25 @@ raising into, or blocking, the service that calls it.
 Hot path of an emit call, all on the caller's thread (~4 us with 20 features in a tight
 loop, 1.5-3x that right after other work: caches go cold, see docs/producer.md):
 validate and sample, encode, hand the bytes to librdkafka's ``produce()``, which only
-enqueues. A plain ``emit_inference`` (unsampled model, no ``ts``, plain inputs) does all of
-it in one C call (``FastEmit``, producers/_encode.c); every other call runs the Python
-method below, with the specialised writer of :mod:`.events` where the C encoder declines.
-Compression, batching, sending and retries happen on librdkafka's threads. Every 16th emit
-serves librdkafka's reports on the caller's thread (which holds the GIL anyway); a
-background thread covers quiet times.
+enqueues. A plain ``emit_inference`` (unsampled model, no ``ts``, plain inputs) encodes in
+one C call (``FastEmit``, producers/_encode.c) and stages the bytes: every 16th such call
+(or one made 100 ms after the oldest staged event, or the emitter's thread when no event
+came for 0.2 s) produces the stage in one burst, where ``produce()`` runs warm at a third
+of its cost after other work. Every other call runs the Python method below, with the
+specialised writer of :mod:`.events` where the C encoder declines.
+Compression, batching, sending and retries happen on librdkafka's threads. Every burst,
+and every 16th event of the Python path, serves librdkafka's reports on the caller's
+thread (which holds the GIL anyway); a background thread covers quiet times.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
 the client still takes the GIL per report to discard a success), so
-``delivered = sent - failed - in queue``.
+``delivered = sent - failed - in queue`` (staged events count as in queue).
 
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
 when it is full the event is dropped and counted as ``queue_full`` (or, with
-``producer_block_ms``, after waiting at most that long for space).
+``producer_block_ms``, after waiting at most that long for space). At most 16 staged
+events wait outside that bound; one that librdkafka refuses when its burst is produced
+counts as failed (``queue_full``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ _LOG_EVERY_S = 60.0
 # parked in poll() would take it from the service once per message (docs/producer.md).
 _SERVE_EVERY_MASK = 15
 _POLL_EVERY_S = 0.2
+# The longest a staged event waits for its burst while events keep coming (librdkafka then
+# lingers up to linger.ms = 1 s anyway); when none come, the poll thread hands it over.
+_STAGE_WAIT_MS = 100
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -253,7 +261,6 @@ class Emitter:
         self._inference_topic = self.settings.topic("inference")
         self._feedback_topic = self.settings.topic("feedback")
         self._block_s = self.settings.producer_block_ms / 1000
-        self._max_messages = max_messages(self.settings)
         # (model, version) -> (inclusion probability, sampling threshold, encoded fields)
         self._models: dict[tuple[Any, Any], tuple[float, bytes | None, bytes]] = {}
         self._lock = threading.Lock()
@@ -265,16 +272,13 @@ class Emitter:
         self._closed = False
         self._exit_timeout_s = exit_timeout_s
         self._log = _RateLimitedLog(log)
-        self._producer = Producer(producer_config(
+        config = producer_config(
             self.settings, on_delivery=self._on_delivery, error_cb=self._on_error,
             **{"client.id": f"shadowpipe-{name}", **(kafka_overrides or {})},
-        ))
-        self._produce = self._producer.produce
-        self._stop = threading.Event()
-        self._poller = threading.Thread(
-            target=self._poll_loop, name=f"shadowpipe-emitter-{name}", daemon=True
         )
-        self._poller.start()
+        self._producer = Producer(config)
+        self._max_messages = int(config["queue.buffering.max.messages"])
+        self._produce = self._producer.produce
         self._fast = None
         if self._encoder.compiled is not None and fast_emitter is not None:
             # The instance attribute shadows the method below, which stays the reference:
@@ -282,9 +286,16 @@ class Emitter:
             self._fast = self.emit_inference = fast_emitter(  # type: ignore[method-assign]
                 type(self).emit_inference.__get__(self), self._models,
                 self._encoder.inference_header, self._inference_topic, self._producer,
-                self._serve_reports, self._sent, self._max_messages, self._encoder.max_bytes,
-                _SERVE_EVERY_MASK,
+                self._serve_reports, self._refused_at_hand_over, self._sent,
+                self._max_messages, int(config["queue.buffering.max.kbytes"]) * 1024,
+                self._encoder.max_bytes,
+                _STAGE_WAIT_MS,
             )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(
+            target=self._poll_loop, name=f"shadowpipe-emitter-{name}", daemon=True
+        )
+        self._poller.start()
         atexit.register(self._close_at_exit)
         metrics.watch(self)
 
@@ -320,7 +331,7 @@ class Emitter:
                 self._models.get((model, version)) or self._model(model, version))
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
-            if len(self._producer) >= self._max_messages and not self._block_s:
+            if self._queue_full() and not self._block_s:
                 return self._drop("queue_full")  # full: spend neither encoding nor a raise
             event_time = time.time_ns() // 1_000_000 if ts is None else _millis(ts)
             data = self._encoder.encoded_model_inference(
@@ -364,6 +375,8 @@ class Emitter:
             bound = threshold(rate)
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
+            if self._queue_full() and not self._block_s:
+                return self._drop("queue_full")  # the staged events have their places
             data = self._encoder.feedback(
                 key, label, value=value, event_time=_millis(ts), source=source,
                 weight=weight, inclusion_prob=rate,
@@ -391,7 +404,7 @@ class Emitter:
         cached = self._models[model, version] = (rate, threshold(rate), model_version)
         return cached
 
-    def _retry_until_space(self, topic: str, key: bytes, data: bytes) -> bool:
+    def _retry_until_space(self, topic: str, key: bytes | str, data: bytes) -> bool:
         """Serve librdkafka for at most ``producer_block_ms`` while the queue is full."""
         deadline = time.monotonic() + self._block_s
         while (left := deadline - time.monotonic()) > 0:
@@ -404,6 +417,11 @@ class Emitter:
             except Exception:
                 return False
         return False
+
+    def _queue_full(self) -> bool:
+        """librdkafka's queue has no room for one more event besides the staged ones."""
+        staged = self._fast.staged if self._fast is not None else 0
+        return len(self._producer) + staged >= self._max_messages
 
     def _skip(self) -> bool:
         with self._lock:
@@ -425,11 +443,21 @@ class Emitter:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is None:  # only failures are reported; kept for explicit configs
             return
-        reason = err.name().lstrip("_").lower()
+        self._fail(err.name().lstrip("_").lower(), err.str())
+
+    def _refused_at_hand_over(self, data: bytes, key: str, exc: BaseException | None) -> None:
+        """A staged event whose ``produce()`` raised: it was accepted (``sent``), so it
+        is retried while ``producer_block_ms`` allows, else counted as failed."""
+        full = isinstance(exc, BufferError)
+        if full and self._block_s and self._retry_until_space(self._inference_topic, key, data):
+            return
+        self._fail("queue_full" if full else "produce_error", f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, reason: str, detail: str) -> None:
         with self._lock:
             self._failed[reason] = self._failed.get(reason, 0) + 1
         self._log("failed:" + reason, "shadowpipe emitter %s: delivery failed: %s", self.name,
-                  err.str())
+                  detail)
 
     def _on_error(self, err: KafkaError) -> None:
         self._log("error:" + err.name(), "shadowpipe emitter %s: %s", self.name, err.str())
@@ -448,7 +476,10 @@ class Emitter:
         while not self._stop.wait(_POLL_EVERY_S):
             now = _count_value(self._sent)
             if now == seen:  # no emit since the last look
-                self._serve_reports()
+                if self._fast is not None and self._fast.staged:
+                    self._fast.hand_over()  # serves the reports too
+                else:
+                    self._serve_reports()
             seen = now
 
     # -- state ----------------------------------------------------------------------------
@@ -458,7 +489,8 @@ class Emitter:
         # Read in this order, every sent event is at least in one of the later figures:
         # delivered may lag by the events queued meanwhile, never run ahead.
         sent = _count_value(self._sent)
-        queued = len(self._producer)
+        # Staged first: an event handed over in between is counted twice, never missed.
+        queued = (self._fast.staged if self._fast is not None else 0) + len(self._producer)
         with self._lock:
             failed = dict(self._failed)
             return EmitterStats(
