@@ -269,13 +269,18 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
  * every other call, and any failure on the way, is handed unchanged to the Python method
  * (`slow`), which validates, counts and never raises.
  *
- * Staging: encoded events wait here and go to produce() in bursts of STAGE_EVENTS, after
- * max_wait_ms, or when the emitter's thread finds the service quiet. In a service each
+ * Staging: encoded events wait here and go to produce() in one burst. In a service each
  * emit runs with caches made cold by the request's own work, where produce() costs ~5 us;
- * back to back it costs ~1.7 us, so a burst of 16 costs less than 16 single calls and
- * lands on one request in 16, well under the p99 of a ~1 ms handler (docs/producer.md). */
+ * back to back it costs ~2.5-4, so a burst costs less than single calls. A burst (with
+ * the report serving that follows it) adds ~40-80 us to one request, though, and landing
+ * on a request that was slow already it moves the service's p99: once STAGE_BURST events
+ * are staged, the burst waits for a request whose latency_ms is at most the running mean
+ * (most are), up to STAGE_CAP events or max_wait_ms. The emitter's thread hands the stage
+ * over when the service goes quiet. Measured in docs/producer.md. */
 
-#define STAGE_EVENTS 16
+#define STAGE_BURST 16
+#define STAGE_CAP 64
+#define LATENCY_WEIGHT (1.0 / 64) /* of a new latency in the running mean */
 
 typedef struct {
     PyObject_HEAD
@@ -290,10 +295,11 @@ typedef struct {
     PyObject *refused;   /* refused(value, key, exception): a staged event produce() refused */
     PyObject *last_model, *last_version, *last_memo; /* the previous call's memo entry */
     PyObject *sent;      /* itertools.count shared with the Python path */
-    PyObject *staged[2 * STAGE_EVENTS]; /* (value bytes, key str) pairs */
+    PyObject *staged[2 * STAGE_CAP]; /* (value bytes, key str) pairs */
     int staged_n;
     long long staged_at_ms;  /* event time of the oldest staged event */
     long long max_wait_ms;
+    double mean_latency_ms;  /* running mean of latency_ms; < 0: none seen yet */
     Py_ssize_t room;     /* events that fit in librdkafka's queue at the last look, less
                           * those staged since: len() is only asked when it runs out */
     Py_ssize_t max_messages, max_queue_bytes; /* librdkafka's two bounds */
@@ -341,13 +347,13 @@ static long long now_ms(void) {
 
 /* write_event for this call with the memoised model fields; NULL when not plain. */
 static PyObject *encode_plain(FastEmit *self, PyObject *const *args, PyObject **kw,
-                              PyObject *memo, long long now) {
+                              PyObject *memo, long long now, double latency_ms) {
     Py_ssize_t key_len;
     const char *key = PyUnicode_AsUTF8AndSize(args[0], &key_len); /* cached by the str */
     PyObject *model_version = PyTuple_GET_ITEM(memo, 2), *rate = PyTuple_GET_ITEM(memo, 0);
-    double latency_ms;
-    if (key == NULL || !PyBytes_CheckExact(model_version) || !PyFloat_CheckExact(rate)
-        || finite_number(kw[KW_LATENCY], &latency_ms) != OK) return NULL;
+    if (key == NULL || !PyBytes_CheckExact(model_version) || !PyFloat_CheckExact(rate)) {
+        return NULL;
+    }
     PyObject *data = write_event(self->header, key, key_len, now, args[1], args[2],
                                  model_version, latency_ms,
                                  kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None,
@@ -399,16 +405,17 @@ static int has_room(FastEmit *self, Py_ssize_t size) {
 
 /* The encoded event, or NULL (no exception set) when the call is not the plain case. */
 static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **kw,
-                             long long now) {
+                             long long now, double *latency_ms) {
     PyObject *request_id = args[0];
     if (kw[KW_MODEL] == NULL || kw[KW_VERSION] == NULL || kw[KW_LATENCY] == NULL
-        || (kw[KW_TS] != NULL && kw[KW_TS] != Py_None) || !usable_id(request_id)) return NULL;
+        || (kw[KW_TS] != NULL && kw[KW_TS] != Py_None) || !usable_id(request_id)
+        || finite_number(kw[KW_LATENCY], latency_ms) != OK) return NULL;
     PyObject *memo = remembered_memo(self, kw[KW_MODEL], kw[KW_VERSION]);
     if (memo == NULL) return NULL;
     PyObject *data = NULL;
     if (PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
         && PyTuple_GET_ITEM(memo, 1) == Py_None && has_room(self, 0)) {
-        data = encode_plain(self, args, kw, memo, now);
+        data = encode_plain(self, args, kw, memo, now, *latency_ms);
         Py_ssize_t key_len = 0;
         if (data != NULL && PyUnicode_AsUTF8AndSize(request_id, &key_len) != NULL
             && !has_room(self, PyBytes_GET_SIZE(data) + key_len)) {
@@ -439,7 +446,7 @@ static PyObject *take_exception(void) {
 static int hand_over(FastEmit *self) {
     int n = self->staged_n;
     if (n == 0) return 0;
-    PyObject *batch[2 * STAGE_EVENTS];
+    PyObject *batch[2 * STAGE_CAP];
     memcpy(batch, self->staged, 2 * (size_t)n * sizeof(PyObject *));
     self->staged_n = 0;
     for (int i = 0; i < n; i++) {
@@ -463,8 +470,15 @@ static int hand_over(FastEmit *self) {
     return n;
 }
 
-/* Stages an encoded event (steals `data`); hands the stage over when it is full or old. */
-static void stage(FastEmit *self, PyObject *data, PyObject *key, long long now) {
+/* Whether this request should carry the burst (see "Staging" above). */
+static int burst_due(FastEmit *self, long long now, double latency_ms) {
+    if (self->staged_n >= STAGE_CAP || now - self->staged_at_ms >= self->max_wait_ms) return 1;
+    return self->staged_n >= STAGE_BURST && latency_ms <= self->mean_latency_ms;
+}
+
+/* Stages an encoded event (steals `data`) and hands the stage over when due. */
+static void stage(FastEmit *self, PyObject *data, PyObject *key, long long now,
+                  double latency_ms) {
     if (self->staged_n == 0) self->staged_at_ms = now;
     self->staged[2 * self->staged_n] = data;
     self->staged[2 * self->staged_n + 1] = Py_NewRef(key);
@@ -472,9 +486,10 @@ static void stage(FastEmit *self, PyObject *data, PyObject *key, long long now) 
     self->room--;
     Py_XDECREF(PyIter_Next(self->sent));
     PyErr_Clear(); /* counting may not fail the (staged) event */
-    if (self->staged_n == STAGE_EVENTS || now - self->staged_at_ms >= self->max_wait_ms) {
-        hand_over(self);
-    }
+    int due = burst_due(self, now, latency_ms);
+    self->mean_latency_ms = self->mean_latency_ms < 0 ? latency_ms
+        : self->mean_latency_ms + (latency_ms - self->mean_latency_ms) * LATENCY_WEIGHT;
+    if (due) hand_over(self);
 }
 
 static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_t nargsf,
@@ -484,9 +499,10 @@ static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_
     PyObject *kw[KW_COUNT] = {NULL};
     if (!self->closed && nargs == 3 && read_keywords(args + nargs, kwnames, kw) == 0) {
         long long now = now_ms();
-        PyObject *data = plain_event(self, args, kw, now);
+        double latency_ms = 0.0;
+        PyObject *data = plain_event(self, args, kw, now, &latency_ms);
         if (data != NULL) {
-            stage(self, data, args[0], now);
+            stage(self, data, args[0], now, latency_ms);
             Py_RETURN_TRUE;
         }
     }
@@ -598,6 +614,7 @@ static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_
     self->room = 0;
     self->staged_n = 0;
     self->staged_at_ms = 0;
+    self->mean_latency_ms = -1.0;
     self->last_model = self->last_version = self->last_memo = NULL;
     self->closed = 0;
     PyObject_GC_Track(self);

@@ -5,11 +5,13 @@ Hot path of an emit call, all on the caller's thread (~4 us with 20 features in 
 loop, 1.5-3x that right after other work: caches go cold, see docs/producer.md):
 validate and sample, encode, hand the bytes to librdkafka's ``produce()``, which only
 enqueues. A plain ``emit_inference`` (unsampled model, no ``ts``, plain inputs) encodes in
-one C call (``FastEmit``, producers/_encode.c) and stages the bytes: every 16th such call
-(or one made 100 ms after the oldest staged event, or the emitter's thread when no event
-came for 0.2 s) produces the stage in one burst, where ``produce()`` runs warm at a third
-of its cost after other work. Every other call runs the Python method below, with the
-specialised writer of :mod:`.events` where the C encoder declines.
+one C call (``FastEmit``, producers/_encode.c) and stages the bytes. Once 16 are staged,
+the first call whose ``latency_ms`` is at most the running mean (a request with time to
+spare, not one on the service's slow tail) produces the stage in one burst, where
+``produce()`` runs warmer; so does the 64th staged event, a call 100 ms after the oldest
+staged one, and the emitter's thread when no event came for 0.2 s. Every other call
+runs the Python method below, with the specialised writer of :mod:`.events` where the C
+encoder declines.
 Compression, batching, sending and retries happen on librdkafka's threads. Every burst,
 and every 16th event of the Python path, serves librdkafka's reports on the caller's
 thread (which holds the GIL anyway); a background thread covers quiet times.
@@ -20,8 +22,8 @@ the client still takes the GIL per report to discard a success), so
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
 when it is full the event is dropped and counted as ``queue_full`` (or, with
-``producer_block_ms``, after waiting at most that long for space). At most 16 staged
-events wait outside that bound; one that librdkafka refuses when its burst is produced
+``producer_block_ms``, after waiting at most that long for space). Staged events (at most
+64) count against that bound; one that librdkafka refuses when its burst is produced
 counts as failed (``queue_full``).
 """
 

@@ -271,6 +271,35 @@ def test_staged_events_from_racing_threads_are_each_delivered_once(
         f"race-{t}-{i}" for t in range(4) for i in range(500))
 
 
+def test_a_burst_waits_for_a_request_no_slower_than_usual(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 16 staged events the burst goes with the first request whose latency is at
+    most the running mean, so it does not land on the service's slow tail; 64 staged
+    events go regardless."""
+    from shadowpipe.producers import emitter as emitter_module
+
+    monkeypatch.setattr(emitter_module, "_STAGE_WAIT_MS", 600_000)  # no time-based burst
+    down = Settings.load(env={"SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    emitter = _compiled_emitter(down)
+    made = 0
+
+    def emit(count: int, latency_ms: float) -> int:
+        nonlocal made
+        for _ in range(count):
+            assert emitter.emit_inference(f"r{made}", {"x": 1.0}, "ok", model="m",
+                                          version="1", latency_ms=latency_ms)
+            made += 1
+        return emitter._fast.staged
+
+    assert emit(16, 1.0) == 15  # the first call memoises the model on the Python path
+    assert emit(24, 9.0) == 39  # slower than usual: the burst waits
+    assert emit(1, 0.5) == 0  # a quick request carries it
+    assert emit(63, 1000.0) == 63 and emit(1, 1000.0) == 0  # the cap
+    stats = emitter.stats()
+    assert stats.sent == made and stats.queued >= made and not stats.dropped
+    emitter.close(timeout=0)
+
+
 def test_queue_filled_behind_the_stage_fails_staged_events_by_reason() -> None:
     """Staged events librdkafka refuses when their burst is produced (its byte bound
     filled by another producer of the process) are counted as failed, never raised."""
