@@ -414,7 +414,8 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     if (memo == NULL) return NULL;
     PyObject *data = NULL;
     if (PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
-        && PyTuple_GET_ITEM(memo, 1) == Py_None && has_room(self, 0)) {
+        && PyTuple_GET_ITEM(memo, 1) == Py_None && self->staged_n < STAGE_CAP
+        && has_room(self, 0)) {
         data = encode_plain(self, args, kw, memo, now, *latency_ms);
         Py_ssize_t key_len = 0;
         if (data != NULL && PyUnicode_AsUTF8AndSize(request_id, &key_len) != NULL
@@ -589,7 +590,8 @@ static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_
         return NULL;
     }
     Py_ssize_t max_messages = PyLong_AsSsize_t(args[8]);
-    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[9]), max_bytes = PyLong_AsSsize_t(args[10]);
+    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[10]);
     long long max_wait_ms = PyLong_AsLongLong(args[11]);
     if (PyErr_Occurred()) return NULL;
     PyObject *produce = PyObject_GetAttrString(args[4], "produce");

@@ -290,8 +290,7 @@ class Emitter:
                 self._encoder.inference_header, self._inference_topic, self._producer,
                 self._serve_reports, self._refused_at_hand_over, self._sent,
                 self._max_messages, int(config["queue.buffering.max.kbytes"]) * 1024,
-                self._encoder.max_bytes,
-                _STAGE_WAIT_MS,
+                self._encoder.max_bytes, _STAGE_WAIT_MS,
             )
         self._stop = threading.Event()
         self._poller = threading.Thread(
