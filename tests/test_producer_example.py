@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,11 +27,24 @@ def post(port: int, path: str, body: dict) -> dict:
     return json.loads(request.read())
 
 
+def _exit_code(service: subprocess.Popen, timeout: float) -> int:
+    """The exit code; a service still running after ``timeout`` fails the test with the
+    stacks of all its threads (SIGABRT under ``-X faulthandler``)."""
+    try:
+        service.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        service.send_signal(signal.SIGABRT)
+        _, stacks = service.communicate()
+        raise AssertionError(f"no exit {timeout} s after SIGTERM; stacks:\n{stacks}") from None
+    return service.returncode
+
+
 def test_example_service_emits_inference_and_feedback(settings: Settings) -> None:
     port = free_port()
-    service = subprocess.Popen([sys.executable, str(EXAMPLE), str(port)],
+    # -X faulthandler: a service that does not exit is made to print where it is stuck.
+    service = subprocess.Popen([sys.executable, "-X", "faulthandler", str(EXAMPLE), str(port)],
                                env={**os.environ, **settings.to_env()},
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -43,7 +57,7 @@ def test_example_service_emits_inference_and_feedback(settings: Settings) -> Non
         assert answer["label"] == "review"
         assert post(port, "/outcome", {"request_id": answer["request_id"], "label": "ok"})
         service.terminate()  # the example exits normally on SIGTERM: events are flushed
-        assert service.wait(20) == 0
+        assert _exit_code(service, timeout=30) == 0
     finally:
         service.kill()
     consumer = kafka.consumer(settings, f"example-{uuid.uuid4().hex}")
