@@ -11,6 +11,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -293,6 +294,9 @@ typedef struct {
     PyObject *produce;   /* its bound produce */
     PyObject *serve;     /* bound method serving delivery reports, never raises */
     PyObject *refused;   /* refused(value, key, exception): a staged event produce() refused */
+    PyObject *full;      /* counts (and logs) one queue_full drop; None: blocking is allowed */
+    long long full_drops;     /* queue_full drops counted here, not by `full` */
+    long long full_called_ms; /* when `full` was last called */
     PyObject *last_model, *last_version, *last_memo; /* the previous call's memo entry */
     PyObject *sent;      /* itertools.count shared with the Python path */
     PyObject *staged[2 * STAGE_CAP]; /* (value bytes, key str) pairs */
@@ -405,7 +409,7 @@ static int has_room(FastEmit *self, Py_ssize_t size) {
 
 /* The encoded event, or NULL (no exception set) when the call is not the plain case. */
 static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **kw,
-                             long long now, double *latency_ms) {
+                             long long now, double *latency_ms, int *no_room) {
     PyObject *request_id = args[0];
     if (kw[KW_MODEL] == NULL || kw[KW_VERSION] == NULL || kw[KW_LATENCY] == NULL
         || (kw[KW_TS] != NULL && kw[KW_TS] != Py_None) || !usable_id(request_id)
@@ -413,9 +417,10 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     PyObject *memo = remembered_memo(self, kw[KW_MODEL], kw[KW_VERSION]);
     if (memo == NULL) return NULL;
     PyObject *data = NULL;
-    if (PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
-        && PyTuple_GET_ITEM(memo, 1) == Py_None && self->staged_n < STAGE_CAP
-        && has_room(self, 0)) {
+    int plain = PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
+        && PyTuple_GET_ITEM(memo, 1) == Py_None && self->staged_n < STAGE_CAP;
+    *no_room = plain && !has_room(self, 0);
+    if (plain && !*no_room) {
         data = encode_plain(self, args, kw, memo, now, *latency_ms);
         Py_ssize_t key_len = 0;
         if (data != NULL && PyUnicode_AsUTF8AndSize(request_id, &key_len) != NULL
@@ -493,6 +498,19 @@ static void stage(FastEmit *self, PyObject *data, PyObject *key, long long now,
     if (due) hand_over(self);
 }
 
+/* A plain event librdkafka's queue has no room for, dropped without the Python method
+ * (a broker outage sends every call here). `full` counts and logs one a minute, as the
+ * Python path would log them; the rest are counted here (stats() adds them). */
+static void drop_full(FastEmit *self, long long now) {
+    if (now - self->full_called_ms < 60000) {
+        self->full_drops++;
+        return;
+    }
+    self->full_called_ms = now;
+    Py_XDECREF(PyObject_CallNoArgs(self->full));
+    PyErr_Clear();
+}
+
 static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_t nargsf,
                                 PyObject *kwnames) {
     FastEmit *self = (FastEmit *)callable;
@@ -501,10 +519,16 @@ static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_
     if (!self->closed && nargs == 3 && read_keywords(args + nargs, kwnames, kw) == 0) {
         long long now = now_ms();
         double latency_ms = 0.0;
-        PyObject *data = plain_event(self, args, kw, now, &latency_ms);
+        int no_room = 0;
+        PyObject *data = plain_event(self, args, kw, now, &latency_ms, &no_room);
         if (data != NULL) {
             stage(self, data, args[0], now, latency_ms);
             Py_RETURN_TRUE;
+        }
+        if (no_room && self->full != Py_None) {
+            PyErr_Clear();
+            drop_full(self, now);
+            Py_RETURN_FALSE;
         }
     }
     /* Not the plain case (or no room): the Python method decides and counts. */
@@ -515,7 +539,8 @@ static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_
 static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
     Py_VISIT(self->slow); Py_VISIT(self->models); Py_VISIT(self->header);
     Py_VISIT(self->topic); Py_VISIT(self->producer); Py_VISIT(self->produce);
-    Py_VISIT(self->serve); Py_VISIT(self->refused); Py_VISIT(self->sent);
+    Py_VISIT(self->serve); Py_VISIT(self->refused); Py_VISIT(self->full);
+    Py_VISIT(self->sent);
     Py_VISIT(self->last_model); Py_VISIT(self->last_version); Py_VISIT(self->last_memo);
     for (int i = 0; i < 2 * self->staged_n; i++) Py_VISIT(self->staged[i]);
     return 0;
@@ -524,7 +549,8 @@ static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
 static int fast_emit_clear(FastEmit *self) {
     Py_CLEAR(self->slow); Py_CLEAR(self->models); Py_CLEAR(self->header);
     Py_CLEAR(self->topic); Py_CLEAR(self->producer); Py_CLEAR(self->produce);
-    Py_CLEAR(self->serve); Py_CLEAR(self->refused); Py_CLEAR(self->sent);
+    Py_CLEAR(self->serve); Py_CLEAR(self->refused); Py_CLEAR(self->full);
+    Py_CLEAR(self->sent);
     Py_CLEAR(self->last_model); Py_CLEAR(self->last_version); Py_CLEAR(self->last_memo);
     int n = self->staged_n;
     self->staged_n = 0;
@@ -546,6 +572,10 @@ static PyObject *fast_emit_staged(FastEmit *self, void *unused) {
     return PyLong_FromLong(self->staged_n);
 }
 
+static PyObject *fast_emit_full_drops(FastEmit *self, void *unused) {
+    return PyLong_FromLongLong(self->full_drops);
+}
+
 static PyObject *fast_emit_close(FastEmit *self, PyObject *unused) {
     self->closed = 1;
     return PyLong_FromLong(hand_over(self));
@@ -562,6 +592,8 @@ static PyMethodDef fast_emit_methods[] = {
 static PyGetSetDef fast_emit_getset[] = {
     {"staged", (getter)fast_emit_staged, NULL, "events waiting to be handed to produce()",
      NULL},
+    {"full_drops", (getter)fast_emit_full_drops, NULL,
+     "queue_full drops counted in C (not passed to `full`)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -581,18 +613,18 @@ static PyTypeObject FastEmitType = {
 };
 
 static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "fast_emitter takes 12 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "fast_emitter takes 13 arguments");
         return NULL;
     }
     if (!PyDict_Check(args[1]) || !PyBytes_CheckExact(args[2]) || !PyUnicode_Check(args[3])) {
         PyErr_SetString(PyExc_TypeError, "fast_emitter: models dict, header bytes, topic str");
         return NULL;
     }
-    Py_ssize_t max_messages = PyLong_AsSsize_t(args[8]);
-    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[10]);
-    long long max_wait_ms = PyLong_AsLongLong(args[11]);
+    Py_ssize_t max_messages = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[10]);
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[11]);
+    long long max_wait_ms = PyLong_AsLongLong(args[12]);
     if (PyErr_Occurred()) return NULL;
     PyObject *produce = PyObject_GetAttrString(args[4], "produce");
     if (produce == NULL) return NULL;
@@ -607,7 +639,10 @@ static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_
     self->produce = produce;
     self->serve = Py_NewRef(args[5]);
     self->refused = Py_NewRef(args[6]);
-    self->sent = Py_NewRef(args[7]);
+    self->full = Py_NewRef(args[7]);
+    self->full_drops = 0;
+    self->full_called_ms = LLONG_MIN / 2;
+    self->sent = Py_NewRef(args[8]);
     self->max_messages = max_messages;
     self->max_queue_bytes = max_queue_bytes;
     self->biggest = 0;
@@ -629,7 +664,7 @@ static PyMethodDef methods[] = {
      "                 context, event_time, inclusion_prob, trace_id) -> bytes | None\n\n"
      "The InferenceEvent bytes for plain inputs, None for the Python encoder to handle."},
     {"fast_emitter", (PyCFunction)(void (*)(void))fast_emitter, METH_FASTCALL,
-     "fast_emitter(slow, models, header, topic, producer, serve, refused, sent,\n"
+     "fast_emitter(slow, models, header, topic, producer, serve, refused, full, sent,\n"
      "             max_messages, max_queue_bytes, max_bytes, max_wait_ms) -> FastEmit\n\n"
      "A callable with emit_inference's signature: the plain case in C, the rest to slow."},
     {NULL, NULL, 0, NULL},

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import hashlib
 import itertools
 import logging
@@ -288,7 +289,9 @@ class Emitter:
             self._fast = self.emit_inference = fast_emitter(  # type: ignore[method-assign]
                 type(self).emit_inference.__get__(self), self._models,
                 self._encoder.inference_header, self._inference_topic, self._producer,
-                self._serve_reports, self._refused_at_hand_over, self._sent,
+                self._serve_reports, self._refused_at_hand_over,
+                None if self._block_s else functools.partial(self._drop, "queue_full"),
+                self._sent,
                 self._max_messages, int(config["queue.buffering.max.kbytes"]) * 1024,
                 self._encoder.max_bytes, _STAGE_WAIT_MS,
             )
@@ -493,15 +496,18 @@ class Emitter:
         # Staged first: an event handed over in between is counted twice, never missed.
         queued = (self._fast.staged if self._fast is not None else 0) + len(self._producer)
         with self._lock:
-            failed = dict(self._failed)
-            return EmitterStats(
-                sent=sent,
-                delivered=max(0, sent - sum(failed.values()) - queued),
-                queued=queued,
-                sampled_out=self._sampled_out,
-                dropped=dict(self._dropped),
-                failed=failed,
-            )
+            failed, dropped = dict(self._failed), dict(self._dropped)
+            sampled_out = self._sampled_out
+        if self._fast is not None and self._fast.full_drops:  # counted in C (outages)
+            dropped["queue_full"] = dropped.get("queue_full", 0) + self._fast.full_drops
+        return EmitterStats(
+            sent=sent,
+            delivered=max(0, sent - sum(failed.values()) - queued),
+            queued=queued,
+            sampled_out=sampled_out,
+            dropped=dropped,
+            failed=failed,
+        )
 
     def close(self, timeout: float = 10.0) -> int:
         """Deliver what is queued within ``timeout`` s; the rest is purged and counted as

@@ -300,6 +300,21 @@ def test_a_burst_waits_for_a_request_no_slower_than_usual(
     emitter.close(timeout=0)
 
 
+def test_outage_drops_are_counted_in_c_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Plain calls with no room left are dropped by the compiled path itself: counted as
+    queue_full like the Python path's, and the reason is still logged (once)."""
+    down = Settings.load(env={"SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    emitter = _compiled_emitter(down, **{"queue.buffering.max.messages": 20})
+    results = [_plain(emitter, f"r{i}") for i in range(200)]
+    stats = emitter.stats()
+    assert 0 < stats.sent == sum(results) < 200
+    assert stats.dropped == {"queue_full": 200 - stats.sent}
+    assert emitter._fast.full_drops == 200 - stats.sent - 1  # the first went to Python
+    assert sum("(queue_full)" in r.getMessage() for r in caplog.records) == 1
+    emitter.close(timeout=0)
+
+
 def test_queue_filled_behind_the_stage_fails_staged_events_by_reason() -> None:
     """Staged events librdkafka refuses when their burst is produced (its byte bound
     filled by another producer of the process) are counted as failed, never raised."""
