@@ -21,8 +21,9 @@ the client still takes the GIL per report to discard a success), so
 
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
-when it is full the event is dropped and counted as ``queue_full`` (or, with
-``producer_block_ms``, after waiting at most that long for space). Staged events (at most
+when it is full the event is dropped and counted as ``queue_full`` (by the C path
+itself for a plain call, so that an outage costs a service little), or, with
+``producer_block_ms``, after waiting at most that long for space. Staged events (at most
 64) count against that bound; one that librdkafka refuses when its burst is produced
 counts as failed (``queue_full``).
 """
