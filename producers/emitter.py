@@ -12,9 +12,10 @@ spare, not one on the service's slow tail) produces the stage in one burst, wher
 staged one, and the emitter's thread when no event came for 0.2 s. Every other call
 runs the Python method below, with the specialised writer of :mod:`.events` where the C
 encoder declines.
-Compression, batching, sending and retries happen on librdkafka's threads. Every burst,
-and every 16th event of the Python path, serves librdkafka's reports on the caller's
-thread (which holds the GIL anyway); a background thread covers quiet times.
+Compression, batching, sending and retries happen on librdkafka's threads. A burst on
+one of the quickest fifth of requests (or the 8th burst without one), and every 16th event
+of the Python path, serves librdkafka's reports on the caller's thread (which holds the
+GIL anyway); a background thread covers quiet times.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
 the client still takes the GIL per report to discard a success), so
 ``delivered = sent - failed - in queue`` (staged events count as in queue).
