@@ -354,25 +354,6 @@ static long long now_ms(void) {
     return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* write_event for this call with the memoised model fields; NULL when not plain. */
-static PyObject *encode_plain(FastEmit *self, PyObject *const *args, PyObject **kw,
-                              PyObject *memo, long long now, double latency_ms) {
-    Py_ssize_t key_len;
-    const char *key = PyUnicode_AsUTF8AndSize(args[0], &key_len); /* cached by the str */
-    PyObject *model_version = PyTuple_GET_ITEM(memo, 2), *rate = PyTuple_GET_ITEM(memo, 0);
-    if (key == NULL || !PyBytes_CheckExact(model_version) || !PyFloat_CheckExact(rate)) {
-        return NULL;
-    }
-    PyObject *data = write_event(self->header, key, key_len, now, args[1], args[2],
-                                 model_version, latency_ms,
-                                 kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None,
-                                 PyFloat_AS_DOUBLE(rate), kw[KW_TRACE] ? kw[KW_TRACE] : Py_None);
-    if (data == Py_None || (data != NULL && PyBytes_GET_SIZE(data) > self->max_bytes)) {
-        Py_CLEAR(data);
-    }
-    return data;
-}
-
 /* The memo entry of (model, version), a new reference, or NULL. A service passes the same
  * two objects on every call: the entry of the previous call is kept with them (entries
  * never change; the dict may be cleared by the Python side, which only costs a lookup). */
@@ -412,6 +393,29 @@ static int has_room(FastEmit *self, Py_ssize_t size) {
     return self->room > 0;
 }
 
+/* write_event for this call with the memoised model fields; NULL when not plain, too
+ * large, or larger than any staged before and the byte bound has no room for it. */
+static PyObject *encode_plain(FastEmit *self, PyObject *const *args, PyObject **kw,
+                              PyObject *memo, long long now, double latency_ms) {
+    Py_ssize_t key_len;
+    const char *key = PyUnicode_AsUTF8AndSize(args[0], &key_len); /* cached by the str */
+    PyObject *model_version = PyTuple_GET_ITEM(memo, 2), *rate = PyTuple_GET_ITEM(memo, 0);
+    if (key == NULL || !PyBytes_CheckExact(model_version) || !PyFloat_CheckExact(rate)) {
+        return NULL;
+    }
+    PyObject *data = write_event(self->header, key, key_len, now, args[1], args[2],
+                                 model_version, latency_ms,
+                                 kw[KW_CONTEXT] ? kw[KW_CONTEXT] : Py_None,
+                                 PyFloat_AS_DOUBLE(rate), kw[KW_TRACE] ? kw[KW_TRACE] : Py_None);
+    if (data == Py_None) {
+        Py_CLEAR(data);
+    } else if (data != NULL) {
+        Py_ssize_t size = PyBytes_GET_SIZE(data);
+        if (size > self->max_bytes || !has_room(self, size + key_len)) Py_CLEAR(data);
+    }
+    return data;
+}
+
 /* The encoded event, or NULL (no exception set) when the call is not the plain case. */
 static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **kw,
                              long long now, double *latency_ms, int *no_room) {
@@ -427,11 +431,6 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     *no_room = plain && !has_room(self, 0);
     if (plain && !*no_room) {
         data = encode_plain(self, args, kw, memo, now, *latency_ms);
-        Py_ssize_t key_len = 0;
-        if (data != NULL && PyUnicode_AsUTF8AndSize(request_id, &key_len) != NULL
-            && !has_room(self, PyBytes_GET_SIZE(data) + key_len)) {
-            Py_CLEAR(data); /* larger than any before, and the byte bound says no */
-        }
     }
     Py_DECREF(memo);
     return data;

@@ -293,9 +293,9 @@ class Emitter:
                 self._encoder.inference_header, self._inference_topic, self._producer,
                 self._serve_reports, self._refused_at_hand_over,
                 None if self._block_s else functools.partial(self._drop, "queue_full"),
-                self._sent,
-                self._max_messages, int(config["queue.buffering.max.kbytes"]) * 1024,
-                self._encoder.max_bytes, _STAGE_WAIT_MS,
+                self._sent, self._max_messages,
+                int(config["queue.buffering.max.kbytes"]) * 1024, self._encoder.max_bytes,
+                _STAGE_WAIT_MS,
             )
         self._stop = threading.Event()
         self._poller = threading.Thread(
@@ -337,7 +337,7 @@ class Emitter:
                 self._models.get((model, version)) or self._model(model, version))
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
-            if self._queue_full() and not self._block_s:
+            if not self._block_s and self._queue_full():
                 return self._drop("queue_full")  # full: spend neither encoding nor a raise
             event_time = time.time_ns() // 1_000_000 if ts is None else _millis(ts)
             data = self._encoder.encoded_model_inference(
@@ -381,7 +381,7 @@ class Emitter:
             bound = threshold(rate)
             if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
                 return self._skip()
-            if self._queue_full() and not self._block_s:
+            if not self._block_s and self._queue_full():
                 return self._drop("queue_full")  # the staged events have their places
             data = self._encoder.feedback(
                 key, label, value=value, event_time=_millis(ts), source=source,
@@ -424,10 +424,13 @@ class Emitter:
                 return False
         return False
 
+    def _staged(self) -> int:
+        """Events the compiled path holds for its next burst (not yet in librdkafka)."""
+        return self._fast.staged if self._fast is not None else 0
+
     def _queue_full(self) -> bool:
         """librdkafka's queue has no room for one more event besides the staged ones."""
-        staged = self._fast.staged if self._fast is not None else 0
-        return len(self._producer) + staged >= self._max_messages
+        return len(self._producer) + self._staged() >= self._max_messages
 
     def _skip(self) -> bool:
         with self._lock:
@@ -482,7 +485,7 @@ class Emitter:
         while not self._stop.wait(_POLL_EVERY_S):
             now = _count_value(self._sent)
             if now == seen:  # no emit since the last look
-                if self._fast is not None and self._fast.staged:
+                if self._staged():
                     self._fast.hand_over()  # serves the reports too
                 else:
                     self._serve_reports()
@@ -496,7 +499,7 @@ class Emitter:
         # delivered may lag by the events queued meanwhile, never run ahead.
         sent = _count_value(self._sent)
         # Staged first: an event handed over in between is counted twice, never missed.
-        queued = (self._fast.staged if self._fast is not None else 0) + len(self._producer)
+        queued = self._staged() + len(self._producer)
         with self._lock:
             failed, dropped = dict(self._failed), dict(self._dropped)
             sampled_out = self._sampled_out
