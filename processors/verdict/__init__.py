@@ -1,0 +1,1 @@
+"""The verdict engine: an anytime-valid, paired PROMOTE / REJECT / HOLD / INCONCLUSIVE decision per challenger."""
