@@ -151,8 +151,9 @@ def test_worker_feedback_after_horizon_is_an_orphan(settings: Settings, tmp_path
             (complete["id"], "predicted"), (no_primary["id"], "orphan_prediction"),
             (no_request["id"], "orphan_feedback")})
         # The complete request is swept at its horizon too; then its label arrives.
-        deadline = time.time() + 30
-        while _stats(s)["pending"] and time.time() < deadline:
+        deadline = time.time() + 120
+        while _stats(s)["pending"]:
+            assert time.time() < deadline, "the complete request was never swept"
             time.sleep(0.5)
         late = {"request_id": complete["id"], "label": "b", "event_time": 2}
         _produce(s, [("feedback", complete["id"], CODEC.encode("Feedback", late))])

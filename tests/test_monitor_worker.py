@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from shadowpipe.processors.monitor import synthetic
 from shadowpipe.schemas.codec import Codec
 
@@ -90,10 +91,13 @@ def test_worker_monitor_end_to_end(settings: Settings, tmp_path: Path) -> None:
         low, high = c1["challenger_arm"]["accuracy_ci95"]
         assert low < c1["challenger_arm"]["accuracy"] < high
 
+        # Assigned, not subscribed: a new group waits ~20 s on the embedded broker, and
+        # longer on a busy machine.
         dead = consumer(s, f"t-{uuid.uuid4()}")
-        dead.subscribe([s.topic("deadletter")])
+        dead.assign([TopicPartition(s.topic("deadletter"), p, OFFSET_BEGINNING)
+                     for p in range(s.partitions)])
         letters = []
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while not letters and time.time() < deadline:
             msg = dead.poll(1.0)
             if msg is not None and not msg.error():
