@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
@@ -46,7 +47,7 @@ def test_example_service_emits_inference_and_feedback(settings: Settings) -> Non
                                env={**os.environ, **settings.to_env()},
                                stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 90  # imports alone take seconds on a busy machine
         while True:
             try:
                 answer = post(port, "/predict", {"amount": 1250.0, "country": "DE"})
@@ -61,10 +62,12 @@ def test_example_service_emits_inference_and_feedback(settings: Settings) -> Non
     finally:
         service.kill()
     consumer = kafka.consumer(settings, f"example-{uuid.uuid4().hex}")
-    consumer.subscribe([settings.topic("inference"), settings.topic("feedback")])
+    # Assigned, not subscribed: a new group waits ~20 s on the embedded broker.
+    consumer.assign([TopicPartition(settings.topic(kind), p, OFFSET_BEGINNING)
+                     for kind in ("inference", "feedback") for p in range(settings.partitions)])
     names = {settings.topic("inference"): "InferenceEvent", settings.topic("feedback"): "Feedback"}
     got = {}
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while len(got) < 2 and time.monotonic() < deadline:
         for msg in consumer.consume(10, timeout=0.5):
             if not msg.error():
