@@ -25,7 +25,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 ENV_PREFIX = "SHADOWPIPE_"
-TOPIC_KINDS = ("inference", "feedback", "predictions", "joined", "alerts", "deadletter")
+TOPIC_KINDS = ("inference", "feedback", "predictions", "joined", "alerts", "deadletter",
+               "verdicts")
 
 
 class ConfigError(Exception):
@@ -66,6 +67,7 @@ class Settings:
     topic_joined: str = _opt("joined", "joined records")
     topic_alerts: str = _opt("alerts", "drift and rule alerts")
     topic_deadletter: str = _opt("deadletter", "messages workers could not process")
+    topic_verdicts: str = _opt("verdicts", "verdict events (keyed by challenger)")
     partitions: int = _opt(4, "partitions of each topic created by shadowpipe", min=1)
     replication_factor: int = _opt(1, "replication factor of created topics", min=1)
     # Redis and ClickHouse
@@ -121,6 +123,7 @@ class Settings:
         25, "distribution drift alert when PSI vs the reference exceeds N/100", min=1)
     monitor_batch_size: int = _opt(5000, "max records per monitor micro-batch", min=1)
     monitor_batch_ms: int = _opt(200, "max wait to fill a monitor micro-batch, ms", min=1)
+    policy: str = _opt("", "verdict policy file (TOML); empty = the built-in defaults")
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR",
                           choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
