@@ -1,1 +1,1 @@
-"""The verdict engine: an anytime-valid, paired PROMOTE / REJECT / HOLD / INCONCLUSIVE decision per challenger."""
+"""The verdict engine: a paired, anytime-valid PROMOTE/REJECT/HOLD/INCONCLUSIVE per challenger."""
