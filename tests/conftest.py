@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +55,12 @@ def spawn_cli(settings: Settings, *args: str, log: Path | None = None) -> subpro
     return subprocess.Popen(
         [sys.executable, "-m", "shadowpipe.cli", *args], env=env, stdout=out, stderr=out
     )
+
+
+def assign_from_start(consumer: Any, settings: Settings, *topics: str) -> None:
+    """Read ``topics`` from their first offsets without joining a group: a new group waits
+    ~20 s for its first message on the embedded broker (longer on a busy machine)."""
+    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                     for topic in topics for p in range(settings.partitions)])

@@ -15,7 +15,7 @@ from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
-from tests.conftest import spawn_cli
+from tests.conftest import assign_from_start, spawn_cli
 from tests.test_join_core import expected_records, latest, make_requests, messages_of
 
 CODEC = Codec()
@@ -33,7 +33,7 @@ class Joined:
 
     def __init__(self, s: Settings) -> None:
         self.consumer = consumer(s, f"test-{s.topic_prefix}", **{"auto.offset.reset": "earliest"})
-        self.consumer.subscribe([s.topic("joined")])
+        assign_from_start(self.consumer, s, s.topic("joined"))
         self.records: list[dict[str, Any]] = []
 
     def wait(self, what: str, done: Any, timeout_s: float = 90.0) -> None:

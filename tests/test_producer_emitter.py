@@ -19,7 +19,7 @@ from shadowpipe.schemas.codec import Codec
 from shadowpipe import kafka
 from shadowpipe.config import ConfigError, Settings
 from shadowpipe.stack import EmbeddedStack
-from tests.conftest import free_port
+from tests.conftest import assign_from_start, free_port
 
 QUIET = {"log_level": 0}
 
@@ -30,7 +30,7 @@ def consume(settings: Settings, kinds: dict[str, str], expected: int,
     codec = Codec()
     topics = {settings.topic(kind): name for kind, name in kinds.items()}
     consumer = kafka.consumer(settings, f"test-{uuid.uuid4().hex}")
-    consumer.subscribe(list(topics))
+    assign_from_start(consumer, settings, *topics)
     out: dict[str, list[dict]] = {name: [] for name in kinds.values()}
     deadline = time.monotonic() + timeout_s
     try:

@@ -19,7 +19,7 @@ from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
-from tests.conftest import free_port, spawn_cli
+from tests.conftest import assign_from_start, free_port, spawn_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = Codec()
@@ -95,7 +95,7 @@ def wait_consumed(settings: Settings, proc: subprocess.Popen, target: int,
 def read_topic(settings: Settings, kind: str, name: str, until: int,
                timeout_s: float = 60) -> list[dict[str, Any]]:
     consumer = kafka.consumer(settings, f"test-{uuid.uuid4().hex}")
-    consumer.subscribe([settings.topic(kind)])
+    assign_from_start(consumer, settings, settings.topic(kind))
     out: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout_s
     idle_until = None
@@ -165,7 +165,7 @@ def test_kill_9_and_restart_leaves_no_gap(shadow_settings: Settings, tmp_path: P
     s2 = s.replace(web_port=free_port())
     second = spawn_cli(s2, "worker", "shadow", log=tmp_path / "second.log")
     try:
-        preds = read_topic(s2, "predictions", "ShadowPrediction", 20_000, timeout_s=120)
+        preds = read_topic(s2, "predictions", "ShadowPrediction", 20_000, timeout_s=400)
     finally:
         stop(second)
     pairs = {(p["request_id"], p["challenger"]) for p in preds}
