@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import numpy as np
 from scipy.special import betainc, betaln
+
+ArrayLike: TypeAlias = "float | int | np.ndarray"
+Numeric: TypeAlias = "float | np.ndarray"
 
 # ln of the smallest positive double: an e-value below it is reported as this.
 _LOG_TINY = -745.0
@@ -46,16 +49,22 @@ class Interval(NamedTuple):
     hi: float
 
 
-def sample_variance(n: int, s1: float, s2: float) -> float:
+def sample_variance(n: ArrayLike, s1: ArrayLike, s2: ArrayLike) -> Numeric:
     """Unbiased variance from ``n``, the sum ``s1`` and the sum of squares ``s2`` (0 when n < 2).
+
+    Works elementwise on arrays too (one value per simulated run).
 
     >>> sample_variance(4, 2.0, 2.0)  # d = 1, 1, 0, 0
     0.333...
     """
-    if n < 2:
-        return 0.0
-    mean = s1 / n
-    return max((s2 - n * mean * mean) / (n - 1), 0.0)
+    n_, s1_, s2_ = (np.asarray(v, dtype=float) for v in (n, s1, s2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        var = (s2_ - s1_ * s1_ / n_) / (n_ - 1)
+    return _out(np.where(n_ >= 2, np.maximum(var, 0.0), 0.0))
+
+
+def _out(x: np.ndarray) -> Numeric:
+    return float(x) if x.ndim == 0 else x
 
 
 def _rho2(alpha: float, n_tune: int) -> float:
@@ -63,19 +72,22 @@ def _rho2(alpha: float, n_tune: int) -> float:
     return (-2 * log_a + math.log(1 - 2 * log_a)) / n_tune
 
 
-def half_width(n: int, variance: float, alpha: float, n_tune: int = 10_000) -> float:
+def half_width(n: ArrayLike, variance: ArrayLike, alpha: float, n_tune: int = 10_000) -> Numeric:
     """Half-width of the two-sided asymptotic CS at ``n`` pairs (formula A); 0 when n < 2.
 
     ``n_tune`` is where the sequence is tightest; at n = n_tune the width is ~1.7x Wald's.
+    Works elementwise on arrays too.
 
     >>> round(half_width(10_000, 0.04, 0.05), 5)
     0.00607
     """
-    if n < 2 or variance <= 0:
-        return 0.0
+    n_ = np.asarray(n, dtype=float)
+    var = np.asarray(variance, dtype=float)
     rho2 = _rho2(alpha, n_tune)
-    factor = 2 * (n * rho2 + 1) / (n * n * rho2) * math.log(math.sqrt(n * rho2 + 1) / alpha)
-    return math.sqrt(variance * factor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = 2 * (n_ * rho2 + 1) / (n_ * n_ * rho2) * np.log(np.sqrt(n_ * rho2 + 1) / alpha)
+        hw = np.sqrt(np.maximum(var, 0.0) * factor)
+    return _out(np.where((n_ >= 2) & (var > 0), hw, 0.0))
 
 
 def asymptotic_cs(n: int, s1: float, s2: float, alpha: float, n_tune: int = 10_000) -> Interval:
@@ -93,7 +105,7 @@ def asymptotic_cs(n: int, s1: float, s2: float, alpha: float, n_tune: int = 10_0
     if n <= 0:
         return Interval(0.0, 0.0, 0.0)
     mean = s1 / n
-    hw = half_width(n, sample_variance(n, s1, s2), alpha, n_tune)
+    hw = float(half_width(n, sample_variance(n, s1, s2), alpha, n_tune))
     return Interval(mean, mean - hw, mean + hw)
 
 
@@ -132,12 +144,16 @@ def log_capitals(
     counts = np.asarray(hist, dtype=float)
     bins = counts.shape[-1]
     m = min(max(m, 1e-12), 1 - 1e-12)
-    edges = np.arange(bins + 1) / bins
+    # Histograms are sparse (a loss difference rarely spreads over many bins): only the
+    # bins that hold data in some histogram enter the tables.
+    used = np.flatnonzero(counts.reshape(-1, bins).any(axis=0))
+    counts = counts[..., used]
+    lower, upper = used / bins, (used + 1) / bins
     up_lams = (_BET_C / m) * _BET_GRID
     down_lams = (_BET_C / (1 - m)) * _BET_GRID
-    # Tables of log-factors (bets x bins); a matrix product sums them over every bin.
-    up_table = np.log1p(up_lams[:, None] * (edges[None, :-1] - m))
-    down_table = np.log1p(-down_lams[:, None] * (edges[None, 1:] - m))
+    # Tables of log-factors (bets x bins); a matrix product sums them over the bins.
+    up_table = np.log1p(up_lams[:, None] * (lower[None, :] - m))
+    down_table = np.log1p(-down_lams[:, None] * (upper[None, :] - m))
     up = _log_mean_exp(counts @ up_table.T)
     down = _log_mean_exp(counts @ down_table.T)
     if counts.ndim == 1:
@@ -221,24 +237,25 @@ def _crossing(test, a: float, b: float, iterations: int = 60) -> float:
 # --- discordant pairs, e-BH ------------------------------------------------------------------
 
 
-def discordant_log_evalue(wins: int, losses: int, a: float = 10.0) -> float:
+def discordant_log_evalue(wins: ArrayLike, losses: ArrayLike, a: float = 10.0) -> Numeric:
     """Log e-value for "the challenger is worse": P(alone wrong | discordant) > 1/2.
 
     ``losses`` = pairs where only the challenger is wrong, ``wins`` = only the primary.
     A Beta(a, a) prior on that probability, restricted to (1/2, 1) (notes C, lnE1). Act
     when it reaches ln(1/alpha) (or ln(K/alpha) over K tests); 0 with no discordant pair.
+    Works elementwise on arrays too; floored at -745 (below the smallest double).
 
     >>> round(discordant_log_evalue(0, 0), 12)
     0.0
     >>> round(discordant_log_evalue(20, 60), 2)
     8.19
     """
-    n_d = wins + losses
-    ln_e = n_d * math.log(2) + float(betaln(losses + a, wins + a) - betaln(a, a))
-    tail = float(betainc(wins + a, losses + a, 0.5))
-    if tail <= 0:
-        return _LOG_TINY
-    return max(math.log(2) + ln_e + math.log(tail), _LOG_TINY)
+    w = np.asarray(wins, dtype=float)
+    los = np.asarray(losses, dtype=float)
+    ln_e = (w + los) * math.log(2) + betaln(los + a, w + a) - betaln(a, a)
+    with np.errstate(divide="ignore"):
+        ln_e1 = math.log(2) + ln_e + np.log(betainc(w + a, los + a, 0.5))
+    return _out(np.maximum(ln_e1, _LOG_TINY))
 
 
 def _rate_cs(k: int, n: int, alpha: float) -> tuple[float, float]:
