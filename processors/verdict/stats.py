@@ -35,10 +35,13 @@ Numeric: TypeAlias = "float | np.ndarray"
 # ln of the smallest positive double: an e-value below it is reported as this.
 _LOG_TINY = -745.0
 # The betting mixture: equal weights on constant bets lambda = c/m * g, g geometric in
-# [1e-3, 1]. Twenty bets cost ln 20 = 3.0 nats of evidence against the best single bet
-# (mixing), and a ratio of 1.44 between neighbours loses ~4 % of the best bet's log-capital.
-_BET_C = 0.5
-_BET_GRID = np.geomspace(1e-3, 1.0, 20)
+# [0.01, 1], c = 0.9 (each factor stays >= 0.1). Twelve bets cost ln 12 = 2.5 nats against
+# the best single bet; the ratio 1.52 between neighbours loses under 8 % of its log-capital.
+# Low-variance differences (Brier, clipped log-loss) want the largest bet, hence c = 0.9
+# rather than the notes' 1/2: on a Brier-like stream the median pairs to a verdict fell from
+# 600 to 400 (notes formula B, which may stop at any pair: 300).
+_BET_C = 0.9
+_BET_GRID = np.geomspace(0.01, 1.0, 12)
 
 
 class Interval(NamedTuple):
@@ -385,15 +388,14 @@ def kaplan_meier(
     """
     if len(bin_edges_ms) != len(events) + 1 or len(events) != len(censored):
         raise ValueError("kaplan_meier needs len(edges) == len(events) + 1 == len(censored) + 1")
-    at_risk = int(sum(events) + sum(censored))
-    survival = 1.0
-    curve = []
-    for k, (dead, gone) in enumerate(zip(events, censored, strict=True)):
-        if at_risk > 0:
-            survival *= 1 - dead / at_risk
-        curve.append((float(bin_edges_ms[k + 1]), survival))
-        at_risk -= dead + gone
-    return curve
+    dead = np.asarray(events, dtype=float)
+    gone = np.asarray(censored, dtype=float)
+    # At risk at the start of bin k: everyone whose delay or age is in bin k or later.
+    at_risk = (dead + gone)[::-1].cumsum()[::-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(at_risk > 0, 1 - dead / at_risk, 1.0)
+    survival = np.cumprod(factor)
+    return [(float(u), float(s)) for u, s in zip(bin_edges_ms[1:], survival, strict=True)]
 
 
 def maturity_horizon(curve: Sequence[tuple[float, float]], quantile: float = 0.99) -> float | None:
