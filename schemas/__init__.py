@@ -21,7 +21,8 @@ import fastavro
 
 HERE = Path(__file__).parent
 RELEASED = HERE / "released"
-NAMES = ("InferenceEvent", "Feedback", "ShadowPrediction", "JoinedRecord", "Alert", "DeadLetter")
+NAMES = ("InferenceEvent", "Feedback", "ShadowPrediction", "JoinedRecord", "Alert", "DeadLetter",
+         "Verdict")
 
 
 @cache

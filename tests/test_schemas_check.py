@@ -59,4 +59,6 @@ def test_adding_field_with_default_is_compatible(tmp_path, monkeypatch) -> None:
 def test_fixtures_exist_for_every_release() -> None:
     for version in schemas_pkg.released_versions():
         for name in schemas_pkg.NAMES:
+            if schemas_pkg.released(version, name) is None:
+                continue  # a message kind added after that release (e.g. Verdict)
             assert (REPO / "tests" / "fixtures" / "schemas" / version / f"{name}.avro").exists()

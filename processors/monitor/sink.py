@@ -10,7 +10,7 @@ and orphans with ``clickhouse_ttl_days`` (``shadowpipe clickhouse migrate`` or
 ``shadowpipe init``).
 
 >>> [m[0] for m in MIGRATIONS]
-[1, 2, 3, 4]
+[1, 2, 3, 4, 7]
 >>> joined_columns([])["request_id"]
 []
 """
@@ -113,6 +113,18 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "window_end Nullable(DateTime64(3)), value Float64, threshold Nullable(Float64), "
         "severity LowCardinality(String), time DateTime64(3), details Map(String, String)) "
         "ENGINE = ReplacingMergeTree ORDER BY alert_id",
+    ]),
+    (7, "verdicts", [
+        # Append-only: one row per change of a challenger's verdict (or a user's reset);
+        # the latest row per challenger is the latched state (processors/verdict/store.py).
+        "CREATE TABLE IF NOT EXISTS {db}.verdicts (time DateTime64(3), "
+        "challenger LowCardinality(String), verdict LowCardinality(String), "
+        "previous Nullable(String), latched Bool, policy_hash String, reasons Array(String), "
+        "warnings Array(String), flagged Array(String), suspects Array(String), "
+        "criterion Array(String), decision Array(String), estimate Array(Nullable(Float64)), "
+        "lo Array(Nullable(Float64)), hi Array(Nullable(Float64)), "
+        "margin Array(Nullable(Float64)), pairs Array(UInt64), document String) "
+        "ENGINE = MergeTree ORDER BY (challenger, time)",
     ]),
 ]
 _TTL_TABLES = {"joined_records": "toDateTime(event_time)", "orphans": "toDateTime(joined_at)"}
