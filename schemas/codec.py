@@ -7,9 +7,16 @@
   + Avro body) otherwise; fingerprints resolve against the current and released schemas in
   ``schemas/``, so data written with any released version reads with the current one.
 * **JSON**: a UTF-8 JSON object of the record's shape, for services that cannot produce
-  Avro. Missing fields take their schema defaults.
+  Avro. Missing fields take their schema defaults at every level (a nested ``output``
+  without ``probabilities`` gets ``{}``); a union value is either plain (``"a"``, ``null``)
+  or in Avro's JSON encoding (``{"string": "a"}``, ``{"io.shadowpipe.Output": {...}}``, the
+  short name ``{"Output": {...}}`` too).
 
-Anything else raises :class:`DecodeError` with a reason, which workers dead-letter.
+Anything else raises :class:`DecodeError` with a reason, which workers dead-letter. Every
+decoded record then passes :func:`~shadowpipe.schemas.validate.check` (the same rules for
+every processor): a record that cannot be processed raises
+:class:`~shadowpipe.schemas.validate.InvalidRecord` (a DecodeError whose ``kind`` is
+``invalid``), and NaN numeric features come back listed in ``null_features``.
 
 >>> codec = Codec()
 >>> fb = {"request_id": "r1", "label": "spam", "event_time": 1700000000000}
@@ -18,36 +25,37 @@ Anything else raises :class:`DecodeError` with a reason, which workers dead-lett
 b'\\xc3\\x01'
 >>> codec.decode(data, "Feedback")["label"]
 'spam'
->>> codec.decode(b'{"request_id": "r1", "label": "spam", "event_time": 1700000000000}',
+>>> codec.decode(b'{"request_id": "r1", "label": {"string": "spam"}, "event_time": 1700000000000}',
 ...              "Feedback") == codec.decode(data, "Feedback")
 True
+>>> codec.decode(codec.encode("Feedback", {**fb, "event_time": -5}), "Feedback")
+Traceback (most recent call last):
+...
+shadowpipe.schemas.validate.InvalidRecord: event_time -5 is not a positive epoch-ms
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import struct
 import urllib.request
+from functools import cache
 from typing import Any
 
 import fastavro
-from fastavro.schema import fingerprint, to_parsing_canonical_form
+from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_form
 from shadowpipe.schemas import NAMES, released, released_versions, schema
+from shadowpipe.schemas.validate import DecodeError, InvalidRecord, check
+
+__all__ = ["Codec", "DecodeError", "InvalidRecord", "SchemaRegistryClient", "schema_fingerprint"]
 
 SINGLE_OBJECT_MARKER = b"\xc3\x01"
 CONFLUENT_MAGIC = 0
 _JSON_START = frozenset(b"{ \t\r\n")
 
 Record = dict[str, Any]
-
-
-class DecodeError(ValueError):
-    """A message that is not a valid record of the expected kind; ``reason`` says why."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
@@ -150,8 +158,13 @@ class Codec:
     def decode(self, data: bytes | None, name: str) -> Record:
         """Decode ``data`` into a record of the current schema ``name``.
 
-        Raises :class:`DecodeError` with a reason for anything that is not one.
+        Raises :class:`DecodeError` with a reason for anything that is not one, and its
+        subclass :class:`InvalidRecord` for a record that cannot be processed
+        (:func:`~shadowpipe.schemas.validate.check`).
         """
+        return check(name, self._decode(data, name))
+
+    def _decode(self, data: bytes | None, name: str) -> Record:
         if not data:
             raise DecodeError("empty message")
         if data[:2] == SINGLE_OBJECT_MARKER:
@@ -207,9 +220,7 @@ class Codec:
             raise DecodeError(f"invalid JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise DecodeError(f"JSON message is a {type(obj).__name__}, not an object")
-        for field in schema(name)["fields"]:
-            if field["name"] not in obj and "default" in field:
-                obj[field["name"]] = field["default"]
+        obj = _from_json(_expanded(name), obj)
         # Round-trip through Avro: validates types and rejects unknown fields.
         buf = io.BytesIO()
         try:
@@ -218,3 +229,58 @@ class Codec:
             raise DecodeError(f"JSON does not match {name}: {exc}") from exc
         buf.seek(0)
         return fastavro.schemaless_reader(buf, schema(name), None)
+
+
+@cache
+def _expanded(name: str) -> dict[str, Any]:
+    """Schema ``name`` with every named type inlined (JSON conversion walks it)."""
+    return expand_schema(schema(name))
+
+
+def _from_json(t: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as fastavro writes type ``t``: defaults filled in records at
+    every level, unions unwrapped from Avro's JSON encoding. Anything that does not fit is
+    returned as is, for the strict writer to refuse with its reason."""
+    if isinstance(t, list):
+        return _union(t, value)
+    if not isinstance(t, dict):
+        return value
+    kind = t["type"]
+    if kind == "record" and isinstance(value, dict):
+        out = {k: v for k, v in value.items()}  # unknown keys stay: the writer refuses them
+        for field in t["fields"]:
+            name = field["name"]
+            if name in value:
+                out[name] = _from_json(field["type"], value[name])
+            elif "default" in field:
+                out[name] = copy.deepcopy(field["default"])
+        return out
+    if kind == "map" and isinstance(value, dict):
+        return {k: _from_json(t["values"], v) for k, v in value.items()}
+    if kind == "array" and isinstance(value, list):
+        return [_from_json(t["items"], v) for v in value]
+    return value
+
+
+def _branch_names(t: Any) -> list[str]:
+    if isinstance(t, str):
+        return [t]
+    name = t.get("name")
+    if name is None:
+        return [t["type"]]  # map, array
+    return [name, name.rsplit(".", 1)[-1]]
+
+
+def _union(branches: list[Any], value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        (key, inner), = value.items()
+        for branch in branches:
+            fields = branch.get("fields", ()) if isinstance(branch, dict) else ()
+            if key in _branch_names(branch) and all(f["name"] != key for f in fields):
+                return _from_json(branch, inner)  # Avro JSON encoding: {"string": "a"}
+    for branch in branches:  # a plain value: records and maps take objects
+        if isinstance(branch, dict) and isinstance(value, dict | list):
+            return _from_json(branch, value)
+    return value

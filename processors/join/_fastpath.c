@@ -12,6 +12,10 @@
  * missing, so the Python walker interns and registers them; interning stays in one place.
  * NotImplemented also answers any `data` that is not bytes.
  *
+ * Like the Python walkers, these return None for what schemas/validate.py must judge: an
+ * event_time that is not positive, a numeric feature that is NaN or infinite. The Codec then
+ * gives every processor the same verdict (NaN: a missing value; the rest: a reason).
+ *
  * Why compiled: decoding was half of the benchmark's critical-path thread (docs/joiner.md).
  */
 #define PY_SSIZE_T_CLEAN
@@ -123,6 +127,19 @@ static Py_ssize_t skip_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
         if (d[pos++] < 0x80) return pos;
     }
     return FAIL;
+}
+
+/* An event time (skipped like skip_time) that must be a positive epoch-ms. */
+static Py_ssize_t positive_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
+    Py_ssize_t end = skip_time(d, n, pos);
+    int64_t t;
+    if (end == FAIL || get_long(d, n, pos, &t) == FAIL || t <= 0) return FAIL;
+    return end;
+}
+
+/* The little-endian double at p is NaN or infinite (all exponent bits set). */
+static int non_finite(Data p) {
+    return (p[7] & 0x7F) == 0x7F && (p[6] & 0xF0) == 0xF0;
 }
 
 /* Union ["null", T]: 0 for null, 1 for T (at *pos + 1), FAIL otherwise. */
@@ -242,6 +259,7 @@ static Py_ssize_t features(Data d, Py_ssize_t n, Py_ssize_t pos, Features *f) {
         Py_ssize_t at = get_long(d, n, pos, &size);
         if (at == FAIL || size < 0 || size > n - at || n - at - size < 8) return FAIL;
         if (!utf8_ok(d + at, (Py_ssize_t)size)) return FAIL;
+        if (non_finite(d + at + size)) return FAIL;
         if (k < MAX_FEATURES) f->names[k] = pos;
         pos = at + (Py_ssize_t)size + 8;
     }
@@ -330,7 +348,7 @@ static PyObject *inference_part(PyObject *module, PyObject *const *args, Py_ssiz
         Py_RETURN_NONE;
     }
     Features f;
-    Py_ssize_t head_at = skip_time(d, n, time_at);
+    Py_ssize_t head_at = positive_time(d, n, time_at);
     Py_ssize_t head_end = string_at(d, n, string_at(d, n, head_at));
     Py_ssize_t rest_at = head_end == FAIL ? FAIL : features(d, n, head_end, &f);
     Py_ssize_t out_at = array_string(d, n, map_string(d, n, rest_at));
@@ -395,7 +413,7 @@ static PyObject *shadow_part(PyObject *module, PyObject *const *args, Py_ssize_t
     Py_ssize_t control_at = string(d, n, version_at);
     if (control_at == FAIL || control_at >= n || d[control_at] > 1) goto done;
     Py_ssize_t time_at = control_at + 1;
-    Py_ssize_t time_end = skip_time(d, n, time_at);
+    Py_ssize_t time_end = positive_time(d, n, time_at);
     Py_ssize_t out_at = time_end == FAIL ? FAIL : skip_time(d, n, time_end); /* scored_at */
     int has_output = branch(d, n, out_at);
     if (has_output == FAIL) goto done;

@@ -45,6 +45,7 @@ from shadowpipe.processors.join.store import (
     message_id,
 )
 from shadowpipe.schemas.codec import Codec, DecodeError
+from shadowpipe.schemas.validate import InvalidRecord, check_answer, check_request_id
 
 from shadowpipe.config import Settings
 
@@ -55,8 +56,8 @@ WORKER = "join"
 CHUNK = 100  # messages per script call: Redis merges one while Python decodes the next
 
 
-class InvalidInput(ValueError):
-    """A message that decodes but cannot be joined (e.g. no request id)."""
+# A message that decodes but cannot be joined (e.g. no request id): the wire layer's verdict.
+InvalidInput = InvalidRecord
 
 
 class Message(NamedTuple):  # a tuple: built for every consumed message
@@ -91,7 +92,9 @@ def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = Non
     """Decode and validate ``msg`` into a :class:`Part`; raises DecodeError or InvalidInput.
 
     Current-schema single-object messages take the allocation-free :mod:`fastpath`; the rest
-    (and anything it finds unusual) go through the Codec.
+    (and anything it finds unusual, or would have to judge: a time that is not a positive
+    epoch-ms, a non-finite feature) go through the Codec, whose validation
+    (:mod:`shadowpipe.schemas.validate`) the shadow worker and the monitor share.
     """
     schema_name, kind = INPUTS[msg.kind]
     msg_id = message_id(msg.partition, msg.offset)
@@ -99,36 +102,18 @@ def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = Non
     if kind == "s":
         if (shadow := shadow_part(value)) is not None:
             request_id, challenger, answered, blob = shadow
-            if not (request_id and challenger and answered):
-                _valid_prediction(challenger, answered)
-                _valid_id(request_id, schema_name)
+            check_request_id(request_id)
+            check_answer(challenger, answered)
             return Part("s", request_id, challenger, blob, 0, msg_id)
     elif kind == "i" and (fast := inference_part(value, layouts)) is not None:
-        return Part("i", _valid_id(fast[0], schema_name), "", fast[1], 0, msg_id)
+        return Part("i", check_request_id(fast[0]), "", fast[1], 0, msg_id)
     record = codec.decode(msg.value, schema_name)
-    request_id = _valid_id(record["request_id"], schema_name)
+    request_id = record["request_id"]
     if kind == "i":
         return Part("i", request_id, "", encode_inference(record, layouts), 0, msg_id)
     if kind == "s":
-        _valid_prediction(record["challenger"],
-                          record["output"] is not None or record["error"] is not None)
         return Part("s", request_id, record["challenger"], encode_shadow(record), 0, msg_id)
-    if record["label"] is None and record["value"] is None:
-        raise InvalidInput("Feedback with neither label nor value")
     return Part("f", request_id, "", encode_feedback(record), record["event_time"], msg_id)
-
-
-def _valid_id(request_id: str, schema_name: str) -> str:
-    if not request_id:
-        raise InvalidInput(f"{schema_name} without request_id")
-    return request_id
-
-
-def _valid_prediction(challenger: str, answered: bool) -> None:
-    if not challenger:
-        raise InvalidInput("ShadowPrediction without challenger")
-    if not answered:
-        raise InvalidInput("ShadowPrediction with neither output nor error")
 
 
 class JoinCore:
@@ -205,10 +190,9 @@ class JoinCore:
             for msg in messages[start:start + CHUNK]:
                 try:
                     parts.append(decode_part(self.codec, msg, self.store.layouts))
-                except (DecodeError, InvalidInput) as exc:
-                    kind = "decode" if isinstance(exc, DecodeError) else "invalid"
-                    codes[f"deadletter_{kind}"] += 1
-                    result.dead.append((msg.key, self._dead_letter(kind, str(exc), msg)))
+                except DecodeError as exc:  # kind: decode, or invalid (InvalidRecord)
+                    codes[f"deadletter_{exc.kind}"] += 1
+                    result.dead.append((msg.key, self._dead_letter(exc.kind, exc.reason, msg)))
             yield parts
 
     def sweep(self, now_ms: int | None = None, limit: int = 500) -> tuple[Claim, BatchResult]:

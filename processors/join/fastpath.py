@@ -9,7 +9,11 @@ UTF-8 and the walk must end exactly at the end of the message.
 Anything unusual (another schema version, Confluent framing, JSON, multi-block maps, a bad
 union index, truncation) returns ``None`` and the caller uses the general path (Codec decode
 + :mod:`~shadowpipe.processors.join.parts` encoders), which also produces the dead-letter
-reason. ``tests/test_join_parts.py`` checks both paths give identical parts.
+reason. So does anything :func:`shadowpipe.schemas.validate.check` would judge on the
+bytes walked here: an ``event_time`` that is not positive, a numeric feature that is NaN
+(a missing value, moved to ``null_features`` by the Codec) or infinite (refused); the
+caller checks the ids it gets back. ``tests/test_join_parts.py`` checks both paths give
+identical parts.
 
 >>> from shadowpipe.schemas.codec import Codec
 >>> fb = {"request_id": "r1", "label": "x", "event_time": 5}
@@ -20,7 +24,9 @@ True
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
+from math import isfinite
 from typing import Any
 
 from shadowpipe.processors.join.parts import (
@@ -104,6 +110,20 @@ def _skip_long(data: bytes, pos: int) -> int:
     if match is None:
         raise _Unusual
     return match.end()
+
+
+def _positive_time(data: bytes, pos: int) -> int:
+    """The position after the event time at ``pos``, which must be a positive epoch-ms."""
+    end = _skip_long(data, pos)
+    if _long(data, pos)[0] <= 0:  # the Codec's validation gives the reason
+        raise _Unusual
+    return end
+
+
+def _finite(values: Sequence[bytes]) -> None:
+    """Non-finite features (NaN is missing, infinity invalid) are the Codec's to judge."""
+    if not all(map(isfinite, struct.unpack(f"<{len(values)}d", b"".join(values)))):
+        raise _Unusual
 
 
 def _text(data: bytes, pos: int) -> tuple[str, int]:
@@ -204,6 +224,7 @@ def _features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[by
             first = data[pos + 1]
             known = _KNOWN_MAPS.get(data[pos:pos + 2 + (first >> 1)]) if first < 0x80 else None
             if known is not None and (match := known[0].match(data, pos)) is not None:
+                _finite(match.groups())
                 lid = layouts.intern_raw(known[1])
                 if lid is not None:
                     return b"".join((b"\x01", lid, data[pos:pos + 1], *match.groups())), \
@@ -224,6 +245,7 @@ def _walk_features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tup
         values.append(data[pos:pos + 8])
         pos += 8
     pos = _end(data, pos, count)
+    _finite(values)
     lid = None
     if layouts is not None and count >= MIN_INTERNED:
         lid = layouts.intern_raw(tuple(names))  # decodes (validates) names it has not seen
@@ -279,7 +301,7 @@ def walk_inference(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
         return None
     try:
         request_id, time_at = _text(data, 10)
-        pos = _skip_long(data, time_at)
+        pos = _positive_time(data, time_at)
         event_time, head_at = data[time_at:pos], pos
         pos = _string(data, _string(data, pos))
         head = data[head_at:pos]
@@ -314,7 +336,7 @@ def walk_shadow(data: bytes) -> tuple[str, str, bool, bytes] | None:
         if data[control_at] > 1:
             raise _Unusual
         time_at = control_at + 1
-        time_end = pos = _skip_long(data, time_at)
+        time_end = pos = _positive_time(data, time_at)
         pos = _skip_long(data, pos)  # scored_at
         out_at, has_output = pos, data[pos] != 0
         if data[pos] > 2 or data[pos] == 1:

@@ -46,6 +46,7 @@ from shadowpipe.schemas.codec import (
     DecodeError,
     schema_fingerprint,
 )
+from shadowpipe.schemas.validate import check
 
 from shadowpipe.config import Settings
 
@@ -151,15 +152,10 @@ class Pipeline:
             try:
                 if rec is None:
                     rec = self._decode(m.value)
-            except DecodeError as exc:
-                dead.append(dead_letter("decode", exc.reason, "monitor", m.topic, m.partition,
+                check("JoinedRecord", rec)  # the wire layer's rules, as in every worker
+            except DecodeError as exc:  # kind: decode, or invalid (InvalidRecord)
+                dead.append(dead_letter(exc.kind, exc.reason, "monitor", m.topic, m.partition,
                                         m.offset, m.key, m.value, m.timestamp))
-                continue
-            if not rec["request_id"] or (not rec["challenger"]
-                                         and rec["state"] != "orphan_feedback"):
-                dead.append(dead_letter("invalid", "empty request_id or challenger", "monitor",
-                                        m.topic, m.partition, m.offset, m.key, m.value,
-                                        m.timestamp))
                 continue
             records.append(rec)
             in_file.append(i in bulk)

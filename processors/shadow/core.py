@@ -73,15 +73,6 @@ class Challenger:
     bound: bytes | None
 
 
-def invalid_reason(record: dict[str, Any]) -> str | None:
-    """Why a decoded InferenceEvent cannot be scored, or None."""
-    if not record["request_id"].strip():
-        return "empty request_id"
-    if record["event_time"] <= 0:
-        return f"event_time {record['event_time']} is not a positive epoch-ms"
-    return None
-
-
 class ShadowProcessor:
     """Scores micro-batches of InferenceEvents with every challenger."""
 
@@ -131,12 +122,8 @@ class ShadowProcessor:
         for raw in batch:
             try:
                 record = decode(raw.value)
-            except DecodeError as exc:
-                self._dead(raw, "decode", exc.reason, out)
-                continue
-            reason = invalid_reason(record)
-            if reason is not None:
-                self._dead(raw, "invalid", reason, out)
+            except DecodeError as exc:  # validated by the wire layer: kind decode|invalid
+                self._dead(raw, exc.kind, exc.reason, out)
                 continue
             records.append(record)
             lags.append(float(consumed_at_ms - record["event_time"]))

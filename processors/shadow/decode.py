@@ -7,7 +7,9 @@ and checked against the expected key bytes in C. Only single-object messages wri
 with the *current* InferenceEvent schema take this path; anything else, and anything
 unexpected on the way (a layout mismatch is not unexpected: it reads generically), is
 handed to :meth:`Codec.decode`, which decodes it or raises the DecodeError with its reason.
-Tests check equality with fastavro on generated and corrupted records.
+Records read here pass the same :func:`~shadowpipe.schemas.validate.check` as the Codec's,
+so both paths give one verdict. Tests check equality with fastavro on generated and
+corrupted records.
 
 >>> from shadowpipe.schemas.codec import Codec
 >>> codec = Codec()
@@ -28,6 +30,7 @@ from typing import Any
 
 from shadowpipe.processors.shadow.encode import wire_prefix
 from shadowpipe.schemas.codec import Codec
+from shadowpipe.schemas.validate import check
 
 NAME = "InferenceEvent"
 _double = struct.Struct("<d").unpack_from
@@ -129,14 +132,16 @@ class InferenceDecoder:
         self._layouts: dict[int, _Layout] = {}
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
-        """The record, or :class:`~shadowpipe.schemas.codec.DecodeError` from the Codec."""
+        """The validated record, or :class:`~shadowpipe.schemas.codec.DecodeError` (or its
+        subclass InvalidRecord) with the Codec's reason."""
         if data and self._single_object and data.startswith(self.header):
             try:
                 record, end = self._record(data, len(self.header))
-                if end == len(data):
-                    return record
             except (_Corrupt, IndexError, struct.error, UnicodeDecodeError):
                 pass
+            else:
+                if end == len(data):
+                    return check(NAME, record)
         return self.codec.decode(data, NAME)
 
     def _record(self, data: bytes, pos: int) -> tuple[dict[str, Any], int]:
