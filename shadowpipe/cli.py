@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "shadowpipe.commands",
     "shadowpipe.processors.worker",
     "shadowpipe.processors.monitor.commands",
+    "shadowpipe.processors.verdict.commands",
     "shadowpipe.demo.run",
 ]
 # Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
@@ -30,6 +31,7 @@ BENCH_MODULES: list[str] = [
     "shadowpipe.processors.join.bench",
     "shadowpipe.processors.monitor.bench",
     "shadowpipe.processors.shadow.bench",
+    "shadowpipe.processors.verdict.bench",
 ]
 
 

@@ -124,6 +124,8 @@ class Settings:
     monitor_batch_size: int = _opt(5000, "max records per monitor micro-batch", min=1)
     monitor_batch_ms: int = _opt(200, "max wait to fill a monitor micro-batch, ms", min=1)
     policy: str = _opt("", "verdict policy file (TOML); empty = the built-in defaults")
+    verdict_interval_s: int = _opt(
+        60, "the monitor re-evaluates every challenger's verdict this often, s", min=1)
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR",
                           choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
