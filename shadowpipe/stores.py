@@ -6,6 +6,10 @@ ClickHouse URLs: ``http(s)://user:password@host:port/database`` for a server, or
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -52,14 +56,58 @@ def clickhouse_client(settings: Settings, **kwargs: Any) -> Any:
 
 
 def check_clickhouse(settings: Settings, service: str) -> Any:
-    """Connect and ``SELECT 1``; return the client or raise :class:`ConfigError`."""
+    """Connect and ``SELECT 1``; return the client or raise :class:`ConfigError`.
+
+    The one-line error says why (``Connection refused``, a name that does not resolve...);
+    the retry warnings urllib3 and clickhouse-connect log on the way are not printed.
+    """
+    import clickhouse_connect  # noqa: F401 - its loggers (and urllib3's) exist to be quieted
+
     try:
-        client = clickhouse_client(settings)
-        client.command("SELECT 1")
+        with _quiet("urllib3", "clickhouse_connect"):
+            client = clickhouse_client(settings)
+            client.command("SELECT 1")
         return client
     except Exception as exc:  # clickhouse-connect and chdb raise assorted types
         raise ConfigError(
             env_name("clickhouse_url"),
-            f"ClickHouse at {settings.clickhouse} unusable: {str(exc).splitlines()[0]}",
+            f"ClickHouse at {settings.clickhouse} unusable: {_why(exc)}",
             service,
         ) from None
+
+
+@contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence these libraries' loggers and their children (a parent's ``disabled`` does not
+    reach them): a failed start-up check says why in one line."""
+    existing = list(logging.root.manager.loggerDict)
+    loggers = [logging.getLogger(name) for name in existing
+               if any(name == n or name.startswith(n + ".") for n in names)]
+    saved = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, disabled in zip(loggers, saved, strict=True):
+            lg.disabled = disabled
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\"()]+)")
+
+
+def _why(exc: BaseException) -> str:
+    """The root cause of a connection failure, short: ``Connection refused``.
+
+    >>> _why(OSError("HTTPConnectionPool(...): Max retries exceeded ... ([Errno 111] "
+    ...              "Connection refused)"))
+    'Connection refused'
+    >>> _why(ValueError("HTTP status 404\\nmore"))
+    'HTTP status 404'
+    """
+    text = str(exc)
+    found = _ERRNO.search(text)
+    if found:
+        return found.group(1).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return first if len(first) <= 200 else first[:200] + "..."

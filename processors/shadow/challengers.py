@@ -2,8 +2,10 @@
 
 Each ``[[challengers]]`` entry names a model, how to load it (``kind`` + ``location``)
 and how to run it (``sample_rate``, ``timeout_ms``, ``max_batch``...). The full format is
-in ``docs/challengers.md``. A challenger that cannot be loaded stops start-up with one
-:class:`~shadowpipe.config.ConfigError` line naming it.
+in ``docs/challengers.md``. Modules (``module:attr``) and relative model files are found
+next to the challengers file first, as Python finds a script's own modules. A challenger
+that cannot be loaded stops start-up with one :class:`~shadowpipe.config.ConfigError` line
+naming it.
 
 >>> specs = parse_specs({"challengers": [
 ...     {"name": "echo", "version": "1", "kind": "callable",
@@ -24,9 +26,10 @@ import importlib
 import inspect
 import json
 import math
+import sys
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +140,37 @@ def load_specs(settings: Settings) -> list[ChallengerSpec]:
     """The challengers of ``settings.challengers``; ConfigError if unset or malformed."""
     if not settings.challengers:
         raise _fail("not set: the shadow worker needs a challengers file (docs/challengers.md)")
-    return parse_specs(read_file(settings.challengers), settings.challenger_timeout_ms)
+    specs = parse_specs(read_file(settings.challengers), settings.challenger_timeout_ms)
+    folder = Path(settings.challengers).expanduser().resolve().parent
+    return [beside(spec, folder) for spec in specs]
+
+
+def beside(spec: ChallengerSpec, folder: Path) -> ChallengerSpec:
+    """``spec`` with its location looked up next to the challengers file in ``folder``.
+
+    A ``module:attr`` location puts ``folder`` first on ``sys.path`` (so ``my_models.py``
+    beside the file imports without PYTHONPATH); a relative model file that exists in
+    ``folder`` becomes that absolute path (otherwise it stays relative to the working
+    directory).
+
+    >>> s = beside(ChallengerSpec("c", "1", "sklearn", "m.joblib"), Path("/nowhere"))
+    >>> s.location
+    'm.joblib'
+    """
+    if spec.kind == "http":
+        return spec
+    if _is_module(spec.location):
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        return spec
+    relative = Path(spec.location).expanduser()
+    if not relative.is_absolute() and (folder / relative).exists():
+        return replace(spec, location=str(folder / relative))
+    return spec
+
+
+def _is_module(location: str) -> bool:
+    return ":" in location and not Path(location).expanduser().exists()
 
 
 # -- outputs ---------------------------------------------------------------------------
@@ -243,14 +276,44 @@ class CallableModel(Model):
         return self.fn([feats])[0] if self.vectorized else self.fn(feats)
 
 
+class NotAModelFile(ValueError):
+    """A file that is not a joblib/pickle dump of a model (a CSV, a JSON file...)."""
+
+
 def _load_object(location: str) -> Any:
     """A model object from a joblib/pickle file, or ``module:attr`` (called if a factory)."""
-    if ":" in location and not Path(location).exists():
+    if _is_module(location):
         obj = import_object(location)
         return obj() if inspect.isfunction(obj) else obj
     import joblib
 
-    return joblib.load(Path(location).expanduser())
+    file = Path(location).expanduser()
+    try:
+        return joblib.load(file)
+    except OSError:
+        raise
+    except Exception as exc:  # unpickling garbage raises anything (KeyError: 109 for a CSV)
+        raise NotAModelFile(
+            f"{file} is not a model saved with joblib.dump() or pickle{_looks_like(file)} "
+            f"(unpickling failed with {type(exc).__name__}: {exc})") from None
+
+
+def _looks_like(file: Path) -> str:
+    """`` (it is text: CSV or JSON data?)`` when the file starts with printable text."""
+    with open(file, "rb") as f:
+        head = f.read(256)
+    try:
+        text = head.decode()
+    except UnicodeDecodeError:
+        return ""
+    printable = all(c.isprintable() or c.isspace() for c in text)
+    return " (it is text: CSV or JSON data?)" if text and printable else ""
+
+
+def _missing_module(exc: ModuleNotFoundError, location: str) -> str:
+    """Where a ``module:attr`` location's module was looked for."""
+    return (f"no module named {exc.name!r} beside the challengers file or on the Python path "
+            f"(location {location!r}; see docs/challengers.md)")
 
 
 def load(spec: ChallengerSpec) -> Model:
@@ -271,6 +334,8 @@ def load(spec: ChallengerSpec) -> Model:
         return models.RiverModel(obj)
     except Exception as exc:  # any load failure is a configuration problem, said in one line
         detail = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            detail = _missing_module(exc, spec.location)
         raise _fail(
             f"cannot load {spec.kind} from {spec.location!r}: {type(exc).__name__}: {detail}",
             spec.name,
