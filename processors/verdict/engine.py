@@ -369,7 +369,8 @@ class _Judge:
         if sum(c.delays_disc.values()) >= _MIN_DISC_EVENTS and horizon is not None:
             disc_events = [c.delays_disc.get(b, 0) for b in range(bins)]
             disc_censored = [cells[b].unlabelled_disc if b in cells else 0 for b in range(bins)]
-            disc = _horizon(edges, disc_events, disc_censored, q)
+            # the overall curve already showed that requests are followed long enough
+            disc = _horizon(edges, disc_events, disc_censored, q, trust_level=True)
             horizon = None if disc is None else max(horizon, disc)
         self.maturity_ms = horizon
         if horizon is None:
@@ -622,7 +623,7 @@ class _Judge:
 # -- helpers ----------------------------------------------------------------------------------
 
 def _horizon(edges: list[float], events: list[int], censored: list[int],
-             q: float) -> float | None:
+             q: float, trust_level: bool = False) -> float | None:
     """The label-delay horizon: Kaplan-Meier's q-quantile of the delay.
 
     Some requests never get a label (partial feedback), so S(u) may level off above 1 - q.
@@ -642,8 +643,8 @@ def _horizon(edges: list[float], events: list[int], censored: list[int],
     end = curve[-1][1]
     labelled = 1 - end
     horizon = next((u for u, s in curve if s - end <= (1 - q) * labelled + 1e-12), None)
-    if horizon is None:
-        return None
+    if horizon is None or trust_level:
+        return horizon
     old = sum(n for lo_edge, n in zip(edges, censored, strict=False) if lo_edge >= 2 * horizon)
     total = sum(events) + sum(censored)
     return horizon if old >= max(100, 0.01 * total) else None
