@@ -25,6 +25,7 @@ from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.monitor.queries import QUERIES
 from shadowpipe.processors.monitor.queries import run as run_query
 from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.verdict import agent as verdict_agent
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import Settings
@@ -83,6 +84,8 @@ def install(app: Any, settings: Settings) -> None:
         except Exception as exc:  # report query errors to the caller, keep serving
             return web.json({"error": str(exc).splitlines()[0]}, status=400)
         return web.json(payload)
+
+    verdict_agent.install(app, settings, pipeline, executor)
 
 
 def _message(ev: Any) -> Message:
