@@ -45,7 +45,8 @@ def _query(clickhouse_dir: Path, sql: str) -> list[list]:
 
 @pytest.fixture(scope="module")
 def demo(stack_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _run_demo(stack_settings, tmp_path_factory.mktemp("demo"), 6000, 7, 15)
+    # The default size: 12,000 requests give the verdict enough mature pairs in clinic east.
+    return _run_demo(stack_settings, tmp_path_factory.mktemp("demo"), 12000, 7, 20)
 
 
 def test_change_is_detected_in_summary(demo: Path) -> None:
@@ -74,6 +75,37 @@ def test_summary_equals_direct_clickhouse_query(demo: Path) -> None:
         assert arm["coverage"]["labelled"] == labelled == summary["sent"]["feedback"]
         acc = arm["challenger_arm"]["accuracy"]
         assert acc == pytest.approx(correct / labelled)
+
+
+def test_verdict_rejects_gbm_v2_in_clinic_east(demo: Path, stack_settings: Settings) -> None:
+    summary = json.loads((demo / "summary.json").read_text())
+    verdicts = {v["challenger"]: v for v in summary["verdicts"]}
+    gbm = verdicts["gbm-v2"]
+    assert gbm["verdict"] == "REJECT", gbm["reasons"]
+    assert "clinic=east" in gbm["flagged"]
+    assert any("clinic=east" in r for r in gbm["reasons"])
+    floor = next(c for c in gbm["criteria"] if c["name"] == "excess_disagreement")
+    assert "primary-copy" in floor["note"] and "noise floor" in floor["note"]
+    assert verdicts["primary-copy"]["verdict"] != "PROMOTE"  # a control proves nothing
+    stdout = (demo / "stdout.txt").read_text()
+    assert stdout.index("gbm-v2: REJECT") < stdout.index("shadow comparison")
+    assert "noise floor" in stdout
+    report = (demo / "report.html").read_text()
+    assert report.index("REJECT") < report.index("<table><tr><th>challenger")
+    assert "clinic=east" in report and "noise floor" in report
+
+    run = summary["run"]
+    env = {**os.environ, **stack_settings.to_env(),
+           "SHADOWPIPE_CLICKHOUSE_URL": f"chdb://{demo.parent / 'clickhouse'}",
+           "SHADOWPIPE_CLICKHOUSE_DATABASE": run["database"],
+           "SHADOWPIPE_TOPIC_PREFIX": run["topic_prefix"],
+           "SHADOWPIPE_SEGMENTS": "clinic,device", "SHADOWPIPE_POLICY": str(demo / "policy.toml"),
+           "SHADOWPIPE_WEB_PORT": str(free_port()), "COLUMNS": "160"}
+    proc = subprocess.run([sys.executable, "-m", "shadowpipe.cli", "verdict"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert "gbm-v2: REJECT" in proc.stdout and "clinic=east" in proc.stdout
+    assert "noise floor" in proc.stdout
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")

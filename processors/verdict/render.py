@@ -55,6 +55,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def notes(v: dict[str, Any]) -> list[str]:
+    """Informational criteria as sentences (the control's noise floor among them).
+
+    >>> notes({"criteria": [{"name": "excess_disagreement", "kind": "info", "note": "n",
+    ...                      "estimate": 0.08, "lo": 0.07, "hi": 0.09}]})
+    ['excess_disagreement 0.08 [0.07, 0.09]: n']
+    """
+    return [f"{c['name']} {_interval(c)}: {c['note']}" for c in v.get("criteria", [])
+            if c.get("kind") == "info" and c.get("note")]
+
+
 def criteria_rows(v: dict[str, Any]) -> list[list[str]]:
     """One row per criterion: name, kind, estimate [lo, hi], margin/limit, pairs, decision, ETA."""
     return [[c["name"], c["kind"], _interval(c), _num(c.get("margin")), str(c.get("pairs", 0)),
@@ -79,6 +90,8 @@ def print_verdicts(verdicts: list[dict[str, Any]], console: Any = None) -> None:
                       f"{v['verdict']}{latched}[/]")
         for reason in v.get("reasons", []):
             console.print(f"  - {reason}", markup=False, highlight=False)
+        for line in notes(v):
+            console.print(f"  {line}", markup=False, highlight=False)
         if v.get("criteria"):
             table = Table(show_edge=False, pad_edge=False)
             for col in CRITERIA_COLUMNS:
@@ -110,6 +123,7 @@ def html_section(verdicts: list[dict[str, Any]]) -> str:
                      f'{e(v["verdict"])}</span>{latched} <small>{e(when)}</small></h3>')
         parts.append("<ul>" + "".join(f"<li>{e(r)}</li>" for r in v.get("reasons", []))
                      + "</ul>")
+        parts.extend(f"<p>{e(line)}</p>" for line in notes(v))
         rows = criteria_rows(v)
         if rows:
             head = "".join(f"<th>{e(c)}</th>" for c in CRITERIA_COLUMNS)

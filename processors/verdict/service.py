@@ -86,9 +86,11 @@ def _doc(v: Verdict, what_if: bool) -> dict[str, Any]:
     return doc
 
 
-def direct(settings: Settings, action: str, challenger: str) -> dict[str, Any]:
-    """Evaluate here (no monitor answers): open ClickHouse, migrate, evaluate, publish and
-    record the changes when the broker is reachable (else warn and record nothing)."""
+def direct(settings: Settings, action: str, challenger: str,
+           client: Any = None) -> dict[str, Any]:
+    """Evaluate here (no monitor answers): open ClickHouse (or use ``client``), migrate,
+    evaluate, publish and record the changes when the broker is reachable (else warn and
+    record nothing)."""
     from shadowpipe.processors.monitor.sink import migrate
     from shadowpipe.processors.publisher import Publisher
 
@@ -96,7 +98,7 @@ def direct(settings: Settings, action: str, challenger: str) -> dict[str, Any]:
     from shadowpipe.kafka import check_reachable
     from shadowpipe.stores import check_clickhouse
 
-    client = check_clickhouse(settings, "verdict")
+    client = client or check_clickhouse(settings, "verdict")
     migrate(client, settings)
     evaluator = Evaluator(settings, lambda: client)
     outcome = evaluator.evaluate(challenger, settings.policy or None, action == "reset")

@@ -48,12 +48,21 @@ def summarize(settings: Settings) -> dict[str, Any]:
 
     orphans, alerts = rows("orphans"), rows("alerts")
     data: dict[str, Any] = {
+        "verdicts": _verdicts(settings),
         "overall": report(rows("arms"), orphans, alerts),
         "by": {attr: report(rows("arms", by=attr), orphans, []) for attr in SEGMENT_ATTRS},
         "windows": rows("windows"),
         "latency": _latency_samples(settings),
     }
     return data
+
+
+def _verdicts(settings: Settings) -> list[dict[str, Any]]:
+    """The verdict on each challenger, evaluated now (recorded and published if changed)."""
+    from shadowpipe.processors.monitor.compare import _direct_client
+    from shadowpipe.processors.verdict.service import direct
+
+    return direct(settings, "verdict", "", client=_direct_client(settings))["verdicts"]
 
 
 def _latency_samples(settings: Settings) -> dict[str, list[float]]:
@@ -75,15 +84,18 @@ def _latency_samples(settings: Settings) -> dict[str, list[float]]:
 
 
 def print_summary(data: dict[str, Any]) -> None:
-    """Rich tables: overall and per segment comparison, drift events, alerts received."""
+    """Rich tables: the verdicts first, then overall and per segment comparison, drift
+    events, alerts received."""
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
     from shadowpipe.processors.monitor.compare import print_table
+    from shadowpipe.processors.verdict.render import print_verdicts
 
     console = Console(width=None if sys.stdout.isatty() else 160)
+    print_verdicts(data["verdicts"], console)
     print_table(data["overall"], console)
     print_table(data["by"]["clinic"], console, with_events=False)
     received = Table(title=f"alerts received on the alert topic ({len(data['alerts_received'])})")
@@ -233,6 +245,8 @@ def write_report(data: dict[str, Any], path: Path) -> Path:
     """Write the self-contained HTML report and return its path."""
     import matplotlib
 
+    from shadowpipe.processors.verdict.render import html_section
+
     matplotlib.use("svg")
     figures = [
         ("Agreement and accuracy over time, all traffic", _over_time(data, "", "all traffic")),
@@ -257,6 +271,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:2px 6px;fo
 {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}. ClickHouse database
 <code>{html.escape(run['database'])}</code>. Clinic <b>east</b> changed scanner firmware halfway
 through (worst_* measurements +30 %).</p>
+{html_section(data["verdicts"])}
 {table}
 {body}
 </body></html>"""

@@ -74,6 +74,18 @@ def write_challengers(world: Any, out: Path) -> Path:
     return path
 
 
+def write_policy(out: Path) -> Path:
+    """The demo's verdict policy: the defaults, but label maturity at the 0.9 quantile.
+
+    The demo's labels arrive after a lognormal delay (median 10 simulated minutes), whose
+    0.99 quantile (~1.7 h, more where the arms differ) would leave most of the two
+    simulated hours after the scanner change unjudged; at 0.9 (~40 min) they count.
+    """
+    path = out / "policy.toml"
+    path.write_text("[defaults.gates]\nmaturity_quantile = 0.9\n")
+    return path
+
+
 def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.demo.report import summarize, write_report
 
@@ -88,7 +100,8 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.demo.world import World
 
     world = World.build(seed=args.seed)
-    settings = settings.replace(challengers=str(write_challengers(world, out)))
+    settings = settings.replace(challengers=str(write_challengers(world, out)),
+                                policy=str(write_policy(out)))
     requests = list(world.requests(args.events, seed=args.seed, span_s=SPAN_S))
     worker = _start_worker(settings, out)
     try:
