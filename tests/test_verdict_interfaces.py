@@ -36,6 +36,7 @@ def test_bench_verdict_small(tmp_path: Path) -> None:
     assert out["verdict_s"] > 0 and out["scan_s"] > 0
     assert out["efficiency"] == pytest.approx(out["scan_s"] / out["verdict_s"], abs=0.002)
     assert set(out["peak_rss_mb"]) == {"20000"} and out["peak_rss_mb"]["20000"] > 0
+    assert 0 < out["peak_rss_scan_mb"]["20000"] <= out["peak_rss_mb"]["20000"]
     assert set(out["verdicts"]) == {"c1", "c2"}
     assert set(out["verdicts"].values()) <= set(EXIT_CODES)
     assert "generating records" in proc.stderr  # progress goes to stderr, JSON alone on stdout
