@@ -15,9 +15,11 @@ from shadowpipe.processors.verdict.aggregate import (
     Aggregates,
     Cell,
     ChallengerData,
+    Delays,
     Spec,
     age_bin,
     aggregate,
+    horizon,
 )
 from shadowpipe.processors.verdict.engine import (
     HOLD,
@@ -44,22 +46,30 @@ SPEC = Spec.of(POLICY)
 
 def _cell(rows: int, *, labelled: int | None = None, losses: int = 0, wins: int = 0,
           primary_wrong: int = 0, failed: int = 0, timeouts: int = 0, slow: int = 0,
-          disagree: int = 0, control: bool = False, delay_bin: int = 1) -> Cell:
-    """A cell of ``rows`` requests, ``labelled`` of them with a label after ~1 s."""
+          disagree: int = 0, control: bool = False, mature: bool = True) -> Cell:
+    """A cell of ``rows`` requests, ``labelled`` of them (the pairs mature unless not)."""
     labelled = rows if labelled is None else labelled
+    pairs = labelled if mature else 0
     return Cell(rows=rows, failed=failed, timeouts=timeouts, slow=slow, timed=rows,
                 compared=rows - failed, disagree=disagree, labelled=labelled,
-                err_n=labelled, err_l=losses, err_w=wins, err_p=primary_wrong,
-                delays={delay_bin: labelled} if labelled else {},
-                first_ms=NOW - 10 * DAY, last_ms=NOW - DAY, is_control=control)
+                mature=rows if mature else 0, mature_labelled=pairs, cls_rows=labelled,
+                err_n=pairs, err_l=losses, err_w=wins, err_p=primary_wrong,
+                first_ms=NOW - 10 * DAY, last_ms=NOW - DAY,
+                mature_first_ms=NOW - 10 * DAY if mature else None, is_control=control)
+
+
+def _delays(labelled: int, unlabelled: int, delay_bin: int = 1, age: int = OLD_BIN) -> Delays:
+    d = Delays()
+    d.events[delay_bin], d.censored[age] = labelled, unlabelled
+    return d
 
 
 def _data(name: str, overall: Cell, segments: dict[str, Cell] | None = None,
-          orphans: int = 0, age: int = OLD_BIN) -> ChallengerData:
-    cells = {"": {age: overall}}
-    for seg, cell in (segments or {}).items():
-        cells[seg] = {age: cell}
-    return ChallengerData(name, SPEC, 1.0, cells, orphans)
+          orphans: int = 0, delays: Delays | None = None) -> ChallengerData:
+    delays = delays or _delays(overall.labelled, overall.rows - overall.labelled)
+    data = ChallengerData(name, SPEC, 1.0, {"": overall, **(segments or {})}, orphans, delays)
+    data.maturity_ms = horizon(delays, 0.99) if overall.labelled else None
+    return data
 
 
 def _agg(*data: ChallengerData) -> Aggregates:
@@ -148,8 +158,8 @@ def test_excess_disagreement_over_the_control_is_reported() -> None:
 
 def test_young_cohorts_wait_for_label_maturity() -> None:
     # labels come after ~1 day; every request is half a day old: none is mature yet
-    young = _cell(5000, labelled=4000, losses=300, wins=100, delay_bin=age_bin(DAY))
-    v = _verdict(_data("c", young, age=age_bin(DAY / 2)))
+    young = _cell(5000, labelled=4000, mature=False)
+    v = _verdict(_data("c", young, delays=_delays(4000, 1000, age_bin(DAY), age_bin(DAY / 2))))
     assert v.verdict == HOLD and v.maturity_ms is not None and v.maturity_ms >= DAY
     assert _criterion(v, "error").pairs == 0
     assert any("no mature labelled pairs yet" in r for r in v.reasons)
@@ -158,11 +168,19 @@ def test_young_cohorts_wait_for_label_maturity() -> None:
 def test_partial_feedback_needs_old_requests_before_the_horizon_is_trusted() -> None:
     # 20 % never labelled: the delay curve levels off at 0.2; with no request old enough to
     # show that the level holds, the horizon is unknown
-    v = _verdict(_data("c", _cell(5000, labelled=4000, losses=300, wins=100), age=3))
+    cell = _cell(5000, labelled=4000, mature=False)
+    v = _verdict(_data("c", cell, delays=_delays(4000, 1000, age=3)))
     assert v.verdict == HOLD and v.maturity_ms is None
     assert any(r.startswith("gate maturity") for r in v.reasons)
     old = _verdict(_data("c", _cell(20_000, labelled=16_000, losses=400, wins=400)))
     assert old.maturity_ms is not None and old.verdict == PROMOTE
+
+
+def test_discordant_labels_arriving_later_push_the_horizon() -> None:
+    delays = _delays(10_000, 100)
+    delays.disc_events[age_bin(DAY)] = 200
+    assert horizon(delays, 0.99) >= DAY
+    assert horizon(_delays(10_000, 100), 0.99) < 2000
 
 
 # -- segments ---------------------------------------------------------------------------------
@@ -297,18 +315,18 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
         assert overall.rows == 4000
         assert overall.failed == overall.timeouts == sum(1 for r in mine if r["shadow_error"])
         assert overall.labelled == sum(1 for r in mine if r.get("label"))
-        assert overall.delays == {age_bin(3_600_000): overall.labelled}
+        assert data.delays.events[age_bin(3_600_000)] == overall.labelled
+        assert sum(data.delays.events) == overall.labelled
         east = data.segment("clinic=east")
         assert east.rows == sum(1 for r in mine if r["context"]["clinic"] == "east")
 
     v_bad = evaluate(agg, "c-bad", policy.for_challenger("c-bad"), None, now_ms)
     # direct computation over the mature labelled pairs (label delay 1 h: KM horizon 1-1.26 h)
-    horizon = v_bad.maturity_ms
-    assert horizon is not None and 3_600_000 <= horizon <= 1.26 * 3_600_000 + 1
-    cutoff = agg.now_ms - horizon
+    maturity = v_bad.maturity_ms
+    assert maturity is not None and 3_600_000 <= maturity <= 1.26 * 3_600_000 + 1
+    cutoff = agg.now_ms - maturity
     bad = [r for r in records if r["challenger"] == "c-bad" and r.get("label")]
-    mature = [r for r in bad if _age_lower_edge(agg.now_ms - r["event_time"]) >= horizon]
-    assert all(r["event_time"] <= cutoff for r in mature)
+    mature = [r for r in bad if r["event_time"] <= int(cutoff)]
     losses = sum(1 for r in mature if r["shadow_output"]["label"] != r["label"]
                  and r["primary_output"]["label"] == r["label"])
     wins = sum(1 for r in mature if r["primary_output"]["label"] != r["label"]
@@ -344,12 +362,6 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
     assert store.latest(client, s, "c-bad")["c-bad"].verdict == RESET
     after = store.run_verdicts(client, s, policy, now_ms=now_ms + 3000)
     assert [v.changed for v in after if v.challenger == "c-bad"] == [True]
-
-
-def _age_lower_edge(age_ms: float) -> float:
-    from shadowpipe.processors.verdict.aggregate import age_edges_ms
-
-    return age_edges_ms()[age_bin(age_ms)]
 
 
 def _brier(out: dict[str, Any], label: str) -> float:

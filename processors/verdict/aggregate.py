@@ -1,21 +1,24 @@
-"""The verdict's data: one aggregation query over ``joined_records FINAL``, never rows.
+"""The verdict's data: two aggregation queries over ``joined_records FINAL``, never rows.
 
-Each result row is a *cell*: the additive counts of one (challenger, segment, age bin),
-where segment is ``""`` (overall) or ``attr=value`` of a configured segment attribute
-(``GROUPING SETS``: one scan for all of them) and the age bin is the request's age on the
-data clock (``now``, the latest event or label time in the table) in log-spaced bins of
-a third of an octave (:func:`age_edges_ms`). Grouping by age lets the engine keep, after
-the Kaplan-Meier horizon is known, only the cohorts old enough for their labels to have
-arrived, without a second scan.
+1. **Label delays** (:func:`maturity_sql`), per challenger and primary decision: histograms
+   of the label delay of labelled requests and of the age of unlabelled ones (age on the
+   data clock ``now``, the latest event or label time stored), in log-spaced bins of a third
+   of an octave (:func:`age_edges_ms`), over all requests and over those where the arms
+   differ. They give the Kaplan-Meier horizon d99 of each challenger (:func:`horizon`).
+2. **Criteria** (:func:`query_sql`), per challenger and segment value: operational counts
+   over every request (failures, timeouts, model time over the SLO, output-constraint
+   violations, disagreement with the primary), and over the *mature* labelled requests
+   (event time at least d99 before ``now``) the paired criteria: 0/1 error as discordant
+   counts (L = only the challenger wrong, W = only the primary wrong), and histograms of the
+   bounded differences (Brier, clipped log-loss, capped absolute error, cost) in ``bins``
+   equal-width bins (``countResample``: a fixed array per group, no per-row allocation),
+   with the primary's loss sums (relative margins, projected cost).
 
-Per cell: operational counts over every row (failures, timeouts, model time over the
-SLO, output-constraint violations, disagreement with the primary), and for labelled rows
-the paired criteria: 0/1 error as discordant counts (L = only the challenger wrong,
-W = only the primary wrong), histograms of the bounded differences (Brier, clipped
-log-loss, capped absolute error, cost) in ``bins`` equal-width bins, the primary's loss
-sums (relative margins, projected cost), and the label-delay histogram that feeds
-Kaplan-Meier. A challenger that failed on a request takes the worst loss there: missing
-output never counts in its favour.
+The overall cell of a challenger is the sum of the cells of the first segment attribute's
+values (requests without the attribute form the value ""), so each attribute costs one
+grouping, and without segments there is one plain GROUP BY. The paired criteria cover the
+requests both arms answered; the challenger's failures (errors, timeouts, no output) are
+judged by their own critical limit, which must pass before any PROMOTE.
 
 >>> age_bin(0), age_bin(999), age_bin(1000), age_bin(8000)
 (0, 0, 1, 10)
@@ -26,17 +29,21 @@ output never counts in its favour.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from shadowpipe.processors.monitor.sink import database
+from shadowpipe.processors.verdict import stats
 from shadowpipe.processors.verdict.policy import ChallengerPolicy, Policy
 
 from shadowpipe.config import Settings
 
 AGE_BINS = 80  # bin 0: under 1 s; bin k: [2^((k-1)/3), 2^(k/3)) s; the last one is open
 _BINS_PER_OCTAVE = 3
+_MIN_DISC_EVENTS = 30  # discordant labels needed before their own delay curve counts
+# Versions of a (challenger, request) share its event time, hence its monthly partition:
+# FINAL need not merge across partitions (a partition in one part is read as is).
+SETTINGS = " SETTINGS do_not_merge_across_partitions_select_final = 1"
 
 
 def age_edges_ms() -> list[float]:
@@ -95,17 +102,21 @@ class Spec:
 
 
 _ADDITIVE = ("rows", "failed", "timeouts", "slow", "timed", "violations", "compared",
-             "disagree", "labelled", "err_n", "err_l", "err_w", "err_p",
-             "brier_n", "brier_p", "log_loss_n", "log_loss_p", "abs_error_n", "abs_error_p",
-             "cost_n", "cost_p", "cost_c", "delay_wrong_n", "delay_wrong_s",
-             "delay_right_n", "delay_right_s", "unlabelled_disc")
-_MAPS = ("brier_h", "log_loss_h", "abs_error_h", "cost_h", "delays", "delays_disc",
-         "decisions", "decisions_labelled")
+             "disagree", "labelled", "mature", "mature_labelled", "cls_rows", "prob_rows",
+             "reg_rows", "err_n", "err_l", "err_w",
+             "err_p", "brier_n", "brier_p", "log_loss_n", "log_loss_p", "abs_error_n",
+             "abs_error_p", "cost_n", "cost_p", "cost_c", "delay_wrong_n", "delay_wrong_s",
+             "delay_right_n", "delay_right_s")
+HISTS = ("brier_h", "log_loss_h", "abs_error_h", "cost_h")
 
 
 @dataclass
 class Cell:
-    """Additive counts of one (challenger, segment, age bin); ``+`` merges cells."""
+    """Additive counts of one (challenger, segment); ``+`` merges cells.
+
+    Operational counts and ``labelled`` cover every request; the criteria (``err_*``,
+    ``*_n``, ``*_p``, histograms) only the mature labelled ones.
+    """
 
     rows: int = 0
     failed: int = 0  # no usable challenger output (error, timeout, nothing)
@@ -116,6 +127,11 @@ class Cell:
     compared: int = 0  # both arms answered
     disagree: int = 0
     labelled: int = 0
+    mature: int = 0  # requests older than the maturity horizon
+    mature_labelled: int = 0
+    cls_rows: int = 0  # labelled classification pairs, mature or not (criteria that apply)
+    prob_rows: int = 0
+    reg_rows: int = 0
     err_n: int = 0
     err_l: int = 0
     err_w: int = 0
@@ -133,37 +149,32 @@ class Cell:
     delay_wrong_s: float = 0.0
     delay_right_n: int = 0
     delay_right_s: float = 0.0
-    unlabelled_disc: int = 0
-    brier_h: dict[int, int] = field(default_factory=dict)
-    log_loss_h: dict[int, int] = field(default_factory=dict)
-    abs_error_h: dict[int, int] = field(default_factory=dict)
-    cost_h: dict[int, int] = field(default_factory=dict)
-    delays: dict[int, int] = field(default_factory=dict)  # label-delay bin -> labelled rows
-    delays_disc: dict[int, int] = field(default_factory=dict)
-    decisions: dict[str, int] = field(default_factory=dict)  # primary label -> rows
-    decisions_labelled: dict[str, int] = field(default_factory=dict)
+    brier_h: list[int] = field(default_factory=list)
+    log_loss_h: list[int] = field(default_factory=list)
+    abs_error_h: list[int] = field(default_factory=list)
+    cost_h: list[int] = field(default_factory=list)
     first_ms: int | None = None
     last_ms: int | None = None
+    mature_first_ms: int | None = None
     is_control: bool = False
 
     def __add__(self, other: Cell) -> Cell:
         out = Cell()
         for name in _ADDITIVE:
             setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in _MAPS:
-            merged = dict(getattr(self, name))
-            for k, v in getattr(other, name).items():
-                merged[k] = merged.get(k, 0) + v
-            setattr(out, name, merged)
-        firsts = [t for t in (self.first_ms, other.first_ms) if t is not None]
-        lasts = [t for t in (self.last_ms, other.last_ms) if t is not None]
-        out.first_ms = min(firsts) if firsts else None
-        out.last_ms = max(lasts) if lasts else None
+        for name in HISTS:
+            a, b = getattr(self, name), getattr(other, name)
+            if len(a) < len(b):
+                a, b = b, a
+            setattr(out, name, [x + (b[i] if i < len(b) else 0) for i, x in enumerate(a)])
+        for name, pick in (("first_ms", min), ("last_ms", max), ("mature_first_ms", min)):
+            both = [t for t in (getattr(self, name), getattr(other, name)) if t is not None]
+            setattr(out, name, pick(both) if both else None)
         out.is_control = self.is_control or other.is_control
         return out
 
 
-def total(cells: Iterable[Cell]) -> Cell:
+def total(cells: list[Cell]) -> Cell:
     out = Cell()
     for cell in cells:
         out = out + cell
@@ -171,24 +182,38 @@ def total(cells: Iterable[Cell]) -> Cell:
 
 
 @dataclass
+class Delays:
+    """Label-delay histograms of one challenger (per age/delay bin, :func:`age_edges_ms`)."""
+
+    events: list[int] = field(default_factory=lambda: [0] * AGE_BINS)  # labelled, by delay
+    censored: list[int] = field(default_factory=lambda: [0] * AGE_BINS)  # unlabelled, by age
+    disc_events: list[int] = field(default_factory=lambda: [0] * AGE_BINS)
+    disc_censored: list[int] = field(default_factory=lambda: [0] * AGE_BINS)
+    # primary decision -> (requests by age bin, labelled requests by age bin): selective labels
+    decisions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+@dataclass
 class ChallengerData:
-    """Every cell of one challenger: ``cells[segment][age_bin]`` (segment "" = overall)."""
+    """One challenger's cells: ``cells[segment]`` (segment "" = overall)."""
 
     name: str
     spec: Spec
     cap: float  # the absolute-error cap in force (from the policy or the data)
-    cells: dict[str, dict[int, Cell]] = field(default_factory=dict)
+    cells: dict[str, Cell] = field(default_factory=dict)
     orphans: int = 0  # predictions whose request never arrived (join completeness)
+    delays: Delays = field(default_factory=Delays)
+    maturity_ms: float | None = None  # the horizon d99 (None: unknown yet)
 
     @property
     def is_control(self) -> bool:
-        return any(c.is_control for c in self.cells.get("", {}).values())
+        return self.overall().is_control
 
-    def overall(self, min_bin: int = 0) -> Cell:
-        return total(c for b, c in self.cells.get("", {}).items() if b >= min_bin)
+    def overall(self) -> Cell:
+        return self.cells.get("", Cell())
 
-    def segment(self, name: str, min_bin: int = 0) -> Cell:
-        return total(c for b, c in self.cells.get(name, {}).items() if b >= min_bin)
+    def segment(self, name: str) -> Cell:
+        return self.cells.get(name, Cell())
 
 
 @dataclass
@@ -198,6 +223,53 @@ class Aggregates:
     now_ms: int | None
     challengers: dict[str, ChallengerData]
     segments: tuple[str, ...] = ()
+
+
+def horizon(delays: Delays, quantile: float) -> float | None:
+    """The maturity horizon d99: Kaplan-Meier's ``quantile`` of the label delay, the larger
+    of all requests' and (with enough of them) those where the arms differ; None: unknown.
+
+    >>> d = Delays()
+    >>> d.events[1], d.censored[40] = 500, 100   # labels after ~1 s, unlabelled ones old
+    >>> horizon(d, 0.99)
+    1259.92...
+    """
+    edges = age_edges_ms()
+    found = _horizon(edges, delays.events, delays.censored, quantile)
+    if found is not None and sum(delays.disc_events) >= _MIN_DISC_EVENTS:
+        # the overall curve already showed that requests are followed long enough
+        disc = _horizon(edges, delays.disc_events, delays.disc_censored, quantile,
+                        trust_level=True)
+        found = None if disc is None else max(found, disc)
+    return found
+
+
+def _horizon(edges: list[float], events: list[int], censored: list[int],
+             q: float, trust_level: bool = False) -> float | None:
+    """Kaplan-Meier's q-quantile of the delay.
+
+    Some requests never get a label (partial feedback), so S(u) may level off above 1 - q.
+    The horizon is then the q-quantile among the requests that do get labelled,
+    S(u) - S_end <= (1 - q)(1 - S_end), trusted only once enough requests (100, and 1 %)
+    are at least twice that old: the level is seen to hold, not assumed.
+
+    >>> _horizon([0, 1, 2, 4, 8], [50, 0, 0, 0], [0, 0, 0, 150], 0.99)  # 25 % labelled
+    1.0
+    >>> _horizon([0, 1, 2, 4, 8], [50, 0, 0, 0], [0, 150, 0, 0], 0.99) is None  # too young
+    True
+    """
+    curve = stats.kaplan_meier(edges, events, censored)
+    found = stats.maturity_horizon(curve, q)
+    if found is not None or not any(events):
+        return found
+    end = curve[-1][1]
+    labelled = 1 - end
+    found = next((u for u, s in curve if s - end <= (1 - q) * labelled + 1e-12), None)
+    if found is None or trust_level:
+        return found
+    old = sum(n for lo_edge, n in zip(edges, censored, strict=False) if lo_edge >= 2 * found)
+    total_n = sum(events) + sum(censored)
+    return found if old >= max(100, 0.01 * total_n) else None
 
 
 # -- SQL --------------------------------------------------------------------------------------
@@ -210,6 +282,42 @@ _REG = "(primary_value IS NOT NULL AND label_value IS NOT NULL)"
 _DIFF = ("(NOT x_failed AND ((primary_label IS NOT NULL AND shadow_label IS NOT NULL AND "
          "primary_label != shadow_label) OR (primary_value IS NOT NULL AND shadow_value IS NOT "
          "NULL AND abs(primary_value - shadow_value) > 1e-9 * (1 + abs(primary_value)))))")
+# The same without reading the challenger's error and probability columns (a failed
+# challenger has no label or value, so it does not differ here either).
+_DIFF_CHEAP = ("(ifNull(primary_label != shadow_label, 0) OR "
+               "ifNull(abs(primary_value - shadow_value) > 1e-9 * (1 + abs(primary_value)), 0))")
+_DELAY = "toFloat64(greatest(ifNull(label_delay_ms, 0), 0))"
+_NOW = "fromUnixTimestamp64Milli(toInt64({now_ms}))"
+
+
+def _where(challengers: tuple[str, ...], exclude: tuple[str, ...]) -> str:
+    where = []
+    if challengers:
+        where.append("challenger IN (" + ", ".join(map(_q, challengers)) + ")")
+    if exclude:
+        where.append("challenger NOT IN (" + ", ".join(map(_q, exclude)) + ")")
+    return f" WHERE {' AND '.join(where)}" if where else ""
+
+
+def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...],
+                 now_ms: int) -> str:
+    """The label-delay histograms per challenger and primary decision.
+
+    >>> "countResampleIf(0, 80, 1)" in maturity_sql("db", (), (), 0)
+    True
+    """
+    age = _sql_bin(f"toFloat64(greatest(dateDiff('millisecond', event_time, "
+                   f"{_NOW.format(now_ms=now_ms)}), 0))")
+    res = f"countResampleIf(0, {AGE_BINS}, 1)"
+    return (f"SELECT challenger, ifNull(primary_label, '') AS decision, "
+            f"{res}(age, 1) AS rows_by_age, {res}(age, x_lab) AS labelled_by_age, "
+            f"{res}(delay, x_lab) AS events, {res}(age, NOT x_lab) AS censored, "
+            f"{res}(delay, x_lab AND x_differ) AS disc_events, "
+            f"{res}(age, NOT x_lab AND x_differ) AS disc_censored "
+            f"FROM (SELECT challenger, primary_label, {age} AS age, {_sql_bin(_DELAY)} AS delay, "
+            f"{_LAB} AS x_lab, {_DIFF_CHEAP} AS x_differ "
+            f"FROM {db}.joined_records FINAL{_where(challengers, exclude)}) "
+            "GROUP BY challenger, decision" + SETTINGS)
 
 
 def _brier(arm: str) -> str:
@@ -236,28 +344,23 @@ def _cost(arm: str, spec: Spec) -> str:
 def _hist(name: str, cond: str, diff: str, lo: str, hi: str, bins: int) -> str:
     index = (f"toUInt32(least({bins - 1}, greatest(0, floor(({diff} - {lo}) / ({hi} - {lo}) "
              f"* {bins}))))")
-    return f"sumMapIf([{index}], [toUInt64(1)], {cond}) AS {name}"
+    return f"countResampleIf(0, {bins}, 1)({index}, {cond}) AS {name}"
 
 
 def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple[str, ...],
-              exclude: tuple[str, ...], now_ms: int, cap: float) -> str:
-    """The one aggregation query for the challengers sharing ``spec``.
+              exclude: tuple[str, ...], cutoffs: dict[str, int], cap: float) -> str:
+    """The criteria query for the challengers sharing ``spec``; ``cutoffs``: the latest
+    mature event time (ms) per challenger (absent: nothing is mature).
 
     >>> s = Spec(2000, 1e-4, 10.0, (), 1.0, 0.0, 1.0, 250.0, None, None)
-    >>> sql = query_sql("db", s, ("clinic",), (), (), 1_700_000_000_000, 10.0)
-    >>> "GROUPING SETS" in sql and "FROM db.joined_records FINAL" in sql
+    >>> sql = query_sql("db", s, ("clinic",), (), (), {"c1": 1_700_000_000_000}, 10.0)
+    >>> "GROUP BY challenger, s0" in sql and "FROM db.joined_records FINAL" in sql
     True
     """
     clip = spec.clip
     ll = _f(-math.log(clip) + math.log1p(-clip))
     span = _f(spec.cost_hi - spec.cost_lo)
     b = spec.bins
-    seg_cols = [f"context[{_q(attr)}] AS s{i}" for i, attr in enumerate(segments)]
-    where = []
-    if challengers:
-        where.append("challenger IN (" + ", ".join(map(_q, challengers)) + ")")
-    if exclude:
-        where.append("challenger NOT IN (" + ", ".join(map(_q, exclude)) + ")")
     violations = []
     if spec.allowed is not None:
         allowed = ", ".join(map(_q, spec.allowed))
@@ -267,18 +370,23 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         violations.append(f"(shadow_value IS NOT NULL AND NOT (shadow_value >= {_f(lo)} AND "
                           f"shadow_value <= {_f(hi)}))")
     violated = "(NOT x_failed AND (" + " OR ".join(violations) + "))" if violations else "0"
-    keys = ["challenger", "age"]
-    if segments:
-        sets = ", ".join("(" + ", ".join(keys + ([f"s{i}"] if i >= 0 else [])) + ")"
-                         for i in range(-1, len(segments)))
-        group = f"GROUP BY GROUPING SETS ({sets})"
-        set_id = f"grouping({', '.join(f's{i}' for i in range(len(segments)))})"
-        seg_out = [f"s{i}" for i in range(len(segments))]
+    if not segments:
+        group, set_id, seg_out = "GROUP BY challenger", "0", ["'' AS s0"]
+    elif len(segments) == 1:
+        group, set_id, seg_out = "GROUP BY challenger, s0", "0", ["s0"]
     else:
-        group, set_id, seg_out = "GROUP BY challenger, age", "0", []
-    delay = "toFloat64(greatest(ifNull(label_delay_ms, 0), 0))"
+        keys = [f"s{i}" for i in range(len(segments))]
+        group = "GROUP BY GROUPING SETS (" + ", ".join(f"(challenger, {k})" for k in keys) + ")"
+        set_id, seg_out = f"grouping({', '.join(keys)})", keys
+    names = [_q(n) for n in cutoffs]
+    if cutoffs:
+        cut = (f"transform(challenger, CAST([{', '.join(names)}], 'Array(String)'), "
+               f"CAST([{', '.join(str(int(c)) for c in cutoffs.values())}], 'Array(Int64)'), "
+               "toInt64(-9223372036854775807))")
+    else:
+        cut = "toInt64(-9223372036854775807)"
     select = [
-        "challenger", "age", f"{set_id} AS set_id", *seg_out,
+        "challenger", f"{set_id} AS set_id", *seg_out,
         "count() AS rows", "countIf(x_failed) AS failed",
         "countIf(shadow_error_kind = 'timeout') AS timeouts",
         f"countIf(model_time_ms > {_f(spec.slo_ms)}) AS slow",
@@ -287,58 +395,53 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         "countIf(NOT x_failed AND ((primary_label IS NOT NULL AND shadow_label IS NOT NULL) OR "
         "(primary_value IS NOT NULL AND shadow_value IS NOT NULL))) AS compared",
         "countIf(x_differ) AS disagree", "countIf(x_lab) AS labelled",
+        "countIf(x_mature) AS mature", "countIf(x_mature AND x_lab) AS mature_labelled",
+        "countIf(x_cls0) AS cls_rows", f"countIf({_REG}) AS reg_rows",
+        "countIf(x_cls0 AND notEmpty(primary_probabilities)) AS prob_rows",
         "countIf(x_cls) AS err_n", "countIf(x_cls AND x_ec AND NOT x_ep) AS err_l",
         "countIf(x_cls AND x_ep AND NOT x_ec) AS err_w", "countIf(x_cls AND x_ep) AS err_p",
         "countIf(x_prob) AS brier_n", f"sumIf({_brier('primary')}, x_prob) AS brier_p",
-        _hist("brier_h", "x_prob", f"(if(x_failed, 2., {_brier('shadow')}) - {_brier('primary')})",
-              "-2.", "2.", b),
+        _hist("brier_h", "x_prob",
+              f"({_brier('shadow')} - {_brier('primary')})", "-2.", "2.", b),
         "countIf(x_prob) AS log_loss_n",
         f"sumIf({_log_loss('primary', clip)}, x_prob) AS log_loss_p",
         _hist("log_loss_h", "x_prob",
-              f"(if(x_failed, {_f(-math.log(clip))}, {_log_loss('shadow', clip)}) - "
-              f"{_log_loss('primary', clip)})", f"-{ll}", ll, b),
+              f"({_log_loss('shadow', clip)} - {_log_loss('primary', clip)})", f"-{ll}", ll, b),
         "countIf(x_reg) AS abs_error_n",
-        "sumIf(least(abs(primary_value - label_value), cap), x_reg) AS abs_error_p",
+        f"sumIf(least(abs(primary_value - label_value), {_f(cap)}), x_reg) AS abs_error_p",
         _hist("abs_error_h", "x_reg",
-              "(if(x_failed OR shadow_value IS NULL, cap, least(abs(shadow_value - label_value), "
-              "cap)) - least(abs(primary_value - label_value), cap))", "-cap", "cap", b),
+              f"(least(abs(shadow_value - label_value), {_f(cap)}) - "
+              f"least(abs(primary_value - label_value), {_f(cap)}))",
+              f"-{_f(cap)}", _f(cap), b),
         "countIf(x_cls) AS cost_n", f"sumIf({_cost('primary', spec)}, x_cls) AS cost_p",
-        f"sumIf(if(x_failed OR shadow_label IS NULL, {_f(spec.cost_hi)}, "
-        f"{_cost('shadow', spec)}), x_cls) AS cost_c",
+        f"sumIf({_cost('shadow', spec)}, x_cls) AS cost_c",
         _hist("cost_h", "x_cls",
-              f"(if(x_failed OR shadow_label IS NULL, {_f(spec.cost_hi)}, {_cost('shadow', spec)})"
-              f" - {_cost('primary', spec)})", f"-{span}", span, b),
-        "countIf(x_cls AND x_ep) AS delay_wrong_n",
-        f"sumIf({delay}, x_cls AND x_ep) AS delay_wrong_s",
-        "countIf(x_cls AND NOT x_ep) AS delay_right_n",
-        f"sumIf({delay}, x_cls AND NOT x_ep) AS delay_right_s",
-        "countIf(NOT x_lab AND x_differ) AS unlabelled_disc",
-        f"sumMapIf([{_sql_bin(delay)}], [toUInt64(1)], x_lab) AS delays",
-        f"sumMapIf([{_sql_bin(delay)}], [toUInt64(1)], x_lab AND x_differ) AS delays_disc",
-        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], primary_label IS NOT NULL) "
-        "AS decisions",
-        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], primary_label IS NOT NULL "
-        "AND x_lab) AS decisions_labelled",
+              f"({_cost('shadow', spec)} - {_cost('primary', spec)})", f"-{span}", span, b),
+        "countIf(x_lab AND x_ep0) AS delay_wrong_n",
+        f"sumIf({_DELAY}, x_lab AND x_ep0) AS delay_wrong_s",
+        "countIf(x_lab AND x_cls0 AND NOT x_ep0) AS delay_right_n",
+        f"sumIf({_DELAY}, x_lab AND x_cls0 AND NOT x_ep0) AS delay_right_s",
         "toUnixTimestamp64Milli(min(event_time)) AS first_ms",
-        "toUnixTimestamp64Milli(max(event_time)) AS last_ms", "max(is_control) AS is_control",
+        "toUnixTimestamp64Milli(max(event_time)) AS last_ms",
+        "toUnixTimestamp64Milli(minIf(event_time, x_mature)) AS mature_first_ms",
+        "max(is_control) AS is_control",
     ]
     inner = [
         "challenger", "is_control", "event_time", "label", "label_value", "label_delay_ms",
         "primary_label", "primary_probabilities", "primary_value", "shadow_label",
         "shadow_probabilities", "shadow_value", "shadow_error_kind", "model_time_ms",
-        *seg_cols, f"{_FAILED} AS x_failed", f"{_LAB} AS x_lab", f"{_CLS} AS x_cls",
-        f"{_REG} AS x_reg", f"{_DIFF} AS x_differ",
-        "x_cls AND notEmpty(primary_probabilities) AND (x_failed OR notEmpty(shadow_probabilities))"
-        " AS x_prob",
-        "x_cls AND primary_label != label AS x_ep",
-        "x_cls AND (x_failed OR ifNull(shadow_label != label, 1)) AS x_ec",
-        _sql_bin("toFloat64(greatest(dateDiff('millisecond', event_time, now_t), 0))")
-        + " AS age",
+        *[f"context[{_q(attr)}] AS s{i}" for i, attr in enumerate(segments)],
+        f"{_FAILED} AS x_failed", f"{_LAB} AS x_lab", f"{_CLS} AS x_cls0",
+        f"toUnixTimestamp64Milli(event_time) <= {cut} AS x_mature",
+        "x_cls0 AND x_mature AND NOT x_failed AND shadow_label IS NOT NULL AS x_cls",
+        f"{_REG} AND x_mature AND NOT x_failed AND shadow_value IS NOT NULL AS x_reg",
+        f"{_DIFF} AS x_differ",
+        "x_cls AND notEmpty(primary_probabilities) AND notEmpty(shadow_probabilities) AS x_prob",
+        "x_cls0 AND primary_label != label AS x_ep0", "x_cls AND x_ep0 AS x_ep",
+        "x_cls AND shadow_label != label AS x_ec",
     ]
-    return (f"WITH fromUnixTimestamp64Milli(toInt64({now_ms})) AS now_t, {_f(cap)} AS cap "
-            f"SELECT {', '.join(select)} FROM (SELECT {', '.join(inner)} "
-            f"FROM {db}.joined_records FINAL"
-            + (f" WHERE {' AND '.join(where)}" if where else "") + f") {group}")
+    return (f"SELECT {', '.join(select)} FROM (SELECT {', '.join(inner)} "
+            f"FROM {db}.joined_records FINAL{_where(challengers, exclude)}) {group}" + SETTINGS)
 
 
 def _spec_groups(policy: Policy) -> list[tuple[Spec, tuple[str, ...], tuple[str, ...]]]:
@@ -357,7 +460,8 @@ def _spec_groups(policy: Policy) -> list[tuple[Spec, tuple[str, ...], tuple[str,
 
 def aggregate(client: Any, settings: Settings, policy: Policy,
               now_ms: int | None = None) -> Aggregates:
-    """Aggregate ``joined_records`` for every challenger (one query per distinct spec).
+    """Aggregate ``joined_records`` for every challenger: per distinct policy spec, the
+    label-delay query, then the criteria query on the cohorts older than each horizon.
 
     ``now_ms`` defaults to the data clock (the latest event or label time stored).
     """
@@ -371,42 +475,58 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
     auto_cap = _auto_cap(client, db) if any(s.cap is None for s, _o, _e in groups) else 0.0
     for spec, only, exclude in groups:
         cap = spec.cap if spec.cap is not None else auto_cap
-        result = client.query(query_sql(db, spec, segments, only, exclude, now_ms, cap))
+        found = _delays(client, maturity_sql(db, only, exclude, now_ms))
+        cutoffs = {}
+        for name, delays in found.items():
+            data = out[name] = ChallengerData(name, spec, cap, delays=delays)
+            quantile = policy.for_challenger(name).gates.maturity_quantile
+            data.maturity_ms = horizon(delays, quantile) if sum(delays.events) else None
+            if data.maturity_ms is not None:
+                cutoffs[name] = int(now_ms - data.maturity_ms)
+        result = client.query(query_sql(db, spec, segments, only, exclude, cutoffs, cap))
         names = list(result.column_names)
         for row in result.result_rows:
-            _add_row(out, spec, cap, segments, dict(zip(names, row, strict=True)))
+            _add_row(out, segments, dict(zip(names, row, strict=True)))
     for name, orphans in _orphans(client, db).items():
         if name in out:
             out[name].orphans = orphans
     return Aggregates(now_ms, out, segments)
 
 
-def _add_row(out: dict[str, ChallengerData], spec: Spec, cap: float,
-             segments: tuple[str, ...], row: dict[str, Any]) -> None:
-    name = row["challenger"]
-    data = out.get(name)
-    if data is None:
-        data = out[name] = ChallengerData(name, spec, cap)
-    segment = ""
-    mask = int(row["set_id"])
-    full = (1 << len(segments)) - 1
-    if segments and mask != full:
-        i = next(i for i in range(len(segments)) if not mask >> (len(segments) - 1 - i) & 1)
+def _delays(client: Any, sql: str) -> dict[str, Delays]:
+    out: dict[str, Delays] = {}
+    for name, decision, rows, labelled, *hists in client.query(sql).result_rows:
+        d = out.setdefault(name, Delays())
+        for attr, counts in zip(("events", "censored", "disc_events", "disc_censored"), hists,
+                                strict=True):
+            mine = getattr(d, attr)
+            for i, n in enumerate(counts):
+                mine[i] += int(n)
+        if decision:
+            d.decisions[decision] = ([int(n) for n in rows], [int(n) for n in labelled])
+    return out
+
+
+def _add_row(out: dict[str, ChallengerData], segments: tuple[str, ...],
+             row: dict[str, Any]) -> None:
+    data = out[row["challenger"]]
+    if segments:
+        mask = int(row["set_id"])
+        k = len(segments)
+        i = next(i for i in range(k) if not mask >> (k - 1 - i) & 1) if k > 1 else 0
         value = row[f"s{i}"]
-        if value == "":
-            return  # the attribute is missing from these requests' context
-        segment = f"{segments[i]}={value}"
     cell = Cell(first_ms=row["first_ms"], last_ms=row["last_ms"],
+                mature_first_ms=row["mature_first_ms"] if row["mature"] else None,
                 is_control=bool(row["is_control"]))
     for f in fields(Cell):
         if f.name in _ADDITIVE:
             setattr(cell, f.name, row[f.name] or 0)  # a sum over no rows is NULL
-        elif f.name in _MAPS:
-            keys, values = row[f.name]
-            setattr(cell, f.name, {(int(k) if f.name != "decisions" and
-                                    f.name != "decisions_labelled" else k): int(v)
-                                   for k, v in zip(keys, values, strict=True)})
-    data.cells.setdefault(segment, {})[int(row["age"])] = cell
+        elif f.name in HISTS:
+            setattr(cell, f.name, [int(n) for n in row[f.name]])
+    if not segments or i == 0:  # the first attribute's values add up to the whole
+        data.cells[""] = data.cells.get("", Cell()) + cell
+    if segments and value != "":
+        data.cells[f"{segments[i]}={value}"] = cell
 
 
 def _data_clock(client: Any, db: str) -> int | None:

@@ -30,7 +30,6 @@
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import time
@@ -52,7 +51,6 @@ VERDICTS = (PROMOTE, HOLD, INCONCLUSIVE, REJECT)
 PASS, HARM, UNDECIDED, IMPROVED, INFO = "pass", "harm", "undecided", "improved", "info"
 BOUNDED = ("brier", "log_loss", "abs_error", "cost")
 _RATE_BINS = 1000  # 0/1 rates go to the betting CS as a two-spike histogram
-_MIN_DISC_EVENTS = 30  # discordant labels needed before their own delay curve counts
 _DAY_MS = 86_400_000
 
 
@@ -88,8 +86,8 @@ class Segment:
     segment: str
     criterion: str
     estimate: float
-    lo: float
-    hi: float
+    lo: float | None  # the interval at alpha/K, computed for flagged segments
+    hi: float | None
     pairs: int
     log_evalue: float
     flagged: bool = False
@@ -120,11 +118,13 @@ class Verdict:
 
     @property
     def flagged(self) -> list[str]:
-        return [s.segment for s in self.segments if s.flagged]
+        """Segments flagged for harm (any criterion), each once."""
+        return list(dict.fromkeys(s.segment for s in self.segments if s.flagged))
 
     @property
     def suspects(self) -> list[str]:
-        return [s.segment for s in self.segments if s.suspect]
+        """Segments e-BH suspects of being worse (any criterion), each once."""
+        return list(dict.fromkeys(s.segment for s in self.segments if s.suspect))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (the CLI's and the web endpoint's document)."""
@@ -265,14 +265,12 @@ class _Judge:
         v.pending_share = 1 - everything.labelled / everything.rows
         self._limits(everything)
         self._agreement(everything)
-        min_bin = self._maturity(data, everything)
-        v.maturity_ms = self.maturity_ms
-        mature = data.overall(min_bin) if min_bin is not None else Cell()
-        self._selective_labels(everything, mature)
-        results = self._guardrails(data, everything, mature)
-        if min_bin is not None:
-            self._segments(data, min_bin, results)
-        self._gates(data, everything, mature)
+        self.maturity_ms = v.maturity_ms = data.maturity_ms
+        self._selective_labels(data, everything)
+        results = self._guardrails(data, everything, everything)
+        if self.maturity_ms is not None:
+            self._segments(data, results)
+        self._gates(data, everything, everything)
         v.verdict, v.reasons = self._decide(everything)
         v.criteria, v.gates, v.segments = self.criteria, self.gates, self.segments
         v.warnings = self.warnings
@@ -353,33 +351,18 @@ class _Judge:
         iv = stats.betting_cs(hist, 0.0, 1.0, alpha).interval
         return k / n, iv.lo, iv.hi
 
-    # -- maturity --------------------------------------------------------------------------
+    # -- label maturity -------------------------------------------------------------------
 
-    def _maturity(self, data: ChallengerData, c: Cell) -> int | None:
-        """The first mature age bin (None: horizon unknown); sets ``maturity_ms``."""
-        if c.labelled == 0:
-            return None
+    def _selective_labels(self, data: ChallengerData, everything: Cell) -> None:
         edges = age_edges_ms()
-        bins = len(edges) - 1
-        cells = data.cells.get("", {})
-        censored = [cells[b].rows - cells[b].labelled if b in cells else 0 for b in range(bins)]
-        events = [c.delays.get(b, 0) for b in range(bins)]
-        q = self.p.gates.maturity_quantile
-        horizon = _horizon(edges, events, censored, q)
-        if sum(c.delays_disc.values()) >= _MIN_DISC_EVENTS and horizon is not None:
-            disc_events = [c.delays_disc.get(b, 0) for b in range(bins)]
-            disc_censored = [cells[b].unlabelled_disc if b in cells else 0 for b in range(bins)]
-            # the overall curve already showed that requests are followed long enough
-            disc = _horizon(edges, disc_events, disc_censored, q, trust_level=True)
-            horizon = None if disc is None else max(horizon, disc)
-        self.maturity_ms = horizon
-        if horizon is None:
-            return None
-        return bisect.bisect_left(edges, horizon - 1e-6)
-
-    def _selective_labels(self, everything: Cell, mature: Cell) -> None:
-        rates = [(mature.decisions_labelled.get(k, 0) / n, k, n)
-                 for k, n in mature.decisions.items() if n >= 100]
+        horizon = self.maturity_ms
+        first = next((k for k, e in enumerate(edges) if horizon is not None and e >= horizon),
+                     len(edges))
+        rates = []
+        for decision, (rows, labelled) in data.delays.decisions.items():
+            n = sum(rows[first:])
+            if n >= 100:
+                rates.append((sum(labelled[first:]) / n, decision, n))
         if len(rates) >= 2:
             (r1, k1, n1), (r2, k2, n2) = min(rates), max(rates)
             pooled = (r1 * n1 + r2 * n2) / (n1 + n2)
@@ -409,7 +392,7 @@ class _Judge:
         self._set_rate(data, mature)
         judged: dict[str, tuple[Guardrail, float]] = {}
         for g in p.guardrails:
-            available = _count(everything, g.name) > 0
+            available = _available(everything, g.name) > 0
             if g.name == "cost" and not p.cost_matrix and not p.declared:
                 continue
             if not available and not p.declared:
@@ -508,20 +491,20 @@ class _Judge:
     def _set_rate(self, data: ChallengerData, mature: Cell) -> None:
         """Mature labelled pairs per second of event time (the ETA's clock)."""
         now = self.agg.now_ms
-        if not mature.labelled or mature.first_ms is None or now is None:
+        if not mature.mature_labelled or mature.mature_first_ms is None or now is None:
             return
-        span_ms = now - (self.maturity_ms or 0) - mature.first_ms
+        span_ms = now - (self.maturity_ms or 0) - mature.mature_first_ms
         if span_ms > 0:
-            self.rate_per_s = mature.labelled / (span_ms / 1000)
+            self.rate_per_s = mature.mature_labelled / (span_ms / 1000)
 
     # -- segments --------------------------------------------------------------------------
 
-    def _segments(self, data: ChallengerData, min_bin: int,
+    def _segments(self, data: ChallengerData,
                   judged: dict[str, tuple[Guardrail, float]]) -> None:
         # (segment, its e-BH "worse at all" log e-value, its cell)
         found: list[tuple[Segment, float, Cell]] = []
         for segment in sorted(s for s in data.cells if s):
-            cell = data.segment(segment, min_bin)
+            cell = data.segment(segment)
             for name, (_g, margin) in judged.items():
                 if _count(cell, name) == 0:
                     continue
@@ -534,7 +517,7 @@ class _Judge:
         for (seg, _worse, cell), suspect in zip(found, suspects, strict=True):
             seg.flagged = seg.log_evalue >= level
             seg.suspect = suspect
-            if seg.flagged or suspect:
+            if seg.flagged:
                 self._segment_interval(data, seg, cell, self.alpha / k)
         self.segments = [s for s, _w, _c in found]
         for s in self.segments:
@@ -555,12 +538,13 @@ class _Judge:
             worse = stats.discordant_log_evalue(cell.err_w, cell.err_l) if k else 0.0
         else:
             lo, hi = data.spec.ranges(data.cap)[name]
-            res = stats.betting_cs(_hist(getattr(cell, f"{name}_h"), data.spec.bins), lo, hi,
-                                   self.alpha)
-            estimate = res.interval.estimate
+            hist = _hist(getattr(cell, f"{name}_h"), data.spec.bins)
+            estimate = _hist_mean(hist, lo, hi)
+            # only the capital at two points: the interval is computed for flagged ones
+            res = stats.BettingResult(stats.Interval(estimate, lo, hi), tuple(hist), lo, hi)
             harm = res.log_capital(margin)[0]
             worse = res.log_capital(0.0)[0]
-        return Segment(segment, name, estimate, estimate, estimate, n, harm), worse
+        return Segment(segment, name, estimate, None, None, n, harm), worse
 
     def _segment_interval(self, data: ChallengerData, seg: Segment, cell: Cell,
                           alpha: float) -> None:
@@ -622,43 +606,24 @@ class _Judge:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _horizon(edges: list[float], events: list[int], censored: list[int],
-             q: float, trust_level: bool = False) -> float | None:
-    """The label-delay horizon: Kaplan-Meier's q-quantile of the delay.
-
-    Some requests never get a label (partial feedback), so S(u) may level off above 1 - q.
-    The horizon is then the q-quantile among the requests that do get labelled,
-    S(u) - S_end <= (1 - q)(1 - S_end), trusted only once enough requests (100, and 1 %)
-    are at least twice that old: the level is seen to hold, not assumed.
-
-    >>> _horizon([0, 1, 2, 4, 8], [50, 0, 0, 0], [0, 0, 0, 150], 0.99)  # 25 % labelled
-    1.0
-    >>> _horizon([0, 1, 2, 4, 8], [50, 0, 0, 0], [0, 150, 0, 0], 0.99) is None  # too young
-    True
-    """
-    curve = stats.kaplan_meier(edges, events, censored)
-    horizon = stats.maturity_horizon(curve, q)
-    if horizon is not None or not any(events):
-        return horizon
-    end = curve[-1][1]
-    labelled = 1 - end
-    horizon = next((u for u, s in curve if s - end <= (1 - q) * labelled + 1e-12), None)
-    if horizon is None or trust_level:
-        return horizon
-    old = sum(n for lo_edge, n in zip(edges, censored, strict=False) if lo_edge >= 2 * horizon)
-    total = sum(events) + sum(censored)
-    return horizon if old >= max(100, 0.01 * total) else None
+def _available(c: Cell, name: str) -> int:
+    """Labelled pairs, mature or not, that the criterion applies to."""
+    return {"brier": c.prob_rows, "log_loss": c.prob_rows, "abs_error": c.reg_rows}.get(
+        name, c.cls_rows)
 
 
 def _count(c: Cell, name: str) -> int:
     return c.err_n if name == "error" else getattr(c, f"{name}_n")
 
 
-def _hist(counts: dict[int, int], bins: int) -> list[int]:
-    out = [0] * bins
-    for k, v in counts.items():
-        out[min(max(int(k), 0), bins - 1)] += v
-    return out
+def _hist(counts: list[int], bins: int) -> list[int]:
+    return list(counts) + [0] * (bins - len(counts))
+
+
+def _hist_mean(hist: list[int], lo: float, hi: float) -> float:
+    n = sum(hist)
+    width = (hi - lo) / len(hist)
+    return sum(k * (lo + (i + 0.5) * width) for i, k in enumerate(hist) if k) / n if n else 0.0
 
 
 def _hist_variance(hist: list[int], lo: float, hi: float) -> float:
