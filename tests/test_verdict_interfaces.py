@@ -12,11 +12,11 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
+from shadowpipe.processors.verdict.agent import GATES, VERDICT_PATH
+from shadowpipe.processors.verdict.commands import EXIT_CODES, exit_code
 
 from shadowpipe.cli import build_parser
 from shadowpipe.config import Settings
-from shadowpipe.processors.verdict.agent import GATES, VERDICT_PATH
-from shadowpipe.processors.verdict.commands import EXIT_CODES, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,6 +58,14 @@ def test_cli_on_empty_clickhouse_is_inconclusive(tmp_path: Path) -> None:
     assert proc.returncode == EXIT_CODES["INCONCLUSIVE"], proc.stderr
     doc = json.loads(proc.stdout)
     assert doc["verdict"] == "INCONCLUSIVE" and "no joined records" in doc["reasons"][0]
+
+
+def test_unknown_challenger_is_not_recorded(settings: Settings, tmp_path: Path) -> None:
+    env = {**settings.to_env(), "SHADOWPIPE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
+    proc = _cli(env, "verdict", "--challenger", "typo", "--format", "json")
+    assert proc.returncode == EXIT_CODES["INCONCLUSIVE"], proc.stderr
+    assert json.loads(proc.stdout)["changed"] is False
+    assert "not recorded" not in proc.stderr  # the broker answers: nothing was to record
 
 
 def test_cli_configuration_errors_exit_2(tmp_path: Path) -> None:

@@ -61,7 +61,12 @@ class Evaluator:
             resets = [store.reset(client, self.settings, challenger, int(time.time() * 1000))]
         verdicts = store.run_verdicts(client, self.settings, policy,
                                       challenger=challenger or None, persist=False)
-        changed = [] if what_if else [v for v in verdicts if v.changed]
+        for v in verdicts:
+            # Nothing known and nothing before (a mistyped name): not worth a row and an
+            # event, or any GET could fill the table.
+            unknown = not v.criteria and v.previous is None
+            v.changed = v.changed and not what_if and not unknown
+        changed = [v for v in verdicts if v.changed]
         topic = self.settings.topic("verdicts")
         events = [(topic, v.challenger, self.codec.encode("Verdict", store.to_record(v)))
                   for v in resets + changed]
