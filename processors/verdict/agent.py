@@ -14,6 +14,9 @@
   published unless it is the monitor's own policy.
 * ``POST /shadowpipe/verdict/reset/?challenger=X`` records a reset that lifts a latched
   decision, and re-evaluates.
+
+>>> [gate for gate, passes in sorted(GATES.items()) if passes("HOLD")]
+['no-reject']
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ publishes them and only then calls :meth:`Evaluator.record` (append to ``verdict
 change is never stored without its event (a reset is stored first: it must hold before
 the evaluation that follows it). An evaluation with a policy other than the
 configured one is a what-if: nothing is recorded or published.
+
+>>> Outcome({"verdicts": []}).events  # nothing changed: nothing to publish
+[]
 """
 
 from __future__ import annotations
