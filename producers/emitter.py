@@ -17,8 +17,11 @@ one of the quickest fifth of requests (or the 8th burst without one), and every 
 of the Python path, serves librdkafka's reports on the caller's thread (which holds the
 GIL anyway); a background thread covers quiet times.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
-the client still takes the GIL per report to discard a success), so
-``delivered = sent - failed - in queue`` (staged events count as in queue).
+the client still takes the GIL per report to discard a success). ``delivered`` counts the
+broker's acknowledgements from librdkafka's statistics (every 250 ms, per partition: the
+highest acknowledged message id of the idempotent producer; :mod:`.acks`), without a
+per-message Python call; with idempotence turned off in ``kafka_overrides`` the successes
+are reported and counted one by one instead.
 
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
@@ -47,6 +50,7 @@ from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from shadowpipe.producers import metrics
+from shadowpipe.producers.acks import STATS_INTERVAL_MS, Acks
 from shadowpipe.producers.events import (
     EventEncoder,
     Invalid,
@@ -85,7 +89,8 @@ class EmitterStats:
     """A snapshot of an emitter's counters.
 
     ``sent`` were accepted by the local queue; ``delivered`` acknowledged by the broker
-    (acks=all); ``queued`` still waiting; ``dropped`` never queued (invalid input,
+    (acks=all; as of librdkafka's latest statistics, at most ~0.3 s old, exact after
+    :meth:`Emitter.close`); ``queued`` still waiting; ``dropped`` never queued (invalid input,
     full queue, closed emitter) and ``failed`` queued but not delivered, by reason.
     """
 
@@ -277,10 +282,17 @@ class Emitter:
         self._closed = False
         self._exit_timeout_s = exit_timeout_s
         self._log = _RateLimitedLog(log)
+        self._acks = Acks()
+        self._succeeded = itertools.count(1)  # one by one only without idempotence
         config = producer_config(
             self.settings, on_delivery=self._on_delivery, error_cb=self._on_error,
+            stats_cb=self._acks.snapshot, **{"statistics.interval.ms": STATS_INTERVAL_MS},
             **{"client.id": f"shadowpipe-{name}", **(kafka_overrides or {})},
         )
+        # acked_msgid is kept by the idempotent producer only; otherwise report successes.
+        self._from_stats = str(config.get("enable.idempotence")).lower() in ("true", "1")
+        if not self._from_stats:
+            config["delivery.report.only.error"] = False
         self._producer = Producer(config)
         self._max_messages = int(config["queue.buffering.max.messages"])
         self._produce = self._producer.produce
@@ -450,8 +462,10 @@ class Emitter:
     # -- librdkafka callbacks (on the poll thread) -----------------------------------------
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:  # only failures are reported; kept for explicit configs
+        if err is None:  # reported only when idempotence is off (no acked_msgid then)
+            next(self._succeeded)  # atomic under the GIL, like _sent
             return
+        self._acks.failed(msg.topic(), msg.partition())
         self._fail(err.name().lstrip("_").lower(), err.str())
 
     def _refused_at_hand_over(self, data: bytes, key: str, exc: BaseException | None) -> None:
@@ -505,9 +519,11 @@ class Emitter:
             sampled_out = self._sampled_out
         if self._fast is not None and self._fast.full_drops:  # counted in C (outages)
             dropped["queue_full"] = dropped.get("queue_full", 0) + self._fast.full_drops
+        delivered = (self._acks.delivered() if self._from_stats
+                     else _count_value(self._succeeded))
         return EmitterStats(
             sent=sent,
-            delivered=max(0, sent - sum(failed.values()) - queued),
+            delivered=delivered,
             queued=queued,
             sampled_out=sampled_out,
             dropped=dropped,
@@ -530,7 +546,17 @@ class Emitter:
         if left:
             self._producer.purge()
             self._producer.flush(1.0)  # serves the purged messages' failure reports
+        if self._from_stats and _count_value(self._sent):
+            self._final_statistics()
         return left
+
+    def _final_statistics(self) -> None:
+        """Wait for librdkafka's statistics taken after the last acknowledgement, so that
+        ``delivered`` is exact once closed (at most one interval)."""
+        seen = self._acks.seq  # statistics served by flush() may predate the last ack
+        deadline = time.monotonic() + 4 * STATS_INTERVAL_MS / 1000
+        while not self._acks.settled_since(seen) and time.monotonic() < deadline:
+            self._producer.poll(STATS_INTERVAL_MS / 4000)
 
     async def aclose(self, timeout: float = 10.0) -> int:
         """:meth:`close` without blocking the event loop."""
