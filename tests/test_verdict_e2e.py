@@ -256,6 +256,19 @@ def test_verdicts_end_to_end(settings: Settings, tmp_path: Path,
                               "metadata": {"challenger": "broken"}}).encode()
         assert _get(s, "/shadowpipe/verdict/", "POST", flagger, gate="no-reject")[0] == 412
 
+        # Another policy is a what-if (never recorded); an unreadable one is a setting error.
+        lenient = tmp_path / "lenient.toml"
+        lenient.write_text(POLICY.replace("0.01", "0.10"))
+        status, what_if = _get(s, "/shadowpipe/verdict/", challenger="worse",
+                               policy=str(lenient))
+        assert status == 200 and what_if["what_if"] is True
+        assert what_if["verdict"] == "HOLD" and not what_if["changed"]
+        status, error = _get(s, "/shadowpipe/verdict/", challenger="worse",
+                             policy=str(tmp_path / "missing.toml"))
+        assert status == 400 and error["setting"] == "SHADOWPIPE_POLICY"
+        bad = _cli(s, "verdict", "--policy", str(tmp_path / "missing.toml"))
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
         # A reset lifts the latch; broken is judged afresh, and REJECTed again.
         reset = _cli(s, "verdict", "reset", "--challenger", "broken", "--format", "json")
         assert reset.returncode == 0, reset.stderr

@@ -111,9 +111,10 @@ def _from_monitor(settings: Settings, action: str, challenger: str) -> dict[str,
         body = exc.read()
         if exc.code == 404 and b"verdict" not in body:
             return None  # a worker without the monitor answers on that port
-        error = json.loads(body).get("error", "") if body.startswith(b"{") else body[:200]
-        if exc.code == 400:
-            raise ConfigError("SHADOWPIPE_POLICY", str(error)) from None
+        doc = json.loads(body) if body.startswith(b"{") else {"error": body[:200].decode()}
+        setting, error = doc.get("setting"), str(doc.get("error", ""))
+        if exc.code == 400 and setting:  # the monitor could not read the policy file
+            raise ConfigError(setting, error.removeprefix(f"{setting}: ")) from None
         raise RuntimeError(f"monitor {path}: HTTP {exc.code}: {error}") from None
     except OSError:
         return None
