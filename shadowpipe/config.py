@@ -109,7 +109,10 @@ class Settings:
     allowed_lateness_s: int = _opt(60, "how late an event may be and still count, s", min=0)
     segments: tuple[str, ...] = _opt((), "context attributes to slice metrics by (comma list)")
     drift_features: tuple[str, ...] = _opt((), "numeric features watched for covariate drift")
-    alert_cooldown_s: int = _opt(600, "the same alert is not repeated within this, s", min=0)
+    alert_cooldown_s: int = _opt(
+        600, "a firing alert condition resolves no sooner than this after it fired, s", min=0)
+    alert_repeat_s: int = _opt(
+        86400, "a still-firing alert condition is raised again after this, s", min=1)
     monitor_agreement_min_pct: int = _opt(
         80, "monitor rule: alert when a window's agreement is below this %", min=0, max=100)
     monitor_error_rate_max_pct: int = _opt(

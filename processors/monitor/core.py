@@ -46,11 +46,13 @@ import bisect
 import hashlib
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from river import metrics
 from river.drift import ADWIN
+from shadowpipe.processors.monitor.reference import Profile
 from shadowpipe.processors.monitor.stats import LogSketch, bucket, psi, quantile_edges
 
 from shadowpipe.config import Settings
@@ -62,6 +64,10 @@ MAX_SEGMENT_VALUES = 100  # per attribute; rarer values share "attr=(other)" to 
 PSI_REFERENCE = 1000  # values in a PSI reference
 PSI_MIN_WINDOW = 200  # a window needs this many values to be compared
 CACHE_MAX = 100_000  # memoised segment names and detector references
+# Requests remembered to count the primary's facts once per request: a request's records
+# (one per challenger) are emitted together by the joiner, so recent ones suffice.
+REQUEST_MEMORY = 20_000
+RESOLVE_MIN_VALUES = 128  # an ADWIN estimate over fewer values does not resolve an alert
 LATENCY_FIELDS = (("primary_latency", "primary_latency_ms"), ("model_time", "model_time_ms"),
                   ("queue_lag", "queue_lag_ms"))
 Record = dict[str, Any]
@@ -88,14 +94,21 @@ def record_time(rec: Record) -> int:
 
 
 def alert_id(kind: str, detector: str, metric: str, challenger: str, arm: str | None,
-             segment: str | None, window_start: int | None) -> str:
-    """Deterministic id of an alert: a replay of the same condition yields the same id.
+             segment: str | None, window_start: int | None, *, model: str = "",
+             status: str = "firing") -> str:
+    """Deterministic id of an alert: a replay of the same condition yields the same id
+    (``model`` names the primary of a condition of the primary's; ``status`` resolved for
+    a resolution).
 
     >>> alert_id("drift", "ADWIN", "error_rate", "c", "challenger", None, 0)[:12]
     'drift-26469c'
     """
-    raw = "\x1f".join(str(p) for p in (kind, detector, metric, challenger, arm, segment,
-                                        window_start))
+    parts: list[object] = [kind, detector, metric, challenger, arm, segment, window_start]
+    if model:
+        parts.append(f"model={model}")
+    if status != "firing":
+        parts.append(status)
+    raw = "\x1f".join(str(p) for p in parts)
     return f"{kind}-{hashlib.sha1(raw.encode()).hexdigest()[:20]}"
 
 
@@ -120,9 +133,8 @@ class Window:
         default_factory=lambda: {arm: [0, 0.0, 0.0] for arm in ARMS})
     latency: dict[str, LogSketch] = field(
         default_factory=lambda: {name: LogSketch() for name in LATENCIES})
-    psi_counts: dict[str, list[int]] = field(default_factory=dict)
 
-    def merge(self, other: Window, psi: bool = True) -> None:
+    def merge(self, other: Window) -> None:
         """Add ``other``'s accumulators (a window row merges its cells)."""
         for name in ("published", "scored", "joined", "labelled", "orphaned", "errors",
                      "timeouts", "late_dropped"):
@@ -137,10 +149,6 @@ class Window:
             _add_counts(self.arm_cm[arm], other.arm_cm[arm])
         for name in LATENCIES:
             self.latency[name].merge(other.latency[name])
-        for metric, counts in other.psi_counts.items() if psi else ():
-            mine_counts = self.psi_counts.setdefault(metric, [0] * len(counts))
-            for i, n in enumerate(counts):
-                mine_counts[i] += n
 
 
 def _add_counts(into: dict, counts: dict) -> None:
@@ -150,21 +158,29 @@ def _add_counts(into: dict, counts: dict) -> None:
 
 @dataclass(slots=True)
 class Detector:
-    """A river ADWIN plus how many values it has seen; alerts only on increases."""
+    """A river ADWIN plus how many values it has seen and its mean before a change."""
 
     adwin: Any
     seen: int = 0
 
     before: float = 0.0
+    # while its increase alert is resolving: the estimate at or below which it resolved
+    resolve_at: float | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        """Load a checkpoint, including one from before ``resolve_at`` existed."""
+        self.resolve_at = None
+        for name, value in (state[1] if isinstance(state, tuple) else state).items():
+            setattr(self, name, value)
 
     def update(self, x: float) -> tuple[float, float] | None:
-        """Feed ``x``; on an upward change return (mean before, mean after)."""
+        """Feed ``x``; on a detected change (either way) return (mean before, mean after)."""
         adwin = self.adwin
         self.seen += 1
         if self.seen % adwin.clock == 0:  # ADWIN only tests for change on its clock ticks
             self.before = adwin.estimation
         adwin.update(x)
-        if adwin.drift_detected and adwin.estimation > self.before:
+        if adwin.drift_detected:
             return self.before, adwin.estimation
         return None
 
@@ -176,6 +192,30 @@ class PsiReference:
     counts: list[int] | None = None
 
 
+@dataclass(slots=True)
+class DriftCounts:
+    """One metric's values in one window: binned against the reference named by ``tag``
+    (``stream``: the first values; ``profile:<version>``: a stored profile)."""
+
+    tag: str
+    values: int = 0
+    counts: list[int] | None = None  # None while the stream reference is being built
+
+
+@dataclass(slots=True)
+class Condition:
+    """A firing alert condition (resolved ones are forgotten)."""
+
+    fired_at: int  # event time it started firing
+    raised_at: int  # event time of its last firing alert (the first, or a repeat)
+    alert_id: str  # that alert's id
+    baseline: float | None = None  # ADWIN: the mean before the increase
+
+
+# (kind, detector, metric, challenger, model, arm, segment)
+ConditionKey = tuple[str, str, str, str, str, str | None, str]
+
+
 @dataclass
 class MonitorState:
     """Everything that must survive a restart (pickled into the Redis checkpoint)."""
@@ -184,10 +224,28 @@ class MonitorState:
     # record's ``attr=value`` strings (empty for the late-drop counter of a window)
     windows: dict[tuple[str, tuple[str, ...], int], Window] = field(default_factory=dict)
     watermark: int = -(2**62)
+    # (challenger, segment, name) -> detector of a challenger's series
     detectors: dict[tuple[str, str, str], Detector] = field(default_factory=dict)
-    psi_refs: dict[tuple[str, str], PsiReference] = field(default_factory=dict)
-    last_alert: dict[tuple, int] = field(default_factory=dict)
+    # (primary model, segment, name) -> detector of the primary's series
+    model_detectors: dict[tuple[str, str, str], Detector] = field(default_factory=dict)
+    # (model, challenger, metric) -> the first values of the stream (challenger '' = the
+    # primary's score and the features, which are the same for every challenger)
+    stream_refs: dict[tuple[str, str, str], PsiReference] = field(default_factory=dict)
+    # (model, challenger, window start) -> metric -> values of the window
+    drift: dict[tuple[str, str, int], dict[str, DriftCounts]] = field(default_factory=dict)
+    conditions: dict[ConditionKey, Condition] = field(default_factory=dict)
     segment_values: dict[str, set[str]] = field(default_factory=dict)
+    # request id -> facts of the request counted for the primary (bounded, oldest dropped)
+    request_facts: OrderedDict[str, int] = field(default_factory=OrderedDict)
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        """Load a checkpoint of an older version: unknown fields go, new ones default.
+        Its per-challenger primary detectors go too (the primary's are per model now)."""
+        fresh = MonitorState().__dict__
+        fresh.update((k, v) for k, v in saved.items() if k in fresh)
+        fresh["detectors"] = {k: d for k, d in fresh["detectors"].items()
+                              if not k[2].endswith(":primary")}
+        self.__dict__.update(fresh)
 
 
 def _output_label(out: Record | None) -> str | None:
@@ -225,11 +283,24 @@ class Monitor:
         self.window_ms = settings.window_s * 1000
         self.lateness_ms = settings.allowed_lateness_s * 1000
         self.delta = 10.0 ** -settings.monitor_drift_delta_exp
+        self.cooldown_ms = settings.alert_cooldown_s * 1000
+        self.repeat_ms = settings.alert_repeat_s * 1000
         self.pending_alerts: list[Record] = []
+        self.pending_drift: list[Record] = []
+        self.profiles: dict[str, Profile] = {}
         self._features = [(name, f"feature:{name}") for name in settings.drift_features]
         self._segment_cache: dict[tuple[str | None, ...], tuple[str, ...]] = {}
-        self._detector_cache: dict[tuple[str, tuple[str, ...], str],
+        self._detector_cache: dict[tuple[bool, str, tuple[str, ...], str],
                                    list[tuple[str, Detector]]] = {}
+
+    def set_profiles(self, profiles: dict[str, Profile]) -> None:
+        """Use these reference profiles (by model, ``''`` = any model) from now on."""
+        self.profiles = dict(profiles)
+
+    def drain_drift_stats(self) -> list[Record]:
+        """The ``drift_stats`` rows of the windows closed since the last call."""
+        rows, self.pending_drift = self.pending_drift, []
+        return rows
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -243,6 +314,21 @@ class Monitor:
         if new & ORPHAN:
             self._orphan(rec)
         return counted | new
+
+    def _first_for_request(self, request_id: str, fact: int) -> bool:
+        """True once per request and fact: the primary's series count each request once,
+        however many challengers it has (a bounded memory: see REQUEST_MEMORY)."""
+        seen = self.state.request_facts
+        bits = seen.get(request_id)
+        if bits is None:
+            seen[request_id] = fact
+            if len(seen) > REQUEST_MEMORY:
+                seen.popitem(last=False)
+            return True
+        if bits & fact:
+            return False
+        seen[request_id] = bits | fact
+        return True
 
     def _segments(self, rec: Record) -> tuple[str, ...]:
         """The record's ``attr=value`` segments (memoised: a handful of distinct contexts)."""
@@ -313,7 +399,7 @@ class Monitor:
             x = rec.get(key)
             if x is not None:
                 latency[name].add_bucket(bucket(x))
-        self._psi_values(challenger, rec, w, primary, shadow if ok else None)
+        self._drift_values(rec, t, primary, shadow if ok else None)
 
     def _compare(self, challenger: str, segments: tuple[str, ...], w: Window,
                  primary: Record | None, shadow: Record, t: int) -> None:
@@ -322,7 +408,7 @@ class Monitor:
         if p_label is not None and s_label is not None:
             key = (p_label, s_label)
             w.agree_cm[key] = w.agree_cm.get(key, 0) + 1
-            self._feed(challenger, segments, "disagreement", None, "disagreement",
+            self._feed(False, challenger, segments, "disagreement", None, "disagreement",
                        float(p_label != s_label), t)
         if primary and primary.get("probabilities") and shadow.get("probabilities"):
             w.prob_delta[0] += _total_variation(primary["probabilities"],
@@ -342,14 +428,14 @@ class Monitor:
         kind = rec.get("shadow_error_kind") or ("exception" if rec.get("shadow_error") else None)
         y, y_value = rec.get("label"), rec.get("label_value")
         w.labelled += 1
-        wrong: list[tuple[str, float]] = []
+        wrong: dict[str, float] = {}
         for arm, out in (("primary", rec.get("primary_output")),
                          ("challenger", rec.get("shadow_output") if kind is None else None)):
             if not out:
                 continue
             pred = out.get("label")
             if y is not None and pred is not None:
-                wrong.append((arm, float(pred != y)))
+                wrong[arm] = float(pred != y)
                 cm = w.arm_cm[arm]
                 cm[(y, pred)] = cm.get((y, pred), 0) + 1
             value = out.get("value")
@@ -359,8 +445,13 @@ class Monitor:
                 reg[0] += 1
                 reg[1] += abs(err)
                 reg[2] += err * err
-        for arm, x in wrong:
-            self._feed(challenger, segments, "error_rate", arm, f"error_rate:{arm}", x, t)
+        if "primary" in wrong and self._first_for_request(rec["request_id"], LABEL):
+            self._feed(True, rec.get("model") or "", segments, "error_rate", "primary",
+                       "error_rate:primary", wrong["primary"], t)
+        # the control is a copy of the primary: its error drift is the primary's, alerted once
+        if "challenger" in wrong and not rec.get("is_control"):
+            self._feed(False, challenger, segments, "error_rate", "challenger",
+                       "error_rate:challenger", wrong["challenger"], t)
 
     def _orphan(self, rec: Record) -> None:
         w = self._cell(rec["challenger"], self._segments(rec), int(rec["joined_at"]))
@@ -371,61 +462,132 @@ class Monitor:
 
     # -- detectors -------------------------------------------------------------------------
 
-    def _detectors(self, challenger: str, segments: tuple[str, ...],
+    def _detectors(self, of_model: bool, owner: str, segments: tuple[str, ...],
                    name: str) -> list[tuple[str, Detector]]:
-        """(segment, detector) of the overall series and each segment (memoised refs)."""
-        key = (challenger, segments, name)
+        """(segment, detector) of the overall series and each segment (memoised refs) of a
+        challenger or (``of_model``) of a primary model."""
+        key = (of_model, owner, segments, name)
         found = self._detector_cache.get(key)
         if found is None:
             if len(self._detector_cache) > CACHE_MAX:
                 self._detector_cache.clear()
-            detectors = self.state.detectors
+            detectors = self.state.model_detectors if of_model else self.state.detectors
             found = []
             for segment in ("", *segments):
-                detector = detectors.get((challenger, segment, name))
+                detector = detectors.get((owner, segment, name))
                 if detector is None:
-                    detector = detectors[(challenger, segment, name)] = Detector(
+                    detector = detectors[(owner, segment, name)] = Detector(
                         ADWIN(delta=self.delta))
                 found.append((segment, detector))
             self._detector_cache[key] = found
         return found
 
-    def _feed(self, challenger: str, segments: tuple[str, ...], metric: str, arm: str | None,
-              name: str, x: float, t: int) -> None:
-        """Feed ``x`` to the ``name`` detectors (``metric`` or ``metric:arm``) of a record."""
-        for segment, detector in self._detectors(challenger, segments, name):
+    def _feed(self, of_model: bool, owner: str, segments: tuple[str, ...], metric: str,
+              arm: str | None, name: str, x: float, t: int) -> None:
+        """Feed ``x`` to the ``name`` detectors (``metric`` or ``metric:arm``) of a record:
+        an increase fires the condition; a later decrease starts its resolution, done once
+        the estimate is back at most halfway between the levels before and after the rise."""
+        for segment, detector in self._detectors(of_model, owner, segments, name):
             change = detector.update(x)
             if change is None:
+                if detector.resolve_at is not None:
+                    self._resolving(detector, of_model, owner, metric, arm, segment, t)
                 continue
-            start = t - t % self.window_ms
-            self._alert("drift", "ADWIN", metric, challenger, arm, segment, start, t,
-                        value=change[1], threshold=None, severity="warning",
-                        details={"mean_before": f"{change[0]:.4f}",
-                                 "mean_after": f"{change[1]:.4f}",
-                                 "adwin_width": str(detector.adwin.width),
-                                 "values_seen": str(detector.seen)})
+            before, after = change
+            challenger, model = ("", owner) if of_model else (owner, "")
+            key = ("drift", "ADWIN", metric, challenger, model, arm, segment)
+            if after > before:
+                detector.resolve_at = None
+                self._fire(key, t - t % self.window_ms, t, value=after, threshold=None,
+                           severity="warning", details=_adwin_details(detector, before, after),
+                           baseline=before)
+                continue
+            cond = self.state.conditions.get(key)
+            if cond is not None and cond.baseline is not None:
+                # river's ADWIN restarts its window at a change: ``before`` is the raised level
+                detector.resolve_at = (cond.baseline + before) / 2
 
-    def _psi_values(self, challenger: str, rec: Record, window: Window,
-                    primary: Record | None, shadow: Record | None) -> None:
-        values: list[tuple[str, float | None]] = [("score:primary", _score(primary)),
-                                                  ("score:challenger", _score(shadow))]
-        if self._features:
-            features = rec.get("num_features") or {}
-            values += [(metric, features.get(name)) for name, metric in self._features]
-        refs = self.state.psi_refs
-        for metric, x in values:
-            if x is None or not math.isfinite(x):
+    def _resolving(self, detector: Detector, of_model: bool, owner: str, metric: str,
+                   arm: str | None, segment: str, t: int) -> None:
+        """Resolve a decreasing condition once its estimate, over enough values, is back."""
+        adwin = detector.adwin
+        if detector.seen % adwin.clock or adwin.width < RESOLVE_MIN_VALUES:
+            return
+        if adwin.estimation > detector.resolve_at:  # type: ignore[operator]
+            return
+        detector.resolve_at = None
+        challenger, model = ("", owner) if of_model else (owner, "")
+        key = ("drift", "ADWIN", metric, challenger, model, arm, segment)
+        cond = self.state.conditions.get(key)
+        details = _adwin_details(detector, cond.baseline or 0.0 if cond else 0.0,
+                                 adwin.estimation)
+        self._resolve(key, t - t % self.window_ms, t, value=adwin.estimation, threshold=None,
+                      details=details, hold=False)
+
+    # -- covariate drift (PSI) ---------------------------------------------------------------
+
+    def _profile(self, model: str) -> Profile | None:
+        profiles = self.profiles
+        return profiles.get(model) or profiles.get("") if profiles else None
+
+    def _drift_cells(self, model: str, challenger: str, t: int) -> dict[str, DriftCounts]:
+        key = (model, challenger, t - t % self.window_ms)
+        cells = self.state.drift.get(key)
+        if cells is None:
+            cells = self.state.drift[key] = {}
+        return cells
+
+    def _drift_values(self, rec: Record, t: int, primary: Record | None,
+                      shadow: Record | None) -> None:
+        """Bin the scores and watched features of a record (the primary's score and the
+        features once per request: they are the same for every challenger)."""
+        model = rec.get("model") or ""
+        if shadow is not None:
+            self._count_stream(self._drift_cells(model, rec["challenger"], t), model,
+                               rec["challenger"], "score:challenger", _score(shadow))
+        if not self._first_for_request(rec["request_id"], PRED):
+            return
+        cells = self._drift_cells(model, "", t)
+        self._count_stream(cells, model, "", "score:primary", _score(primary))
+        profile = self._profile(model)
+        numbers = rec.get("num_features") or {}
+        watched = profile.features if profile is not None else {}
+        for name, metric in self._features:
+            if name not in watched:
+                self._count_stream(cells, model, "", metric, numbers.get(name))
+        if profile is None:
+            return
+        labels = rec.get("cat_features") or {}
+        for name, fp in watched.items():
+            x = numbers.get(name) if fp.kind == "numeric" else labels.get(name)
+            i = fp.bin(x)
+            if i is None:
                 continue
-            ref = refs.get((challenger, metric))
-            if ref is None:
-                ref = refs[(challenger, metric)] = PsiReference()
-            if ref.edges is None:
-                self._grow_reference(ref, x)
-                continue
-            counts = window.psi_counts.get(metric)
-            if counts is None:
-                counts = window.psi_counts[metric] = [0] * (len(ref.edges) + 1)
-            counts[bisect.bisect_right(ref.edges, x)] += 1
+            metric = f"feature:{name}"
+            counts = cells.get(metric)
+            if counts is None or counts.tag != profile.tag:  # a new profile restarts the bins
+                counts = cells[metric] = DriftCounts(profile.tag, 0, [0] * len(fp.counts))
+            counts.values += 1
+            counts.counts[i] += 1  # type: ignore[index]
+
+    def _count_stream(self, cells: dict[str, DriftCounts], model: str, challenger: str,
+                      metric: str, x: float | None) -> None:
+        """Bin ``x`` against the stream's first values (grown from it until complete)."""
+        if x is None or not math.isfinite(x):
+            return
+        counts = cells.get(metric)
+        if counts is None:
+            counts = cells[metric] = DriftCounts("stream")
+        counts.values += 1
+        ref = self.state.stream_refs.get((model, challenger, metric))
+        if ref is None:
+            ref = self.state.stream_refs[(model, challenger, metric)] = PsiReference()
+        if ref.edges is None:
+            self._grow_reference(ref, x)
+            return
+        if counts.counts is None:
+            counts.counts = [0] * (len(ref.edges) + 1)
+        counts.counts[bisect.bisect_right(ref.edges, x)] += 1
 
     @staticmethod
     def _grow_reference(ref: PsiReference, x: float) -> None:
@@ -437,34 +599,63 @@ class Monitor:
                 ref.counts[bisect.bisect_right(ref.edges, v)] += 1
             ref.values = []
 
-    def _alert(self, kind: str, detector: str, metric: str, challenger: str, arm: str | None,
-               segment: str, start: int, t: int, *, value: float, threshold: float | None,
-               severity: str, details: dict[str, str]) -> None:
-        """Queue an alert unless the same condition fired within the cooldown (event time)."""
-        condition = (kind, detector, metric, challenger, arm, segment)
-        last = self.state.last_alert.get(condition)
-        if last is not None and t - last < self.settings.alert_cooldown_s * 1000:
+    # -- alert conditions (firing / resolved) -----------------------------------------------
+
+    def _fire(self, key: ConditionKey, start: int, t: int, *, value: float,
+              threshold: float | None, severity: str, details: dict[str, str],
+              baseline: float | None = None) -> None:
+        """The condition holds at ``t``: alert when it starts, or again once it has been
+        firing for the repeat interval (event time, so a replay behaves the same)."""
+        cond = self.state.conditions.get(key)
+        if cond is not None:
+            if t - cond.raised_at < self.repeat_ms:
+                return
+            details = {**details, "firing_since": str(cond.fired_at),
+                       "repeat_of": cond.alert_id}
+        else:
+            cond = self.state.conditions[key] = Condition(t, t, "", baseline)
+        cond.raised_at = t
+        cond.alert_id = self._publish(key, "firing", start, t, value=value,
+                                      threshold=threshold, severity=severity, details=details)
+
+    def _resolve(self, key: ConditionKey, start: int, t: int, *, value: float,
+                 threshold: float | None, details: dict[str, str], hold: bool = True) -> None:
+        """The condition no longer holds at ``t``: publish its resolution (with ``hold``,
+        not before it has been firing for the cooldown, which damps flapping)."""
+        cond = self.state.conditions.get(key)
+        if cond is None or (hold and t - cond.fired_at < self.cooldown_ms):
             return
-        self.state.last_alert[condition] = t
+        del self.state.conditions[key]
+        self._publish(key, "resolved", start, t, value=value, threshold=threshold,
+                      severity="info", details={**details, "firing_since": str(cond.fired_at),
+                                                "resolves": cond.alert_id})
+
+    def _publish(self, key: ConditionKey, status: str, start: int, t: int, *, value: float,
+                 threshold: float | None, severity: str, details: dict[str, str]) -> str:
+        kind, detector, metric, challenger, model, arm, segment = key
         seg = segment or None
+        aid = alert_id(kind, detector, metric, challenger, arm, seg, start, model=model,
+                       status=status)
+        extra = {"model": model} if model else {}
         self.pending_alerts.append({
-            "alert_id": alert_id(kind, detector, metric, challenger, arm, seg, start),
-            "kind": kind, "detector": detector, "metric": metric, "challenger": challenger,
-            "arm": arm, "segment": seg, "window_start": start,
+            "alert_id": aid, "kind": kind, "detector": detector, "metric": metric,
+            "challenger": challenger, "arm": arm, "segment": seg, "window_start": start,
             "window_end": start + self.window_ms, "value": float(value),
             "threshold": threshold, "severity": severity, "time": int(time.time() * 1000),
-            "details": {"event_time": str(t), **details},
+            "details": {"event_time": str(t), **extra, **details}, "status": status,
         })
+        return aid
 
     # -- closing windows -------------------------------------------------------------------
 
     def advance(self, watermark: int | None = None) -> tuple[list[Record], list[Record]]:
-        """Close windows the watermark has passed; return (window rows, alerts) since last."""
+        """Close windows the watermark has passed; return (window rows, alerts) since last.
+        Their drift statistics wait in :meth:`drain_drift_stats`."""
         state = self.state
         if watermark is not None:
             state.watermark = max(state.watermark, watermark)
-        due = [k for k in state.windows
-               if k[2] + self.window_ms + self.lateness_ms <= state.watermark]
+        horizon = state.watermark - self.window_ms - self.lateness_ms
+        due = [k for k in state.windows if k[2] <= horizon]
         merged: dict[tuple[str, str, int], Window] = {}
         for key in due:
             challenger, segments, start = key
@@ -473,8 +664,10 @@ class Monitor:
                 window = merged.get((challenger, segment, start))
                 if window is None:
                     window = merged[(challenger, segment, start)] = Window()
-                window.merge(cell, psi=not segment)  # PSI is checked on overall windows
+                window.merge(cell)
         rows = [self._close(key, merged[key]) for key in sorted(merged)]
+        for key in sorted(k for k in state.drift if k[2] <= horizon):
+            self._close_drift(key, state.drift.pop(key))
         alerts, self.pending_alerts = self.pending_alerts, []
         return rows, alerts
 
@@ -483,8 +676,6 @@ class Monitor:
         row = window_row(challenger, segment, start, start + self.window_ms, w)
         if challenger:
             self._rules(row, start, start + self.window_ms - 1)
-        if challenger and not segment:
-            self._psi_check(challenger, start, w)
         return row
 
     def _rules(self, row: Record, start: int, t: int) -> None:
@@ -500,28 +691,69 @@ class Monitor:
         for metric, value, volume, threshold, tripped in checks:
             if value is None or volume < s.monitor_rule_min_records:
                 continue
-            if not tripped(value, threshold):
-                continue
-            self._alert("rule", "threshold", metric, row["challenger"],
-                        "challenger" if metric != "agreement" else None, row["segment"],
-                        start, t, value=value, threshold=threshold, severity="warning",
-                        details={"records": str(volume)})
+            key = ("rule", "threshold", metric, row["challenger"], "",
+                   "challenger" if metric != "agreement" else None, row["segment"])
+            details = {"records": str(volume)}
+            if tripped(value, threshold):
+                self._fire(key, start, t, value=value, threshold=threshold,
+                           severity="warning", details=details)
+            else:
+                self._resolve(key, start, t, value=value, threshold=threshold,
+                              details=details)
 
-    def _psi_check(self, challenger: str, start: int, w: Window) -> None:
+    def _close_drift(self, key: tuple[str, str, int], cells: dict[str, DriftCounts]) -> None:
+        """Each metric's PSI of a closed window against its reference: a drift_stats row
+        (computed or not, and why), and the PSI condition fired or resolved."""
+        model, challenger, start = key
+        t = start + self.window_ms - 1
         threshold = self.settings.monitor_psi_threshold_pct / 100
-        for metric, counts in sorted(w.psi_counts.items()):
-            ref = self.state.psi_refs[(challenger, metric)]
-            if sum(counts) < PSI_MIN_WINDOW or ref.counts is None:
-                continue
-            value = psi(ref.counts, counts)
-            if value <= threshold:
-                continue
-            base, _, arm_or_feature = metric.partition(":")
-            arm = arm_or_feature if base == "score" else None
-            self._alert("drift", "PSI", metric if arm is None else "score", challenger, arm, "",
-                        start, start + self.window_ms - 1, value=value, threshold=threshold,
-                        severity="critical" if value > 2 * threshold else "warning",
-                        details={"records": str(sum(counts))})
+        for metric, counts in sorted(cells.items()):
+            ref_counts, reference, version = self._reference_counts(model, challenger, metric,
+                                                                    counts.tag)
+            compared = sum(counts.counts) if counts.counts is not None else 0
+            value = None
+            if ref_counts is not None and compared >= PSI_MIN_WINDOW:
+                value = psi(ref_counts, counts.counts)  # type: ignore[arg-type]
+            base, _, name = metric.partition(":")
+            arm = name if base == "score" else None
+            cond_key = ("drift", "PSI", metric if arm is None else "score", challenger,
+                        model, arm, "")
+            if value is not None:
+                details = {"records": str(compared), "reference": reference}
+                if value > threshold:
+                    self._fire(cond_key, start, t, value=value, threshold=threshold,
+                               severity="critical" if value > 2 * threshold else "warning",
+                               details=details)
+                else:
+                    self._resolve(cond_key, start, t, value=value, threshold=threshold,
+                                  details=details)
+            elif ref_counts is None:
+                reference = "stream (building)"
+            self.pending_drift.append({
+                "model": model, "challenger": challenger, "metric": metric,
+                "window_start": start, "window_end": start + self.window_ms,
+                "statistic": "psi", "value": value, "threshold": threshold,
+                "records": counts.values, "compared": compared, "reference": reference,
+                "reference_version": version,
+                "firing": cond_key in self.state.conditions,
+            })
+
+    def _reference_counts(self, model: str, challenger: str, metric: str,
+                          tag: str) -> tuple[list[int] | tuple[int, ...] | None, str, int]:
+        """(reference counts, which reference, its version) of a window's metric."""
+        if tag == "stream":
+            ref = self.state.stream_refs.get((model, challenger, metric))
+            return (ref.counts if ref is not None else None), "stream", 0
+        profile = self._profile(model)
+        fp = profile.features.get(metric.partition(":")[2]) if profile is not None else None
+        if profile is None or fp is None or profile.tag != tag:
+            return None, "profile (replaced)", 0  # the profile changed since: not compared
+        return fp.counts, "profile", profile.version
+
+
+def _adwin_details(detector: Detector, before: float, after: float) -> dict[str, str]:
+    return {"mean_before": f"{before:.4f}", "mean_after": f"{after:.4f}",
+            "adwin_width": str(detector.adwin.width), "values_seen": str(detector.seen)}
 
 
 def _classification(cm_counts: dict[tuple[str, str], int]) -> dict[str, float | None]:

@@ -259,6 +259,8 @@ class Pipeline:
             "orphans": sink_mod.orphan_columns(orphans),
             "windows": sink_mod.rows_to_columns(windows, sink_mod.WINDOW_COLUMNS),
             "alerts": sink_mod.rows_to_columns(result.alerts, sink_mod.ALERT_COLUMNS),
+            "drift_stats": sink_mod.rows_to_columns(self.monitor.drain_drift_stats(),
+                                                    sink_mod.DRIFT_COLUMNS),
         }
 
     def checkpoint(self) -> None:

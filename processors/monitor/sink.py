@@ -10,7 +10,7 @@ and orphans with ``clickhouse_ttl_days`` (``shadowpipe clickhouse migrate`` or
 ``shadowpipe init``).
 
 >>> [m[0] for m in MIGRATIONS]
-[1, 2, 3, 4, 7]
+[1, 2, 3, 4, 5, 6, 7]
 >>> joined_columns([])["request_id"]
 []
 """
@@ -79,7 +79,10 @@ WINDOW_COLUMNS = ["challenger", "segment", "window_start", "window_end", *_COUNT
                   *_METRIC_COLUMNS, "version"]
 ALERT_COLUMNS = ["alert_id", "kind", "detector", "metric", "challenger", "arm", "segment",
                  "window_start", "window_end", "value", "threshold", "severity", "time",
-                 "details"]
+                 "details", "status"]
+DRIFT_COLUMNS = ["model", "challenger", "metric", "window_start", "window_end", "statistic",
+                 "value", "threshold", "records", "compared", "reference", "reference_version",
+                 "firing"]
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
     (1, "joined records", [
@@ -113,6 +116,22 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "window_end Nullable(DateTime64(3)), value Float64, threshold Nullable(Float64), "
         "severity LowCardinality(String), time DateTime64(3), details Map(String, String)) "
         "ENGINE = ReplacingMergeTree ORDER BY alert_id",
+    ]),
+    (5, "reference profiles and drift statistics", [
+        "CREATE TABLE IF NOT EXISTS {db}.reference_profiles (model String, feature String, "
+        "kind LowCardinality(String), edges Array(Float64), categories Array(String), "
+        "counts Array(UInt64), total UInt64, source String, version UInt64) "
+        "ENGINE = ReplacingMergeTree ORDER BY (model, version, feature)",
+        "CREATE TABLE IF NOT EXISTS {db}.drift_stats (model String, "
+        "challenger LowCardinality(String), metric String, window_start DateTime64(3), "
+        "window_end DateTime64(3), statistic LowCardinality(String), value Nullable(Float64), "
+        "threshold Float64, records UInt64, compared UInt64, reference LowCardinality(String), "
+        "reference_version UInt64, firing Bool) "
+        "ENGINE = ReplacingMergeTree ORDER BY (model, challenger, metric, window_start)",
+    ]),
+    (6, "alert status", [
+        "ALTER TABLE {db}.alerts ADD COLUMN IF NOT EXISTS "
+        "status LowCardinality(String) DEFAULT 'firing'",
     ]),
     (7, "verdicts", [
         # Append-only: one row per change of a challenger's verdict (or a user's reset);
