@@ -21,6 +21,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.monitor.queries import QUERIES
 from shadowpipe.processors.monitor.queries import run as run_query
@@ -85,6 +86,7 @@ def install(app: Any, settings: Settings) -> None:
             return web.json({"error": str(exc).splitlines()[0]}, status=400)
         return web.json(payload)
 
+    reference.attach(app, settings, pipeline, executor)
     verdict_agent.install(app, settings, pipeline, executor)
 
 

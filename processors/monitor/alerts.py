@@ -1,8 +1,10 @@
 """Receive alerts: follow the alert topic from a service (base install: confluent-kafka and
 fastavro only).
 
-Alerts may repeat after a monitor restart (at-least-once); a repeated alert carries the
-same ``alert_id``, so :func:`follow` drops ids it has already yielded.
+An alert condition is published when it starts (``status`` firing) and when it ends
+(``status`` resolved, ``details["resolves"]`` names the firing alert). Alerts may repeat
+after a monitor restart (at-least-once); a repeated alert carries the same ``alert_id``, so
+:func:`follow` drops ids it has already yielded.
 
 >>> from shadowpipe.config import Settings
 >>> def on_alert(alert):
@@ -36,29 +38,24 @@ def follow(settings: Settings, *, from_now: bool = False, group_id: str | None =
            ) -> Iterator[dict[str, Any]]:
     """Yield Alert records from the alert topic, oldest first, until ``stop()`` is true.
 
-    A fresh consumer group (or ``group_id``) reads from the start, or with ``from_now`` only
-    alerts published from now on.
+    Without ``group_id`` every partition is assigned directly (no group to join: a new
+    group waits ~20 s for its first message on the embedded broker) and read from the
+    start, or with ``from_now`` only alerts published from now on. With ``group_id`` the
+    consumer joins that group, which keeps the partitions and offsets it commits.
     """
-    from confluent_kafka import TopicPartition
     from shadowpipe.schemas.codec import Codec, DecodeError
 
     from shadowpipe import kafka
 
     codec = Codec(settings.schema_registry_url)
     start_ms = int(time.time() * 1000) if from_now else 0
+    topic = settings.topic("alerts")
     consumer = kafka.consumer(settings, group_id or f"{settings.topic_prefix}alerts-{uuid.uuid4()}")
-
-    def on_assign(c: Any, partitions: list[Any]) -> None:
-        if not from_now:
-            return
-        asked = [TopicPartition(p.topic, p.partition, start_ms) for p in partitions]
-        found = c.offsets_for_times(asked, timeout=10)
-        offsets = _start_offsets([(p.partition, p.offset) for p in found], start_ms)
-        for p, offset in zip(partitions, offsets, strict=True):
-            p.offset = offset
-        c.assign(partitions)
-
-    consumer.subscribe([settings.topic("alerts")], on_assign=on_assign)
+    if group_id:
+        consumer.subscribe([topic], on_assign=lambda c, parts: _position(
+            c, parts, start_ms if from_now else None))
+    else:
+        _assign(consumer, topic, start_ms if from_now else None)
     seen: set[str] = set()
     try:
         while not (stop and stop()):
@@ -72,11 +69,38 @@ def follow(settings: Settings, *, from_now: bool = False, group_id: str | None =
                 alert = codec.decode(msg.value(), "Alert")
             except DecodeError:
                 continue  # not an alert: nothing a subscriber can act on
-            if alert["alert_id"] not in seen:
-                seen.add(alert["alert_id"])
+            key = (alert["alert_id"], alert.get("status", "firing"))
+            if key not in seen:
+                seen.add(key)
                 yield alert
     finally:
         consumer.close()
+
+
+def _assign(consumer: Any, topic: str, start_ms: int | None) -> None:
+    """Assign every partition of ``topic`` at its start (or at ``start_ms``)."""
+    from confluent_kafka import TopicPartition
+
+    meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+    if meta is None or meta.error is not None or not meta.partitions:
+        from shadowpipe.config import ConfigError
+
+        raise ConfigError("topic_alerts", f"topic {topic!r} not found (shadowpipe init)")
+    parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+    _position(consumer, parts, start_ms)
+
+
+def _position(consumer: Any, partitions: list[Any], start_ms: int | None) -> None:
+    """Assign ``partitions`` from the start, or from the first offset at ``start_ms``."""
+    from confluent_kafka import TopicPartition
+
+    if start_ms is not None:
+        asked = [TopicPartition(p.topic, p.partition, start_ms) for p in partitions]
+        found = consumer.offsets_for_times(asked, timeout=10)
+        offsets = _start_offsets([(p.partition, p.offset) for p in found], start_ms)
+        for p, offset in zip(partitions, offsets, strict=True):
+            p.offset = offset
+    consumer.assign(partitions)
 
 
 def subscribe(settings: Settings, callback: Callable[[dict[str, Any]], Any], **kwargs: Any

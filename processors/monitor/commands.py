@@ -1,4 +1,4 @@
-"""Monitor commands: ``compare``, ``alerts tail`` and ``clickhouse migrate``."""
+"""Monitor commands: ``compare``, ``alerts tail``, ``reference set`` and ``clickhouse migrate``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     tail.add_argument("--max", type=int, default=0, help="exit after this many alerts")
     tail.set_defaults(func=tail_cmd)
 
+    reference = sub.add_parser("reference", help="the reference data drift is measured against")
+    ref_sub = reference.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ref_set = ref_sub.add_parser("set", parents=[common],
+                                 help="store a reference profile from a CSV or Parquet file")
+    ref_set.add_argument("--from", dest="source", required=True, metavar="FILE",
+                         help="reference data (.csv with a header row, or .parquet)")
+    ref_set.add_argument("--model", default="",
+                         help="primary model it applies to (default: every model)")
+    ref_set.add_argument("--features", default="", metavar="A,B",
+                         help="only these columns (default: every column)")
+    ref_set.set_defaults(func=reference_cmd)
+
     clickhouse = sub.add_parser("clickhouse", help="the monitor's ClickHouse tables")
     ch_sub = clickhouse.add_subparsers(dest="action", required=True, metavar="ACTION")
     ch_sub.add_parser("migrate", parents=[common],
@@ -47,15 +59,23 @@ def compare_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def format_alert(alert: dict[str, Any]) -> str:
-    """One line per alert.
+    """One line per alert; an alert about the primary names its model.
 
     >>> format_alert({"severity": "warning", "kind": "drift", "detector": "ADWIN",
     ...               "metric": "error_rate", "challenger": "c1", "arm": "challenger",
-    ...               "segment": "region=eu", "value": 0.31, "alert_id": "drift-1"})
-    'warning drift ADWIN error_rate c1 arm=challenger segment=region=eu value=0.31 id=drift-1'
+    ...               "segment": "r=eu", "value": 0.31, "alert_id": "d-1"})
+    'FIRING warning drift ADWIN error_rate c1 arm=challenger segment=r=eu value=0.31 id=d-1'
+    >>> format_alert({"severity": "info", "kind": "drift", "detector": "PSI",
+    ...               "metric": "score", "challenger": "", "arm": "primary",
+    ...               "segment": None, "value": 0.1, "alert_id": "d-2",
+    ...               "status": "resolved", "details": {"model": "m 2"}})
+    "RESOLVED info drift PSI score primary model 'm 2' arm=primary segment=(all) value=0.1 id=d-2"
     """
-    return (f"{alert['severity']} {alert['kind']} {alert['detector']} {alert['metric']} "
-            f"{alert['challenger']} arm={alert['arm'] or '-'} "
+    who = alert["challenger"]
+    if not who:
+        who = f"primary model {alert.get('details', {}).get('model', '')!r}"
+    return (f"{alert.get('status', 'firing').upper()} {alert['severity']} {alert['kind']} "
+            f"{alert['detector']} {alert['metric']} {who} arm={alert['arm'] or '-'} "
             f"segment={alert['segment'] or '(all)'} value={alert['value']:.4g} "
             f"id={alert['alert_id']}")
 
@@ -70,6 +90,19 @@ def tail_cmd(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(alert) if args.format == "json" else format_alert(alert), flush=True)
         if args.max and count >= args.max:
             break
+    return 0
+
+
+def reference_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from shadowpipe.processors.monitor.reference import set_reference
+
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    done = set_reference(settings, args.source, model=args.model, features=features)
+    kinds = done["features"]
+    print(f"reference for model {done['model'] or '(every model)'!r}: {len(kinds)} features "
+          f"({sum(k == 'numeric' for k in kinds.values())} numeric, "
+          f"{sum(k == 'categorical' for k in kinds.values())} categorical) from "
+          f"{done['source']}, version {done['version']}, stored via {done['via']}")
     return 0
 
 

@@ -727,8 +727,8 @@ class Monitor:
                 else:
                     self._resolve(cond_key, start, t, value=value, threshold=threshold,
                                   details=details)
-            elif ref_counts is None:
-                reference = "stream (building)"
+            elif counts.tag == "stream" and counts.counts is None:
+                reference = "stream (building)"  # every value went into the reference
             self.pending_drift.append({
                 "model": model, "challenger": challenger, "metric": metric,
                 "window_start": start, "window_end": start + self.window_ms,

@@ -60,7 +60,7 @@ BULK_FIELDS = frozenset((
     "request_id", "challenger", "version", "state", "event_time", "context", "num_features",
     "primary_output", "primary_latency_ms", "shadow_output", "shadow_error",
     "shadow_error_kind", "model_time_ms", "queue_lag_ms", "label", "label_value",
-    "label_time", "feedback_source", "joined_at"))
+    "label_time", "feedback_source", "joined_at", "model", "is_control", "cat_features"))
 
 
 @contextlib.contextmanager

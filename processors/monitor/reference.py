@@ -177,7 +177,8 @@ def _read_parquet(path: Path, wanted: list[str]) -> dict[str, list[Any]]:
         raise ConfigError("--from", "reading Parquet needs pyarrow: pip install pyarrow "
                           "(or shadowpipe[embedded], which brings it)") from None
     try:
-        table = pq.read_table(path, columns=wanted or None)
+        names = pq.read_schema(path).names
+        table = pq.read_table(path, columns=[n for n in wanted if n in names] or None)
     except (OSError, ValueError) as exc:
         raise ConfigError("--from", f"cannot read {path}: {str(exc).splitlines()[0]}") from None
     return {name: table.column(name).to_pylist() for name in table.column_names}
@@ -306,17 +307,21 @@ def attach(app: Any, settings: Settings, pipeline: Any, executor: Any,
         store(pipeline.sink.connect(), db, rows)
         reload()
 
+    from faust.web import View
+
     @app.page(REFERENCE_PATH)
-    async def reference(web: Any, request: Any) -> Any:
-        if request.method != "POST":
-            return web.json({"profiles": {m: p.version for m, p in
-                                          pipeline.monitor.profiles.items()}})
-        rows = (await request.json())["rows"]
-        try:
-            await asyncio.get_running_loop().run_in_executor(executor, take, rows)
-        except Exception as exc:  # report to the caller, keep serving
-            return web.json({"error": str(exc).splitlines()[0]}, status=400)
-        return web.json({"stored": len(rows)})
+    class ReferenceView(View):  # POST stores a profile; GET lists the ones in use
+        async def get(self, request: Any) -> Any:
+            return self.json({"profiles": {m: p.version
+                                           for m, p in pipeline.monitor.profiles.items()}})
+
+        async def post(self, request: Any) -> Any:
+            rows = (await request.json())["rows"]
+            try:
+                await asyncio.get_running_loop().run_in_executor(executor, take, rows)
+            except Exception as exc:  # report to the caller, keep serving
+                return self.json({"error": str(exc).splitlines()[0]}, status=400)
+            return self.json({"stored": len(rows)})
 
     @app.timer(interval=refresh_s)
     async def refresh() -> None:
