@@ -34,7 +34,7 @@ from typing import Any
 
 from shadowpipe.processors.monitor.sink import database
 from shadowpipe.processors.verdict import stats
-from shadowpipe.processors.verdict.policy import ChallengerPolicy, Policy
+from shadowpipe.processors.verdict.policy import CRITERIA, ChallengerPolicy, Policy
 
 from shadowpipe.config import Settings
 
@@ -85,13 +85,18 @@ class Spec:
     slo_ms: float
     allowed: tuple[str, ...] | None
     value_range: tuple[float, float] | None
+    criteria: tuple[str, ...] = CRITERIA  # the bounded ones not listed are not computed
 
     @classmethod
     def of(cls, p: ChallengerPolicy) -> Spec:
         lo, hi = p.cost_range()
+        wanted = {g.name for g in p.guardrails} | ({p.success.criterion} if p.success else set())
+        if not p.cost_matrix and not (p.declared and "cost" in wanted) and not (
+                p.success and p.success.criterion == "cost"):
+            wanted.discard("cost")  # without a matrix cost is the error rate again
         return cls(p.bins, p.log_loss_clip, p.abs_error_cap, p.cost_matrix, p.cost_default,
                    lo, hi, p.limits.latency_slo_ms, p.limits.allowed_labels,
-                   p.limits.value_range)
+                   p.limits.value_range, tuple(c for c in CRITERIA if c in wanted))
 
     def ranges(self, cap: float) -> dict[str, tuple[float, float]]:
         """The [lo, hi] range of each bounded difference (challenger - primary)."""
@@ -189,8 +194,20 @@ class Delays:
     censored: list[int] = field(default_factory=lambda: [0] * AGE_BINS)  # unlabelled, by age
     disc_events: list[int] = field(default_factory=lambda: [0] * AGE_BINS)
     disc_censored: list[int] = field(default_factory=lambda: [0] * AGE_BINS)
-    # primary decision -> (requests by age bin, labelled requests by age bin): selective labels
-    decisions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # primary decision -> (mature requests, of them labelled): selective labels
+    decisions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Add a query row's histograms (and decision counts, where it has them)."""
+        for attr in ("events", "censored", "disc_events", "disc_censored"):
+            mine = getattr(self, attr)
+            for i, n in enumerate(row[attr]):
+                mine[i] += int(n)
+        if "decisions" in row:
+            labelled = dict(zip(*row["decisions_labelled"], strict=True))
+            for key, n in zip(*row["decisions"], strict=True):
+                had, had_l = self.decisions.get(key, (0, 0))
+                self.decisions[key] = (had + int(n), had_l + int(labelled.get(key, 0)))
 
 
 @dataclass
@@ -301,7 +318,7 @@ def _where(challengers: tuple[str, ...], exclude: tuple[str, ...]) -> str:
 
 def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...],
                  now_ms: int) -> str:
-    """The label-delay histograms per challenger and primary decision.
+    """The label-delay histograms per challenger (the first evaluation's horizon).
 
     >>> "countResampleIf(0, 80, 1)" in maturity_sql("db", (), (), 0)
     True
@@ -309,15 +326,14 @@ def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...]
     age = _sql_bin(f"toFloat64(greatest(dateDiff('millisecond', event_time, "
                    f"{_NOW.format(now_ms=now_ms)}), 0))")
     res = f"countResampleIf(0, {AGE_BINS}, 1)"
-    return (f"SELECT challenger, ifNull(primary_label, '') AS decision, "
-            f"{res}(age, 1) AS rows_by_age, {res}(age, x_lab) AS labelled_by_age, "
-            f"{res}(delay, x_lab) AS events, {res}(age, NOT x_lab) AS censored, "
+    return (f"SELECT challenger, {res}(delay, x_lab) AS events, "
+            f"{res}(age, NOT x_lab) AS censored, "
             f"{res}(delay, x_lab AND x_differ) AS disc_events, "
             f"{res}(age, NOT x_lab AND x_differ) AS disc_censored "
-            f"FROM (SELECT challenger, primary_label, {age} AS age, {_sql_bin(_DELAY)} AS delay, "
+            f"FROM (SELECT challenger, {age} AS age, {_sql_bin(_DELAY)} AS delay, "
             f"{_LAB} AS x_lab, {_DIFF_CHEAP} AS x_differ "
             f"FROM {db}.joined_records FINAL{_where(challengers, exclude)}) "
-            "GROUP BY challenger, decision" + SETTINGS)
+            "GROUP BY challenger" + SETTINGS)
 
 
 def _brier(arm: str) -> str:
@@ -348,12 +364,14 @@ def _hist(name: str, cond: str, diff: str, lo: str, hi: str, bins: int) -> str:
 
 
 def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple[str, ...],
-              exclude: tuple[str, ...], cutoffs: dict[str, int], cap: float) -> str:
+              exclude: tuple[str, ...], cutoffs: dict[str, int], cap: float,
+              now_ms: int) -> str:
     """The criteria query for the challengers sharing ``spec``; ``cutoffs``: the latest
-    mature event time (ms) per challenger (absent: nothing is mature).
+    mature event time (ms) per challenger (absent: nothing is mature). It also carries the
+    label-delay histograms, so a later evaluation checks its horizon in the same pass.
 
     >>> s = Spec(2000, 1e-4, 10.0, (), 1.0, 0.0, 1.0, 250.0, None, None)
-    >>> sql = query_sql("db", s, ("clinic",), (), (), {"c1": 1_700_000_000_000}, 10.0)
+    >>> sql = query_sql("db", s, ("clinic",), (), (), {"c1": 1_700_000_000_000}, 10.0, 0)
     >>> "GROUP BY challenger, s0" in sql and "FROM db.joined_records FINAL" in sql
     True
     """
@@ -378,6 +396,7 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         keys = [f"s{i}" for i in range(len(segments))]
         group = "GROUP BY GROUPING SETS (" + ", ".join(f"(challenger, {k})" for k in keys) + ")"
         set_id, seg_out = f"grouping({', '.join(keys)})", keys
+    res = f"countResampleIf(0, {AGE_BINS}, 1)"
     names = [_q(n) for n in cutoffs]
     if cutoffs:
         cut = (f"transform(challenger, CAST([{', '.join(names)}], 'Array(String)'), "
@@ -425,7 +444,15 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         "toUnixTimestamp64Milli(max(event_time)) AS last_ms",
         "toUnixTimestamp64Milli(minIf(event_time, x_mature)) AS mature_first_ms",
         "max(is_control) AS is_control",
+        f"{res}(delay, x_lab) AS events", f"{res}(age, NOT x_lab) AS censored",
+        f"{res}(delay, x_lab AND x_differ) AS disc_events",
+        f"{res}(age, NOT x_lab AND x_differ) AS disc_censored",
+        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], x_mature AND "
+        "primary_label IS NOT NULL) AS decisions",
+        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], x_mature AND x_lab AND "
+        "primary_label IS NOT NULL) AS decisions_labelled",
     ]
+    select = [_skip(item, spec.criteria) for item in select]
     inner = [
         "challenger", "is_control", "event_time", "label", "label_value", "label_delay_ms",
         "primary_label", "primary_probabilities", "primary_value", "shadow_label",
@@ -439,9 +466,21 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         "x_cls AND notEmpty(primary_probabilities) AND notEmpty(shadow_probabilities) AS x_prob",
         "x_cls0 AND primary_label != label AS x_ep0", "x_cls AND x_ep0 AS x_ep",
         "x_cls AND shadow_label != label AS x_ec",
+        _sql_bin(f"toFloat64(greatest(dateDiff('millisecond', event_time, "
+                 f"{_NOW.format(now_ms=now_ms)}), 0))") + " AS age",
+        f"{_sql_bin(_DELAY)} AS delay",
     ]
     return (f"SELECT {', '.join(select)} FROM (SELECT {', '.join(inner)} "
             f"FROM {db}.joined_records FINAL{_where(challengers, exclude)}) {group}" + SETTINGS)
+
+
+def _skip(item: str, wanted: tuple[str, ...]) -> str:
+    """A constant in place of an aggregate of a bounded criterion the policy does not use."""
+    alias = item.rsplit(" AS ", 1)[-1]
+    name, _, part = alias.rpartition("_")
+    if name in CRITERIA and name != "error" and name not in wanted:
+        return ("CAST([], 'Array(UInt64)')" if part == "h" else "0") + f" AS {alias}"
+    return item
 
 
 def _spec_groups(policy: Policy) -> list[tuple[Spec, tuple[str, ...], tuple[str, ...]]]:
@@ -458,11 +497,19 @@ def _spec_groups(policy: Policy) -> list[tuple[Spec, tuple[str, ...], tuple[str,
     return groups
 
 
+# (ClickHouse, database, challenger) -> the horizon of the previous evaluation in this
+# process: the next one uses it and checks it in the same pass (one query, not two).
+_HORIZONS: dict[tuple[str, str, str], float] = {}
+
+
 def aggregate(client: Any, settings: Settings, policy: Policy,
               now_ms: int | None = None) -> Aggregates:
-    """Aggregate ``joined_records`` for every challenger: per distinct policy spec, the
-    label-delay query, then the criteria query on the cohorts older than each horizon.
+    """Aggregate ``joined_records`` for every challenger, per distinct policy spec.
 
+    The criteria query needs each challenger's maturity horizon and also measures it. A
+    first evaluation in the process gets the horizons from the cheaper label-delay query;
+    later ones reuse the previous horizons and run the criteria query again only when the
+    horizon measured in that pass is longer (or much shorter) than the one used.
     ``now_ms`` defaults to the data clock (the latest event or label time stored).
     """
     db = database(settings)
@@ -473,46 +520,82 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
         return Aggregates(None, out, segments)
     groups = _spec_groups(policy)
     auto_cap = _auto_cap(client, db) if any(s.cap is None for s, _o, _e in groups) else 0.0
+    place = (settings.clickhouse, db)
     for spec, only, exclude in groups:
         cap = spec.cap if spec.cap is not None else auto_cap
-        found = _delays(client, maturity_sql(db, only, exclude, now_ms))
-        cutoffs = {}
-        for name, delays in found.items():
-            data = out[name] = ChallengerData(name, spec, cap, delays=delays)
-            quantile = policy.for_challenger(name).gates.maturity_quantile
-            data.maturity_ms = horizon(delays, quantile) if sum(delays.events) else None
-            if data.maturity_ms is not None:
-                cutoffs[name] = int(now_ms - data.maturity_ms)
-        result = client.query(query_sql(db, spec, segments, only, exclude, cutoffs, cap))
-        names = list(result.column_names)
-        for row in result.result_rows:
-            _add_row(out, segments, dict(zip(names, row, strict=True)))
+
+        def member(name: str, only: tuple[str, ...] = only,
+                   exclude: tuple[str, ...] = exclude) -> bool:
+            return name in only if only else name not in exclude
+
+        def quantile(name: str) -> float:
+            return policy.for_challenger(name).gates.maturity_quantile
+
+        used = {n: h for (c, d, n), h in _HORIZONS.items() if (c, d) == place and member(n)}
+        if not used:
+            delays = _delays(client, maturity_sql(db, only, exclude, now_ms))
+            used = {n: h for n, d in delays.items()
+                    if (h := horizon(d, quantile(n))) is not None}
+        for attempt in range(2):
+            found = _criteria(client, db, spec, segments, only, exclude, used, cap, now_ms)
+            fresh = {n: horizon(d.delays, quantile(n)) for n, d in found.items()}
+            stale = [n for n, h in fresh.items() if h is not None and (
+                n not in used or h > used[n] + 1e-6 or used[n] > 2 * h)]
+            if not stale or attempt:
+                break
+            used = {n: h for n, h in fresh.items() if h is not None}
+        for name, data in found.items():
+            if fresh[name] is None or name not in used:
+                data.maturity_ms = None  # not (or no longer) known: nothing counts as mature
+                data.cells = {k: _operational(c) for k, c in data.cells.items()}
+                _HORIZONS.pop((*place, name), None)
+            else:
+                data.maturity_ms = used[name]
+                _HORIZONS[(*place, name)] = used[name]
+        out.update(found)
     for name, orphans in _orphans(client, db).items():
         if name in out:
             out[name].orphans = orphans
     return Aggregates(now_ms, out, segments)
 
 
+def _criteria(client: Any, db: str, spec: Spec, segments: tuple[str, ...],
+              only: tuple[str, ...], exclude: tuple[str, ...], horizons: dict[str, float],
+              cap: float, now_ms: int) -> dict[str, ChallengerData]:
+    cutoffs = {n: int(now_ms - h) for n, h in horizons.items()}
+    result = client.query(query_sql(db, spec, segments, only, exclude, cutoffs, cap, now_ms))
+    names = list(result.column_names)
+    found: dict[str, ChallengerData] = {}
+    for row in result.result_rows:
+        record = dict(zip(names, row, strict=True))
+        name = record["challenger"]
+        data = found.get(name) or found.setdefault(name, ChallengerData(name, spec, cap))
+        _add_row(data, segments, record)
+    return found
+
+
+def _operational(cell: Cell) -> Cell:
+    """The cell without its label criteria (computed with a horizon no longer valid)."""
+    keep = ("rows", "failed", "timeouts", "slow", "timed", "violations", "compared",
+            "disagree", "labelled", "cls_rows", "prob_rows", "reg_rows", "first_ms",
+            "last_ms", "is_control")
+    return Cell(**{k: getattr(cell, k) for k in keep})
+
+
 def _delays(client: Any, sql: str) -> dict[str, Delays]:
     out: dict[str, Delays] = {}
-    for name, decision, rows, labelled, *hists in client.query(sql).result_rows:
-        d = out.setdefault(name, Delays())
-        for attr, counts in zip(("events", "censored", "disc_events", "disc_censored"), hists,
-                                strict=True):
-            mine = getattr(d, attr)
-            for i, n in enumerate(counts):
-                mine[i] += int(n)
-        if decision:
-            d.decisions[decision] = ([int(n) for n in rows], [int(n) for n in labelled])
+    result = client.query(sql)
+    names = list(result.column_names)
+    for row in result.result_rows:
+        record = dict(zip(names, row, strict=True))
+        out.setdefault(record["challenger"], Delays()).add(record)
     return out
 
 
-def _add_row(out: dict[str, ChallengerData], segments: tuple[str, ...],
-             row: dict[str, Any]) -> None:
-    data = out[row["challenger"]]
+def _add_row(data: ChallengerData, segments: tuple[str, ...], row: dict[str, Any]) -> None:
+    i, value = 0, ""
     if segments:
-        mask = int(row["set_id"])
-        k = len(segments)
+        mask, k = int(row["set_id"]), len(segments)
         i = next(i for i in range(k) if not mask >> (k - 1 - i) & 1) if k > 1 else 0
         value = row[f"s{i}"]
     cell = Cell(first_ms=row["first_ms"], last_ms=row["last_ms"],
@@ -523,8 +606,9 @@ def _add_row(out: dict[str, ChallengerData], segments: tuple[str, ...],
             setattr(cell, f.name, row[f.name] or 0)  # a sum over no rows is NULL
         elif f.name in HISTS:
             setattr(cell, f.name, [int(n) for n in row[f.name]])
-    if not segments or i == 0:  # the first attribute's values add up to the whole
+    if i == 0:  # the first attribute's values (or the one group) add up to the whole
         data.cells[""] = data.cells.get("", Cell()) + cell
+        data.delays.add(row)
     if segments and value != "":
         data.cells[f"{segments[i]}={value}"] = cell
 

@@ -41,7 +41,6 @@ from shadowpipe.processors.verdict.aggregate import (
     Aggregates,
     Cell,
     ChallengerData,
-    age_edges_ms,
 )
 from shadowpipe.processors.verdict.policy import ChallengerPolicy, Guardrail, Policy
 
@@ -354,15 +353,8 @@ class _Judge:
     # -- label maturity -------------------------------------------------------------------
 
     def _selective_labels(self, data: ChallengerData, everything: Cell) -> None:
-        edges = age_edges_ms()
-        horizon = self.maturity_ms
-        first = next((k for k, e in enumerate(edges) if horizon is not None and e >= horizon),
-                     len(edges))
-        rates = []
-        for decision, (rows, labelled) in data.delays.decisions.items():
-            n = sum(rows[first:])
-            if n >= 100:
-                rates.append((sum(labelled[first:]) / n, decision, n))
+        rates = [(labelled / n, decision, n)
+                 for decision, (n, labelled) in data.delays.decisions.items() if n >= 100]
         if len(rates) >= 2:
             (r1, k1, n1), (r2, k2, n2) = min(rates), max(rates)
             pooled = (r1 * n1 + r2 * n2) / (n1 + n2)
