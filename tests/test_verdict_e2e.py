@@ -118,9 +118,10 @@ def _get(s: Settings, path: str, method: str = "GET", body: bytes | None = None,
         return None
 
 
-def _verdict(s: Settings, challenger: str) -> dict[str, Any] | None:
+def _verdict(s: Settings, challenger: str) -> dict[str, Any]:
     reply = _get(s, "/shadowpipe/verdict/", challenger=challenger)
-    return reply[1] if reply and reply[0] == 200 else None
+    assert reply and reply[0] == 200, reply
+    return reply[1]
 
 
 def _counts(s: Settings) -> dict[str, tuple[int, int]]:

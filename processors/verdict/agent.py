@@ -27,7 +27,7 @@ import logging
 from concurrent.futures import Executor
 from typing import Any
 
-from shadowpipe.processors.publisher import Publisher
+from shadowpipe.processors.publisher import DeliveryError, Publisher
 
 from shadowpipe.config import ConfigError, Settings
 
@@ -54,8 +54,6 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
             outcome = await loop.run_in_executor(
                 executor, evaluator.evaluate, challenger, policy, reset)
             if outcome.events:
-                from shadowpipe.processors.monitor.agent import _publish
-
                 await _publish(publisher, outcome.events)
                 await loop.run_in_executor(executor, evaluator.record, outcome)
         return outcome.reply
@@ -119,3 +117,19 @@ async def _metadata_challenger(request: Any) -> str:
         return ""
     meta = body.get("metadata") if isinstance(body, dict) else None
     return str(meta.get("challenger", "")) if isinstance(meta, dict) else ""
+
+
+async def _publish(publisher: Publisher, events: list[tuple[str, str, bytes]]) -> None:
+    """Produce and flush until the broker has every event (a repeat is the same decision);
+    the verdicts are recorded only after this returns."""
+    backoff = 0.2
+    while True:
+        for topic, key, value in events:
+            publisher.produce(topic, key, value)
+        try:
+            await publisher.flush()
+            return
+        except DeliveryError as exc:
+            log.warning("verdict delivery failed (retry in %.1fs): %s", backoff, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
