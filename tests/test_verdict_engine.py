@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from shadowpipe.processors.monitor import sink
+from shadowpipe.processors.verdict import aggregate as aggregate_module
 from shadowpipe.processors.verdict import stats, store
 from shadowpipe.processors.verdict.aggregate import (
     Aggregates,
@@ -183,6 +184,31 @@ def test_discordant_labels_arriving_later_push_the_horizon() -> None:
     assert horizon(_delays(10_000, 100), 0.99) < 2000
 
 
+def test_output_constraint_violations_are_a_critical_limit() -> None:
+    policy = Policy.parse('[defaults.limits]\nallowed_labels = ["a", "b"]').for_challenger("c")
+    cell = _cell(20_000, losses=400, wins=400)
+    cell.violations = 1
+    v = _verdict(_data("c", cell), policy=policy)
+    assert v.verdict == REJECT
+    assert v.reasons == ["critical limit: 1 outputs violate the output constraints (allowed: 0)"]
+    cell.violations = 0
+    assert _verdict(_data("c", cell), policy=policy).verdict == PROMOTE
+
+
+def test_selective_labels_are_warned_about() -> None:
+    cell = _cell(20_000, losses=400, wins=400)
+    cell.delay_wrong_n, cell.delay_wrong_s = 2000, 2000 * 3_600_000.0
+    cell.delay_right_n, cell.delay_right_s = 18_000, 18_000 * 5 * DAY
+    data = _data("c", cell)
+    data.delays.decisions = {"fraud": (1000, 900), "legit": (19_000, 2000)}
+    v = _verdict(data)
+    assert any(w.startswith("selective labels: the label rate depends on the primary's "
+                            "decision (90.0% when it predicted 'fraud', 10.5% for 'legit')")
+               for w in v.warnings)
+    assert any("labels arrive sooner when the primary was wrong" in w for w in v.warnings)
+    assert _verdict(_data("c", _cell(20_000, losses=400, wins=400))).warnings == []
+
+
 # -- segments ---------------------------------------------------------------------------------
 
 def test_a_segment_worse_beyond_the_margin_rejects_and_is_named() -> None:
@@ -345,6 +371,26 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
     direct = sum(_brier(r["shadow_output"], r["label"]) - _brier(r["primary_output"], r["label"])
                  for r in mature) / len(mature)
     assert brier.estimate == pytest.approx(direct, abs=4 / 2000)  # bin centres: <= 1 bin
+
+    # a cost matrix: projected cost per 1,000 requests of each arm, paired difference
+    priced = Policy.parse('[defaults.cost]\nmatrix = {a = {b = 5.0}, b = {a = 1.0}}\n'
+                          '[defaults.gates]\nmin_pairs = 500')
+    cost = _criterion(evaluate(aggregate(client, s, priced), "c-bad",
+                               priced.for_challenger("c-bad"), None, now_ms), "cost")
+
+    def price(pred: str, truth: str) -> float:
+        return {("a", "b"): 5.0, ("b", "a"): 1.0}.get((pred, truth), 0.0)
+
+    per_arm = [sum(price(r[arm]["label"], r["label"]) for r in mature) / len(mature)
+               for arm in ("primary_output", "shadow_output")]
+    assert cost.estimate == pytest.approx(per_arm[1] - per_arm[0], abs=10 / 2000)
+    assert f"primary {1000 * per_arm[0]:.4g}, challenger {1000 * per_arm[1]:.4g}" in cost.note
+
+    # a remembered horizon that is too short is measured again in the same pass and redone
+    aggregate_module._HORIZONS[(s.clickhouse, s.clickhouse_database, "c-bad")] = 1000.0
+    redone = aggregate(client, s, policy).challengers["c-bad"]
+    assert redone.maturity_ms == maturity
+    assert redone.overall().err_n == len(mature)
 
     # the store: a state change is written once, latched and read back
     verdicts = store.run_verdicts(client, s, policy, now_ms=now_ms)
