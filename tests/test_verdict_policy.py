@@ -100,3 +100,12 @@ def test_bad_policy_is_one_line_naming_the_key(text: str, message: str) -> None:
 def test_missing_policy_file_names_the_setting(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^SHADOWPIPE_POLICY: cannot read .*nope\.toml"):
         Policy.load(tmp_path / "nope.toml")
+
+
+def test_the_documented_policy_example_is_valid() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "verdict.md").read_text()
+    example = doc.split("## Policy", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    policy = Policy.parse(example)
+    gbm = policy.for_challenger("gbm-v2")
+    assert gbm.guardrail("error").margin == 0.02 and gbm.guardrail("brier").margin == 0.01
+    assert gbm.limits.allowed_labels == ("benign", "malignant") and gbm.cost_matrix
