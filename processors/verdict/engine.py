@@ -493,25 +493,23 @@ class _Judge:
 
     def _segments(self, data: ChallengerData,
                   judged: dict[str, tuple[Guardrail, float]]) -> None:
-        # (segment, its e-BH "worse at all" log e-value, its cell)
-        found: list[tuple[Segment, float, Cell]] = []
-        for segment in sorted(s for s in data.cells if s):
-            cell = data.segment(segment)
-            for name, (_g, margin) in judged.items():
-                if _count(cell, name) == 0:
-                    continue
-                found.append((*self._segment(data, segment, name, cell, margin), cell))
-        k = len(found)
+        tests = [(segment, name, margin, data.segment(segment))
+                 for segment in sorted(s for s in data.cells if s)
+                 for name, (_g, margin) in judged.items()
+                 if _count(data.segment(segment), name)]
+        k = len(tests)
         if not k:
             return
-        level = math.log(k / self.alpha)
-        suspects = stats.e_bh([worse for _s, worse, _c in found], self.alpha)
-        for (seg, _worse, cell), suspect in zip(found, suspects, strict=True):
+        # (segment, its level, its e-BH "worse at all" log e-value, its cell)
+        found = [(*self._segment(data, segment, name, cell, margin, k), cell)
+                 for segment, name, margin, cell in tests]
+        suspects = stats.e_bh([worse for _s, _l, worse, _c in found], self.alpha)
+        for (seg, level, _worse, cell), suspect in zip(found, suspects, strict=True):
             seg.flagged = seg.log_evalue >= level
             seg.suspect = suspect
             if seg.flagged:
                 self._segment_interval(data, seg, cell, self.alpha / k)
-        self.segments = [s for s, _w, _c in found]
+        self.segments = [s for s, _l, _w, _c in found]
         for s in self.segments:
             if s.flagged:
                 bounds = _bounds(s.criterion, Criterion(s.criterion, "", "", lo=s.lo, hi=s.hi))
@@ -520,23 +518,28 @@ class _Judge:
                     f"({_label(s.criterion)}, {s.pairs} pairs)")
 
     def _segment(self, data: ChallengerData, segment: str, name: str, cell: Cell,
-                 margin: float) -> tuple[Segment, float]:
+                 margin: float, k: int) -> tuple[Segment, float, float]:
+        """The segment's harm e-value and the level it must reach (Bonferroni over ``k``
+        tests), and its "worse at all" e-value for e-BH."""
         n = _count(cell, name)
         if name == "error":
-            k = cell.err_l + cell.err_w
             estimate = (cell.err_l - cell.err_w) / n
-            harm = (stats.discordant_harm(cell.err_l, cell.err_w, n, margin, self.alpha)
-                    if margin > 0 else stats.discordant_log_evalue(cell.err_w, cell.err_l))
-            worse = stats.discordant_log_evalue(cell.err_w, cell.err_l) if k else 0.0
+            worse = stats.discordant_log_evalue(cell.err_w, cell.err_l)
+            if margin > 0:
+                # composite: the discordance rate's CS spends half of the test's alpha/k
+                harm = stats.discordant_harm(cell.err_l, cell.err_w, n, margin, self.alpha / k)
+                level = math.log(2 * k / self.alpha)
+            else:
+                harm, level = worse, math.log(k / self.alpha)
         else:
             lo, hi = data.spec.ranges(data.cap)[name]
             hist = _hist(getattr(cell, f"{name}_h"), data.spec.bins)
             estimate = _hist_mean(hist, lo, hi)
             # only the capital at two points: the interval is computed for flagged ones
             res = stats.BettingResult(stats.Interval(estimate, lo, hi), tuple(hist), lo, hi)
-            harm = res.log_capital(margin)[0]
+            harm, level = res.log_capital(margin)[0], math.log(k / self.alpha)
             worse = res.log_capital(0.0)[0]
-        return Segment(segment, name, estimate, None, None, n, harm), worse
+        return Segment(segment, name, estimate, None, None, n, harm), level, worse
 
     def _segment_interval(self, data: ChallengerData, seg: Segment, cell: Cell,
                           alpha: float) -> None:
