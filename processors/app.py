@@ -8,11 +8,12 @@ always subscribe to the same topics.
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
 
-from shadowpipe.config import Settings
+from shadowpipe.config import ConfigError, Settings, env_name
 
 
 def app_id(settings: Settings, processors: Sequence[str]) -> str:
@@ -42,6 +43,32 @@ def credentials(settings: Settings) -> Any:
     return faust.SSLCredentials(context) if context else None
 
 
+def check_web_port(settings: Settings, service: str) -> None:
+    """Raise :class:`ConfigError` naming ``SHADOWPIPE_WEB_PORT`` if the port is taken: each
+    worker process serves its own web endpoint, so separate processes need separate ports.
+
+    >>> import socket
+    >>> with socket.socket() as taken:
+    ...     taken.bind(("127.0.0.1", 0)); taken.listen()
+    ...     port = taken.getsockname()[1]
+    ...     check_web_port(Settings.load(env={"SHADOWPIPE_WEB_PORT": str(port)}), "worker x")
+    Traceback (most recent call last):
+    ...
+    shadowpipe.config.ConfigError: SHADOWPIPE_WEB_PORT [worker x]: ...
+    """
+    host, port = settings.web_host, settings.web_port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        # As the web server binds (SO_REUSEADDR): a port in TIME_WAIT is free, a listener not.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                env_name("web_port"),
+                f"port {port} on {host} is not free ({exc.strerror}); each worker process "
+                "needs its own web port", service) from None
+
+
 def make_app(settings: Settings, processors: Sequence[str], web_port: int | None = None) -> Any:
     """A Faust app for ``processors`` with raw (bytes) serialisation: decoding is ours."""
     import faust
@@ -67,5 +94,8 @@ def make_app(settings: Settings, processors: Sequence[str], web_port: int | None
         web_host=settings.web_host,
         datadir=str(datadir),
         stream_buffer_maxsize=8192,
+        # Offsets are committed only for acked (fully handled) messages, so a stop need not
+        # wait for buffered ones: with a dead agent Faust's wait_empty never returned.
+        stream_wait_empty=False,
         consumer_auto_offset_reset="earliest",
     )

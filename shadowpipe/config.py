@@ -126,6 +126,12 @@ class Settings:
         25, "distribution drift alert when PSI vs the reference exceeds N/100", min=1)
     monitor_batch_size: int = _opt(5000, "max records per monitor micro-batch", min=1)
     monitor_batch_ms: int = _opt(200, "max wait to fill a monitor micro-batch, ms", min=1)
+    monitor_idle_s: int = _opt(
+        30, "with no record for this long, close the windows whose end + allowed lateness the "
+        "wall clock has passed, s", min=1)
+    monitor_close_on_stop: str = _opt(
+        "due", "on SIGINT/SIGTERM: due = close due windows and store the open ones as "
+        "provisional rows; all = close every window (a finite stream)", choices=("due", "all"))
     policy: str = _opt("", "verdict policy file (TOML); empty = the built-in defaults")
     verdict_interval_s: int = _opt(
         60, "the monitor re-evaluates every challenger's verdict this often, s", min=1)

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.monitor.queries import QUERIES
 from shadowpipe.processors.monitor.queries import run as run_query
-from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.monitor.runtime import Runtime, guarded
 from shadowpipe.processors.verdict import agent as verdict_agent
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import Settings
 from shadowpipe.stores import check_clickhouse, check_redis, clickhouse_client
 
 log = logging.getLogger(__name__)
 QUERY_PATH = "/shadowpipe/query/"
+READY_PATH = "/shadowpipe/monitor/ready"
+STATS_PATH = "/shadowpipe/monitor/stats"
 
 
 def _client_factory(settings: Settings, first: Any) -> Any:
@@ -42,33 +42,70 @@ def _client_factory(settings: Settings, first: Any) -> Any:
     return lambda: pending.pop() if pending else clickhouse_client(settings)
 
 
+def idle_tick_s(idle_s: int) -> float:
+    """How often the idle timer looks: a fifth of the idle timeout, 0.5 s to 5 s.
+
+    >>> idle_tick_s(30), idle_tick_s(1)
+    (5.0, 0.5)
+    """
+    return min(5.0, max(0.5, idle_s / 5))
+
+
 def install(app: Any, settings: Settings) -> None:
-    """Check Redis and ClickHouse, migrate the tables, declare the agent and the endpoint."""
+    """Check Redis and ClickHouse, migrate the tables, declare the agent, the idle timer,
+    the stop handler and the endpoints (query, readiness, stats)."""
     check_redis(settings, "worker monitor")
     client = check_clickhouse(settings, "worker monitor")
     pipeline = Pipeline(settings, client_factory=_client_factory(settings, client))
     for line in pipeline.migrate():
         log.info("clickhouse %s", line)
-    executor = ThreadPoolExecutor(1, thread_name_prefix="monitor")
-    publisher = Publisher(settings)
-    codec = Codec(settings.schema_registry_url)
+    runtime = Runtime(settings, pipeline)
     topic = app.topic(settings.topic("joined"))
 
     @app.agent(topic, name=f"{settings.topic_prefix}monitor")
     async def monitor(stream: Any) -> None:
-        loop = asyncio.get_running_loop()
-        async for events in stream.noack().noack_take(
-                settings.monitor_batch_size, within=settings.monitor_batch_ms / 1000):
-            messages = [_message(ev) for ev in events]
-            result = await loop.run_in_executor(executor, pipeline.process, messages)
-            outputs = [(settings.topic("alerts"), a["challenger"], codec.encode("Alert", a))
-                       for a in result.alerts]
-            outputs += [(settings.topic("deadletter"), d["key"], codec.encode("DeadLetter", d))
-                        for d in result.dead_letters]
-            await _publish(publisher, outputs)
-            await loop.run_in_executor(executor, pipeline.checkpoint)
-            for ev in events:
-                await stream.ack(ev)
+        @guarded(runtime, "agent")
+        async def consume() -> None:
+            runtime.started = True
+            async for events in stream.noack().noack_take(
+                    settings.monitor_batch_size, within=settings.monitor_batch_ms / 1000):
+                if runtime.stopping:
+                    continue  # left unacked: replayed after the restart
+                # Shielded: a stop cancels the agent, not the batch (Runtime.stop waits).
+                await asyncio.shield(runtime.submit([_message(ev) for ev in events]))
+                for ev in events:
+                    await stream.ack(ev)
+
+        await consume()
+
+    @app.timer(interval=idle_tick_s(settings.monitor_idle_s), name="monitor_idle")
+    @guarded(runtime, "idle close")
+    async def monitor_idle() -> None:
+        if runtime.stopping:
+            return
+        if not runtime.started or not _assigned(app):
+            # Idleness counts from when records could arrive: a slow group join with a
+            # backlog waiting must not close the windows that backlog belongs to.
+            pipeline.last_record_ms = pipeline.clock()
+            return
+        result = await runtime.close(pipeline.close_idle)
+        if result.windows:
+            log.info("idle stream: %d windows closed by the wall clock, %d alerts",
+                     len(result.windows), len(result.alerts))
+
+    @app.on_before_shutdown.connect
+    async def monitor_stop(sender: Any, **kwargs: Any) -> None:
+        await runtime.stop()
+
+    @app.page(READY_PATH)
+    async def ready(web: Any, request: Any) -> Any:
+        state, reason = runtime.readiness()
+        return web.json({"ready": state == "ready", "state": state, "reason": reason},
+                        status=200 if state == "ready" else 503)
+
+    @app.page(STATS_PATH)
+    async def stats(web: Any, request: Any) -> Any:
+        return web.json(runtime.stats(lambda t, p: _highwater(app, t, p)))
 
     @app.page(QUERY_PATH)
     async def query(web: Any, request: Any) -> Any:
@@ -81,32 +118,32 @@ def install(app: Any, settings: Settings) -> None:
         loop = asyncio.get_running_loop()
         try:
             payload = await loop.run_in_executor(
-                executor, run_query, pipeline.sink, name, db, params)
+                runtime.executor, run_query, pipeline.sink, name, db, params)
         except Exception as exc:  # report query errors to the caller, keep serving
             return web.json({"error": str(exc).splitlines()[0]}, status=400)
         return web.json(payload)
 
-    reference.attach(app, settings, pipeline, executor)
-    verdict_agent.install(app, settings, pipeline, executor)
+    reference.attach(app, settings, pipeline, runtime.executor)
+    verdict_agent.install(app, settings, pipeline, runtime.executor)
+
+
+def _assigned(app: Any) -> bool:
+    try:
+        return bool(app.consumer.assignment())
+    except Exception:  # not started yet
+        return False
+
+
+def _highwater(app: Any, topic: str, partition: int) -> int | None:
+    from faust.types import TP
+
+    try:
+        return int(app.consumer.highwater(TP(topic, partition)))
+    except Exception:  # unassigned, or not fetched yet: unknown, not zero
+        return None
 
 
 def _message(ev: Any) -> Message:
     msg = ev.message
     ts = int(msg.timestamp * 1000) if msg.timestamp else None
     return Message(ev.value, ev.key, msg.topic, msg.partition, msg.offset, ts)
-
-
-async def _publish(publisher: Publisher, outputs: list[tuple[str, Any, bytes]]) -> None:
-    """Produce and flush, re-producing everything until the broker acknowledged it all
-    (a repeated alert carries the same ``alert_id``; nothing is acked before)."""
-    backoff = 0.2
-    while True:
-        for topic, key, value in outputs:
-            publisher.produce(topic, key, value)
-        try:
-            await publisher.flush()
-            return
-        except DeliveryError as exc:
-            log.warning("alert/dead-letter delivery failed (retry in %.1fs): %s", backoff, exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)

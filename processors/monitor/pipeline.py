@@ -26,6 +26,7 @@ import gc
 import io
 import logging
 import pickle
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,10 +35,18 @@ from typing import Any, NamedTuple
 from urllib.parse import urlparse
 
 import fastavro
+import redis as redis_lib
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.monitor import sink as sink_mod
 from shadowpipe.processors.monitor.bulk import BulkDecoder
-from shadowpipe.processors.monitor.core import Monitor, MonitorState, pair_key, record_time
+from shadowpipe.processors.monitor.core import (
+    Monitor,
+    MonitorState,
+    Window,
+    pair_key,
+    record_time,
+    window_row,
+)
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import (
@@ -61,6 +70,15 @@ BULK_FIELDS = frozenset((
     "primary_output", "primary_latency_ms", "shadow_output", "shadow_error",
     "shadow_error_kind", "model_time_ms", "queue_lag_ms", "label", "label_value",
     "label_time", "feedback_source", "joined_at", "model", "is_control", "cat_features"))
+# A paused or restarting Redis surfaces as these and is retried; any other error is a bug
+# or a misconfiguration, and stops the worker (a process manager restarts it).
+TRANSIENT = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
+# Without a socket timeout a paused Redis blocks a call forever, with nothing logged.
+REDIS_TIMEOUT_S = 5.0
+
+
+class Stopped(Exception):
+    """The worker is stopping: a retry loop gave up (nothing of its batch is acked)."""
 
 
 @contextlib.contextmanager
@@ -86,6 +104,21 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
+def due_watermark(starts: list[int], held_ms: int, now_ms: int) -> int | None:
+    """The watermark that closes exactly the windows (by start) whose end + allowed
+    lateness (``held_ms`` after the start) the wall clock ``now_ms`` has passed; None if
+    none has. Not ``now_ms`` itself: a backfill arriving after an idle spell must not be
+    dropped as late wholesale.
+
+    >>> due_watermark([0, 60_000, 120_000], 120_000, 200_000)
+    180000
+    >>> due_watermark([120_000], 120_000, 200_000) is None
+    True
+    """
+    due = [start + held_ms for start in starts if start + held_ms <= now_ms]
+    return max(due) if due else None
+
+
 class Message(NamedTuple):
     """What the pipeline needs of one consumed message (a tuple: cheap to build per record)."""
 
@@ -108,23 +141,64 @@ class BatchResult:
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class Totals:
+    """Counters since start, served as the monitor's stats (``/shadowpipe/monitor/stats``)."""
+
+    batches: int = 0
+    records: int = 0
+    counted: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    windows_closed: int = 0
+    windows_provisional: int = 0
+    late_dropped: int = 0
+    alerts: int = 0
+    rows_written: int = 0
+    last_write_ms: int | None = None
+    last_write_rows: int = 0
+    retries: int = 0
+    last_error: str | None = None
+    last_error_ms: int | None = None
+
+    def add(self, result: BatchResult, now_ms: int) -> None:
+        self.records += result.records
+        self.counted += result.counted
+        self.duplicates += result.duplicates
+        self.dead_letters += len(result.dead_letters)
+        self.windows_closed += len(result.windows)
+        # A late record is counted in the overall ("") row of the window holding the watermark.
+        self.late_dropped += sum(w["late_dropped"] for w in result.windows if not w["segment"])
+        self.alerts += len(result.alerts)
+        if result.rows:
+            self.rows_written += result.rows
+            self.last_write_ms, self.last_write_rows = now_ms, result.rows
+
+
 class Pipeline:
     """Monitor state + dedup + ClickHouse sink for one monitor instance."""
 
     def __init__(self, settings: Settings, *, redis: Any = None,
                  client_factory: Callable[[], Any] | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
         from shadowpipe.stores import redis_client
 
         self.settings = settings
         self.codec = Codec(settings.schema_registry_url)
         self._schema = schema("JoinedRecord")
         self._header = SINGLE_OBJECT_MARKER + schema_fingerprint(self._schema)
-        self.redis = redis if redis is not None else redis_client(settings)
+        self.redis = redis if redis is not None else redis_client(
+            settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         self.state_key = f"{settings.topic_prefix}monitor:state"
         self.dedup = Deduper(self.redis, settings.topic_prefix, settings.feedback_horizon_s)
-        self.sink = sink_mod.Sink(settings, client_factory, sleep=sleep)
         self.sleep = sleep
+        self.clock = clock
+        self.totals = Totals()
+        self.retrying: str | None = None  # what a retry loop is waiting for, if any
+        self._abort = threading.Event()
+        self.last_record_ms = clock()  # a restart with open windows and no traffic closes them
+        self.sink = sink_mod.Sink(settings, client_factory, sleep=self._pause)
         self.bulk = (BulkDecoder(self.sink.connect, self._schema, BULK_FIELDS)
                      if urlparse(settings.clickhouse).scheme == "chdb" else None)
         self.monitor = Monitor(settings, self._load())
@@ -199,7 +273,13 @@ class Pipeline:
     def process(self, messages: list[Message]) -> BatchResult:
         """Steps 1 of the module doc; blocks (retrying) until ClickHouse took the batch."""
         with paused_gc():
-            return self._process(messages)
+            result = self._process(messages)
+        now = self.clock()
+        if result.records:
+            self.last_record_ms = now
+        self.totals.batches += 1
+        self.totals.add(result, now)
+        return result
 
     def _process(self, messages: list[Message]) -> BatchResult:
         records, dead, in_file = self._decode_batch(messages)
@@ -231,7 +311,7 @@ class Pipeline:
     def _count(self, records: list[dict[str, Any]], result: BatchResult) -> None:
         """Count the facts not counted yet (:mod:`.dedup`) into the monitor."""
         keys = [(pair_key(r), record_time(r)) for r in records]
-        bits = self.dedup.lookup(keys)
+        bits = self._retry("dedup lookup", lambda: self.dedup.lookup(keys))
         for rec, (pair, t) in zip(records, keys, strict=True):
             before = bits[pair]
             after = self.monitor.add(rec, before)
@@ -244,10 +324,78 @@ class Pipeline:
 
     def close_all(self) -> BatchResult:
         """Close every open window and store it: the end of a finite stream (a backfill)."""
-        result = BatchResult()
-        result.windows, result.alerts = self.monitor.advance(2**62)
-        result.rows = self.sink.write(self.tables([], result))
+        ends = [start for _c, _s, start in self.monitor.state.windows]
+        # Just far enough to close them all: later records for them count as late.
+        return self._close_until(max(ends) + self._held_ms() if ends else None)
+
+    def close_idle(self, now_ms: int | None = None) -> BatchResult:
+        """Close the windows whose end + allowed lateness the wall clock has passed, once no
+        record arrived for ``monitor_idle_s`` (an idle stream must not hold its last
+        windows open, as Flink's watermark idleness). Empty result when not idle; the
+        watermark moves to :func:`due_watermark`."""
+        now = self.clock() if now_ms is None else now_ms
+        if now - self.last_record_ms < self.settings.monitor_idle_s * 1000:
+            return BatchResult()
+        return self._close_due(now)
+
+    def close_on_stop(self, now_ms: int | None = None) -> BatchResult:
+        """A graceful stop: close the due windows (as :meth:`close_idle`, without waiting),
+        then either close the rest (``monitor_close_on_stop=all``) or store them as
+        provisional rows that their final row replaces once they close after a restart."""
+        now = self.clock() if now_ms is None else now_ms
+        if self.settings.monitor_close_on_stop == "all":
+            return self.close_all()
+        result = self._close_due(now)
+        provisional = self._open_rows()
+        if provisional:
+            rows = self.sink.write({"windows": self._window_columns(provisional)})
+            result.rows += rows
+            self.totals.windows_provisional += len(provisional)
+            self.totals.add(BatchResult(rows=rows), now)
         return result
+
+    def _held_ms(self) -> int:
+        """How long after its start a window stays open: its length + allowed lateness."""
+        return (self.settings.window_s + self.settings.allowed_lateness_s) * 1000
+
+    def _close_due(self, now_ms: int) -> BatchResult:
+        starts = [start for _c, _s, start in self.monitor.state.windows]
+        return self._close_until(due_watermark(starts, self._held_ms(), now_ms))
+
+    def _close_until(self, watermark: int | None) -> BatchResult:
+        result = BatchResult()
+        if watermark is None:
+            return result
+        result.windows, result.alerts = self.monitor.advance(watermark)
+        result.rows = self.sink.write(self.tables([], result))
+        self.totals.add(result, self.clock())
+        return result
+
+    def _open_rows(self) -> list[dict[str, Any]]:
+        """Rows of the windows still open, as they stand (merged as a close would)."""
+        window_ms = self.settings.window_s * 1000
+        merged: dict[tuple[str, str, int], Window] = {}
+        for (challenger, segments, start), cell in self.monitor.state.windows.items():
+            for segment in ("", *segments):
+                merged.setdefault((challenger, segment, start), Window()).merge(cell)
+        return [window_row(c, seg, start, start + window_ms, w)
+                for (c, seg, start), w in sorted(merged.items())]
+
+    def _window_columns(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+        version = int(time.time() * 1000)
+        return sink_mod.rows_to_columns([{**row, "version": version} for row in rows],
+                                        sink_mod.WINDOW_COLUMNS)
+
+    def windows_open(self) -> int:
+        """Open (challenger, window) pairs, all segments together."""
+        return len({(c, start) for c, _s, start in list(self.monitor.state.windows)})
+
+    def abort_retries(self) -> None:
+        """Make every retry loop raise :class:`Stopped` (a stop that cannot wait)."""
+        self._abort.set()
+
+    def aborted(self) -> bool:
+        return self._abort.is_set()
 
     def tables(self, records: list[dict[str, Any]], result: BatchResult) -> dict[str, dict]:
         joined = [r for r in records if r["state"] not in ORPHAN_STATES]
@@ -278,12 +426,31 @@ class Pipeline:
         self.dedup.committed()
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried on transient errors with the joiner's backoff (0.2 s doubling
+        to 10 s); nothing of the batch is acked meanwhile."""
         backoff = 0.2
         while True:
             try:
-                return fn()
-            except Exception as exc:  # redis raises assorted types; retry all, ack nothing
+                value = fn()
+                self.retrying = None
+                return value
+            except TRANSIENT as exc:
+                self.retrying = f"Redis {what}"
+                self.note_error(f"Redis {what}: {type(exc).__name__}: {exc}")
                 log.warning("Redis %s failed (retry in %.1fs): %s", what, backoff, exc)
-                self.sleep(backoff)
+                self._pause(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+    def note_error(self, text: str) -> None:
+        self.totals.retries += 1
+        self.totals.last_error, self.totals.last_error_ms = text, self.clock()
+
+    def _pause(self, seconds: float) -> None:
+        """Back off between retries; raise :class:`Stopped` once the worker must stop."""
+        if self.sleep is time.sleep:
+            self._abort.wait(seconds)
+        else:
+            self.sleep(seconds)
+        if self._abort.is_set():
+            raise Stopped("stopping during a retry")
 

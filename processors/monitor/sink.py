@@ -286,6 +286,8 @@ class Sink:
         self.client: Any = None
         self.rows_written = 0
         self.failures = 0
+        self.retrying = False  # readiness: a write is waiting for ClickHouse
+        self.last_error: str | None = None
 
     def connect(self) -> Any:
         if self.client is None:
@@ -312,9 +314,13 @@ class Sink:
                 rows = sum(len(next(iter(c.values()))) for c in batches.values())
                 rows += sum(n for _sql, n in statements)
                 self.rows_written += rows
+                self.retrying = False
                 return rows
             except Exception as exc:  # any failure: nothing is acked until this succeeds
                 self.failures += 1
+                self.retrying = True
+                self.last_error = f"ClickHouse insert: {type(exc).__name__}: " + (
+                    str(exc).splitlines()[0] if str(exc) else "")
                 log.warning("ClickHouse insert failed (retry in %.1fs): %s", backoff,
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.client = None

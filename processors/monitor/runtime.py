@@ -1,0 +1,250 @@
+"""The monitor worker's life around :class:`.pipeline.Pipeline`: one batch at a time,
+readiness, stats, idle closing, a bounded graceful stop, and exit on a dead agent.
+
+**Serialised.** A batch (process, publish alerts and dead letters, checkpoint) and a window
+close (idle timer or stop) each run whole under one lock, on one executor thread: a
+checkpoint never saves the counts of a batch whose alerts are not yet published.
+
+**Never alive while dead.** Transient Redis and ClickHouse errors are retried inside the
+batch (0.2 s doubling to 10 s, as the joiner); readiness says ``retrying`` meanwhile. Any
+other error ends the process at once with exit code 1 (:meth:`Runtime.die`): a process
+manager restarts it and the uncommitted batch is replayed against the last checkpoint.
+
+**Readiness** (``GET /shadowpipe/monitor/ready``): 200 ``ready``; 503 ``starting``,
+``retrying``, ``stalled`` (a batch running longer than :data:`STALL_S`) or ``stopping``.
+
+**Graceful stop** (SIGINT/SIGTERM): new batches are skipped (they stay uncommitted), the
+batch in flight gets :data:`STOP_BATCH_S`, then due windows are closed and open ones stored
+(``monitor_close_on_stop``) within :data:`STOP_FLUSH_S`; retries are abandoned past that.
+
+>>> Runtime.state_of(started=True, stopping=False, retrying=None, batch_s=None)
+('ready', '')
+>>> Runtime.state_of(started=True, stopping=False, retrying="Redis dedup lookup",
+...                  batch_s=3.0)
+('retrying', 'Redis dedup lookup')
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from shadowpipe.processors.monitor.pipeline import BatchResult, Message, Pipeline, Stopped
+from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.schemas.codec import Codec
+
+from shadowpipe.config import Settings
+
+log = logging.getLogger("shadowpipe.monitor")
+STALL_S = 60.0  # a batch running longer than this (without a retry logged) is stalled
+STOP_BATCH_S = 10.0  # a stop waits this long for the batch in flight
+STOP_FLUSH_S = 10.0  # then this long for closing and storing windows
+EXIT_DEAD = 1
+
+
+class Runtime:
+    """Shared by the agent, the idle timer, the stop handler and the web views."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="monitor")
+        self.publisher = Publisher(settings)
+        self.codec = Codec(settings.schema_registry_url)
+        self.lock = asyncio.Lock()
+        self.started = False  # the agent is consuming
+        self.stopping = False
+        self.inflight: asyncio.Task | None = None
+        self.batch_started: float | None = None
+        self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition processed
+        self.measured: dict[str, Any] = {"windows_open": 0, "detectors": 0, "watermark_ms": None}
+        self.start_time = time.monotonic()
+
+    # -- batches and closes ----------------------------------------------------------------
+
+    def submit(self, messages: list[Message]) -> asyncio.Task:
+        """Run one batch as its own task (a cancelled agent does not cut it in half)."""
+        self.inflight = asyncio.ensure_future(self._batch(messages))
+        return self.inflight
+
+    async def _batch(self, messages: list[Message]) -> None:
+        async with self.lock:
+            self.batch_started = time.monotonic()
+            try:
+                result = await self._run(self.pipeline.process, messages)
+                await self._publish(result)
+                await self._run(self.pipeline.checkpoint)
+            finally:
+                self.batch_started = None
+        for m in messages:
+            key = (m.topic, m.partition)
+            self.offsets[key] = max(self.offsets.get(key, 0), m.offset + 1)
+
+    async def close(self, close: Callable[[], BatchResult]) -> BatchResult:
+        """Close windows (``pipeline.close_idle`` or ``close_on_stop``), publish their
+        alerts, checkpoint; nothing is checkpointed when nothing closed."""
+        async with self.lock:
+            result = await self._run(close)
+            if result.windows or result.rows:
+                await self._publish(result)
+                await self._run(self.pipeline.checkpoint)
+            return result
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn`` on the pipeline thread, then the figures that must not be read while it
+        runs (the state dicts change under a reader on another thread)."""
+        def call() -> Any:
+            value = fn(*args)
+            state = self.pipeline.monitor.state
+            self.measured = {"windows_open": self.pipeline.windows_open(),
+                             "detectors": len(getattr(state, "detectors", ())),
+                             "watermark_ms": state.watermark if state.watermark > -(2**61)
+                             else None}
+            return value
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+
+    async def _publish(self, result: BatchResult) -> None:
+        """Produce alerts and dead letters, re-producing until the broker acked them all
+        (a repeated alert carries the same ``alert_id``; nothing is acked before)."""
+        s, codec = self.settings, self.codec
+        outputs = [(s.topic("alerts"), a["challenger"], codec.encode("Alert", a))
+                   for a in result.alerts]
+        outputs += [(s.topic("deadletter"), d["key"], codec.encode("DeadLetter", d))
+                    for d in result.dead_letters]
+        if not outputs:
+            return
+        backoff = 0.2
+        while True:
+            for topic, key, value in outputs:
+                self.publisher.produce(topic, key, value)
+            try:
+                await self.publisher.flush()
+                return
+            except DeliveryError as exc:
+                self.pipeline.note_error(f"Kafka delivery: {exc}")
+                log.warning("alert/dead-letter delivery failed (retry in %.1fs): %s",
+                            backoff, exc)
+                if self.pipeline.aborted():
+                    raise Stopped("stopping during a delivery retry") from exc
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    # -- dying and stopping -----------------------------------------------------------------
+
+    def die(self, exc: BaseException) -> None:
+        """Processing is dead: exit now (code 1) rather than run on without it."""
+        log.critical("monitor processing died (%s: %s); exiting with %d so that the process "
+                     "manager restarts the worker (the batch is replayed)",
+                     type(exc).__name__, exc, EXIT_DEAD, exc_info=exc)
+        logging.shutdown()
+        os._exit(EXIT_DEAD)
+
+    async def stop(self) -> None:
+        """The graceful stop of the module doc; returns within ~STOP_BATCH_S + STOP_FLUSH_S."""
+        t0 = time.monotonic()
+        self.stopping = True
+        loop = asyncio.get_running_loop()
+        inflight = self.inflight
+        if inflight is not None and not inflight.done():
+            await asyncio.wait({inflight}, timeout=STOP_BATCH_S)
+            if not inflight.done():
+                self.pipeline.abort_retries()
+                await asyncio.wait({inflight}, timeout=STOP_FLUSH_S)
+        if inflight is not None and (not inflight.done() or inflight.cancelled()
+                                     or inflight.exception() is not None):
+            log.warning("monitor stop: the batch in flight did not finish; it is replayed "
+                        "after the restart, windows are not closed now")
+            return
+        abort = loop.call_later(STOP_FLUSH_S, self.pipeline.abort_retries)
+        try:
+            result = await self.close(self.pipeline.close_on_stop)
+            log.info("monitor stop: %d windows closed, %d rows stored, %d alerts, in %.1f s",
+                     len(result.windows), result.rows, len(result.alerts),
+                     time.monotonic() - t0)
+        except Stopped:
+            log.warning("monitor stop: windows could not be stored within %.0f s (Redis or "
+                        "ClickHouse unreachable); they close after the restart", STOP_FLUSH_S)
+        finally:
+            abort.cancel()
+
+    # -- readiness and stats ------------------------------------------------------------------
+
+    @staticmethod
+    def state_of(*, started: bool, stopping: bool, retrying: str | None,
+                 batch_s: float | None) -> tuple[str, str]:
+        """(state, reason): the readiness verdict of the module doc."""
+        if stopping:
+            return "stopping", "the worker is stopping"
+        if retrying:
+            return "retrying", retrying
+        if batch_s is not None and batch_s > STALL_S:
+            return "stalled", f"a batch has been running for {batch_s:.0f} s"
+        if not started:
+            return "starting", "the agent has not started consuming"
+        return "ready", ""
+
+    def readiness(self) -> tuple[str, str]:
+        sink = self.pipeline.sink
+        retrying = self.pipeline.retrying or (sink.last_error if sink.retrying else None)
+        batch_s = (time.monotonic() - self.batch_started
+                   if self.batch_started is not None else None)
+        return self.state_of(started=self.started, stopping=self.stopping, retrying=retrying,
+                             batch_s=batch_s)
+
+    def stats(self, highwater: Callable[[str, int], int | None]) -> dict[str, Any]:
+        """Counters, window and detector figures, last write, lag, readiness."""
+        totals = self.pipeline.totals
+        state, reason = self.readiness()
+        lag = [highwater(topic, partition) for topic, partition in self.offsets]
+        watermark = self.measured["watermark_ms"]
+        now = int(time.time() * 1000)
+        return {
+            "state": state, "ready": state == "ready", "reason": reason,
+            "uptime_s": round(time.monotonic() - self.start_time, 1),
+            "batches": totals.batches, "records": totals.records, "counted": totals.counted,
+            "duplicates": totals.duplicates, "dead_letters": totals.dead_letters,
+            "windows_open": self.measured["windows_open"],
+            "windows_closed": totals.windows_closed,
+            "windows_provisional": totals.windows_provisional,
+            "late_dropped": totals.late_dropped, "detectors": self.measured["detectors"],
+            "alerts_raised": totals.alerts,
+            "clickhouse": {"rows_written": totals.rows_written,
+                           "last_write_ms": totals.last_write_ms,
+                           "last_write_rows": totals.last_write_rows,
+                           "retrying": self.pipeline.sink.retrying},
+            "lag": {
+                "records": (sum(h - self.offsets[k] for h, k in zip(lag, self.offsets,
+                                                                     strict=True))
+                            if lag and None not in lag else None),
+                "watermark_ms": watermark,
+                "event_time_ms": now - watermark if watermark is not None else None,
+                "since_last_record_ms": now - self.pipeline.last_record_ms,
+            },
+            "retries": totals.retries, "last_error": totals.last_error,
+            "last_error_ms": totals.last_error_ms,
+        }
+
+
+def guarded(runtime: Runtime, what: str) -> Callable[[Callable[[], Awaitable[None]]],
+                                                      Callable[[], Awaitable[None]]]:
+    """Wrap an async step so an unexpected error ends the process (:meth:`Runtime.die`)."""
+    def wrap(step: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Stopped as exc:  # a stop abandoned the retries: not a death
+                if not runtime.stopping:
+                    runtime.die(exc)
+            except BaseException as exc:  # anything else is a dead agent
+                log.error("monitor %s failed", what)
+                runtime.die(exc)
+        return run
+    return wrap
