@@ -278,6 +278,12 @@ class FeatureLayouts:
             encoder = self._encoders[lid] = _map_template(names)
         return encoder
 
+    def resave(self) -> None:
+        """Write every layout interned here again: Redis lost them (it came back empty), and
+        the parts stored from now on refer to them."""
+        for names, lid in self._ids.items():
+            self.unsaved[lid] = json.dumps(names, separators=(",", ":")).encode()
+
 
 def _map_template(names: list[bytes]) -> Callable[[bytes], bytes]:
     """The map encoding as a ``bytes %`` template with a hole per value, filled per record."""

@@ -13,6 +13,9 @@ never committed meanwhile; re-merging is safe (a stored message re-emits the sam
 versions). A delivery failure re-produces the batch's outputs. A rebalance (inside
 ``consume``, on this thread) first settles the batch in flight. Consumers share the group
 ``<topic_prefix>join``.
+
+A Redis that comes back empty (see :mod:`~shadowpipe.processors.state_marker`) has lost the
+pending requests: that is logged once and counted as ``redis_state_lost``; the loop goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from shadowpipe.processors.join.core import BatchResult, JoinCore, Message
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.state_marker import StateMarker, has_committed_offsets
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
@@ -73,6 +77,10 @@ class JoinLoop:
         self._inflight: tuple[list[Message], BatchResult] | None = None
         self._consumer: Any = None
         self._publisher: Publisher | None = None
+        store = core.store
+        self.marker = StateMarker(store.client, settings.topic_prefix, "join",
+                                  witnesses=(store.deadlines, store.layouts_key))
+        core.counters.setdefault("redis_state_lost", 0)  # shown in the stats even when 0
 
     def stop(self) -> None:
         self._stop.set()
@@ -80,6 +88,7 @@ class JoinLoop:
     def run(self) -> None:
         """The loop; returns after :meth:`stop` (a batch in progress is not committed)."""
         s = self.settings
+        self._check_state()
         consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
         consumer.subscribe(list(self.kinds), on_revoke=self._on_revoke)
         self._publisher = Publisher(s, **PRODUCER_OVERRIDES)
@@ -111,6 +120,7 @@ class JoinLoop:
         """Merge ``batch`` into Redis, retrying with back-off; None if stopped meanwhile."""
         delay = 0.2
         while not self._stop.is_set():
+            self._check_state()
             try:
                 return self.core.process(batch)
             except StoreError as exc:  # counted by the core; nothing of the batch is committed
@@ -119,6 +129,14 @@ class JoinLoop:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10.0)
         return None
+
+    def _check_state(self) -> None:
+        """Count a Redis that came back without this deployment's pending requests (the
+        marker logs it once); at most once a second, the first time before consuming."""
+        s = self.settings
+        if self.marker.check(lambda: has_committed_offsets(s, [group_id(s)], list(self.kinds))):
+            self.core.count(redis_state_lost=1)
+            self.core.store.layouts.resave()
 
     def _settle(self) -> bool:
         """Flush and commit the in-flight batch (re-producing it on delivery failures)."""

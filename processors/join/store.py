@@ -368,7 +368,10 @@ class JoinStore:
         import redis
 
         pool = self.client.connection_pool
-        conn = pool.get_connection()
+        try:  # connects: a Redis that is down or restarting fails here, retried like the rest
+            conn = pool.get_connection()
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis unreachable: {exc}", oom=False) from exc
         clean = False
         try:
             inflight: tuple[list[Part], list[bytes]] | None = None
@@ -422,7 +425,8 @@ class JoinStore:
             except redis.ResponseError as exc:
                 errors.append(exc)
         if errors:
-            if any("NOSCRIPT" in str(e) for e in errors):
+            # redis-py raises NoScriptError, whose text lacks the NOSCRIPT code.
+            if any(isinstance(e, redis.exceptions.NoScriptError) for e in errors):
                 self._load_merge()  # Redis restarted or flushed its script cache
             raise StoreError(f"{len(errors)} Redis command(s) failed: {errors[0]}",
                              oom=any("OOM" in str(e) for e in errors))

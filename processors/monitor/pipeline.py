@@ -48,6 +48,7 @@ from shadowpipe.processors.monitor.core import (
     window_row,
 )
 from shadowpipe.processors.monitor.dedup import Deduper
+from shadowpipe.processors.state_marker import monitor_holds_state, monitor_marker
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import (
     SINGLE_OBJECT_MARKER,
@@ -201,11 +202,13 @@ class Pipeline:
         self.sink = sink_mod.Sink(settings, client_factory, sleep=self._pause)
         self.bulk = (BulkDecoder(self.sink.connect, self._schema, BULK_FIELDS)
                      if urlparse(settings.clickhouse).scheme == "chdb" else None)
+        self.marker = monitor_marker(self.redis, settings, self.state_key)  # .lost: losses seen
         self.monitor = Monitor(settings, self._load())
         self._inserter = ThreadPoolExecutor(1, thread_name_prefix="monitor-insert")
 
     def _load(self) -> MonitorState | None:
         blob = self._retry("load checkpoint", lambda: self.redis.get(self.state_key))
+        self.marker.check(monitor_holds_state(self.settings))  # a lost checkpoint is logged once
         return pickle.loads(blob) if blob else None
 
     def migrate(self) -> list[str]:
@@ -422,6 +425,7 @@ class Pipeline:
             pipe.set(self.state_key, blob)
             pipe.execute()
 
+        self.marker.check()  # Redis emptied under us: say so before rewriting the checkpoint
         self._retry("checkpoint", write)
         self.dedup.committed()
 
