@@ -393,6 +393,11 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
     assert redone.maturity_ms == maturity
     assert redone.overall().err_n == len(mature)
 
+    # the Verdict event carries the same decision (unflagged segments have no interval)
+    event = codec.decode(codec.encode("Verdict", store.to_record(v_bad)), "Verdict")
+    assert event["verdict"] == REJECT and event["flagged"] == v_bad.flagged
+    assert any(seg["lo"] is None for seg in event["segments"])
+
     # the store: a state change is written once, latched and read back
     verdicts = store.run_verdicts(client, s, policy, now_ms=now_ms)
     assert {v.challenger: v.verdict for v in verdicts}["c-bad"] == REJECT
