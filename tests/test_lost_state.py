@@ -172,6 +172,9 @@ def test_monitor_reports_a_lost_checkpoint_once(own, caplog: pytest.LogCaptureFi
     pipeline.checkpoint()
     pipeline.checkpoint()
     assert pipeline.marker.lost == 1
+    from shadowpipe.processors.monitor.runtime import Runtime
+
+    assert Runtime(s, pipeline).stats(lambda topic, partition: None)["redis_state_lost"] == 1
     lines = [r.getMessage() for r in caplog.records if MONITOR_LINE in r.getMessage()]
     assert len(lines) == 1 and "open windows" in lines[0]
 

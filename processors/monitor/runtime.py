@@ -228,6 +228,7 @@ class Runtime:
             },
             "retries": totals.retries, "last_error": totals.last_error,
             "last_error_ms": totals.last_error_ms,
+            "redis_state_lost": self.pipeline.marker.lost,  # processors/state_marker.py
         }
 
 
