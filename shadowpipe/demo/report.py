@@ -19,28 +19,9 @@ ALL_TIME = {"since_ms": 0, "challenger": ""}
 SEGMENT_ATTRS = ("clinic", "device")
 
 
-def close_windows(settings: Settings) -> int:
-    """End of the finite demo stream: close open windows, store them, publish their alerts."""
-    from shadowpipe.processors.monitor.pipeline import Pipeline
-    from shadowpipe.processors.publisher import Publisher
-    from shadowpipe.schemas.codec import Codec
-
-    pipeline = Pipeline(settings)
-    result = pipeline.close_all()
-    publisher, codec = Publisher(settings), Codec(settings.schema_registry_url)
-    for alert in result.alerts:
-        publisher.produce(settings.topic("alerts"), alert["challenger"],
-                          codec.encode("Alert", alert))
-    publisher.flush_sync()
-    pipeline.checkpoint()
-    return len(result.windows)
-
-
 def summarize(settings: Settings) -> dict[str, Any]:
     """Everything the summary and the report show, from ClickHouse."""
     from shadowpipe.processors.monitor.compare import fetch, report
-
-    close_windows(settings)
 
     def rows(name: str, **params: Any) -> list[dict[str, Any]]:
         reply = fetch(settings, name, {**ALL_TIME, "by": "", **params})
