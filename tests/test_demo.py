@@ -143,3 +143,39 @@ def test_same_seed_same_counts_and_alerts(stack_settings: Settings, tmp_path: Pa
         return summary["sent"], arms, alerts
 
     assert fingerprint(runs[0]) == fingerprint(runs[1])
+
+
+def test_failing_worker_is_explained_and_the_stack_note_stops_it(tmp_path: Path) -> None:
+    """A worker that dies shows its last error lines and its log; the demo's own embedded
+    stack is left running and the printed command stops it."""
+    kport, rport, dead_ch = free_port(), free_port(), free_port()
+    env = {**os.environ, "SHADOWPIPE_HOME": str(tmp_path / "home"),
+           "SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}",
+           "SHADOWPIPE_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
+           # Only the worker connects to ClickHouse: it fails at start-up, naming the setting.
+           "SHADOWPIPE_CLICKHOUSE_URL": f"http://127.0.0.1:{dead_ch}",
+           "SHADOWPIPE_WEB_PORT": str(free_port()), "COLUMNS": "160"}
+    stop = ["stack", "down"]  # with env: what a failed assertion below still cleans up
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "shadowpipe.cli", "demo", "--events", "200",
+             "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True,
+            timeout=600)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        err = proc.stderr
+        assert "the worker exited with 2" in err
+        assert "  | shadowpipe: error: SHADOWPIPE_CLICKHOUSE_URL [worker" in err
+        assert f"full log: {tmp_path / 'out' / 'worker.log'}" in err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("The embedded kafka and redis keep running"), last
+        printed = last.split("stop them with: ")[1].split()
+        assert printed[:3] == ["shadowpipe", "stack", "down"]
+        stop = printed[1:]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHADOWPIPE_")}
+    finally:  # the printed command alone (no SHADOWPIPE_* variables) must stop them
+        down = subprocess.run([sys.executable, "-m", "shadowpipe.cli", *stop],
+                              env=env, capture_output=True, text=True, timeout=120)
+    assert down.stdout.count("stopped") == 2, down.stdout
+    from shadowpipe.stack import port_open
+
+    assert not port_open("127.0.0.1", kport) and not port_open("127.0.0.1", rport)

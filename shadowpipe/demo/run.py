@@ -3,17 +3,15 @@
 Starts the embedded stack, trains the models of :mod:`.world`, runs every processor in a
 worker process, serves simulated traffic through the producer library, waits until the
 monitor has stored every record, then prints a summary read back from ClickHouse and
-writes a self-contained HTML report (:mod:`.report`).
+writes a self-contained HTML report (:mod:`.report`). A worker that fails is explained (its
+last error lines, its log); the embedded broker and Redis are left running for ``compare``,
+and the last lines say how to stop them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -21,7 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from shadowpipe.config import ConfigError, Settings, env_name
+from shadowpipe.config import ConfigError, Settings
+from shadowpipe.demo.worker import DemoFailed, Worker, explain, wait_for
+from shadowpipe.demo.worker import say as _say
 
 CHALLENGERS = ("gbm-v2", "primary-copy")
 SPAN_S = 4 * 3600
@@ -88,8 +88,6 @@ def write_policy(out: Path) -> Path:
 
 
 def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from shadowpipe.demo.report import summarize, write_report
-
     if args.events < 100:
         raise ConfigError("--events", f"{args.events} is too few for a meaningful run (>= 100)")
     run_id = f"{args.seed}_{uuid.uuid4().hex[:6]}"
@@ -98,21 +96,34 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _say(f"shadowpipe demo: run {run_id}, {args.events} requests, output in {out}")
     _ensure_stack(settings)
+    try:
+        return _run(args, settings, run_id, out)
+    except DemoFailed as exc:
+        _say(f"shadowpipe demo: failed: {exc}")
+        return 1
+    finally:
+        _stack_note(settings)
+
+
+def _run(args: argparse.Namespace, settings: Settings, run_id: str, out: Path) -> int:
+    """The run after the stack is up; 0 when every record was stored and summarised."""
+    from shadowpipe.demo.report import summarize, write_report
     from shadowpipe.demo.world import World
 
     world = World.build(seed=args.seed)
     settings = settings.replace(challengers=str(write_challengers(world, out)),
                                 policy=str(write_policy(out)))
     requests = list(world.requests(args.events, seed=args.seed, span_s=SPAN_S))
-    worker = _start_worker(settings, out)
+    worker = Worker.start(settings, out / "worker.log")
+    settings = worker.settings  # its web port may differ from the configured one
     try:
         alerts = _AlertCollector(settings)
         sent, expected, start_ms = _run_traffic(settings, world, requests, args, worker)
-        _wait_stored(settings, expected, worker)
+        complete = _wait_stored(settings, expected, worker)
     finally:
-        _stop(worker)
+        worker.stop()
     data = summarize(settings)  # the stopped worker closed the last windows (alerts too)
-    alerts.stop()
+    alerts.stop({a["alert_id"] for a in data["overall"]["drift_events"]})
     data["alerts_received"] = alerts.received
     data["sent"] = asdict(sent)
     shift_s = next((r.offset_s for r in requests if r.shifted), None)
@@ -125,6 +136,8 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
     print_summary(data)
     _say(f"report: {report}")
+    if not complete:
+        raise DemoFailed("not every record reached ClickHouse: the summary above is partial")
     return 0
 
 
@@ -145,30 +158,25 @@ def _ensure_stack(settings: Settings) -> None:
     _say(f"  using the running stack at {settings.kafka_bootstrap}; {len(created)} topics created")
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def _stack_note(settings: Settings) -> None:
+    """The last lines: the embedded services of this home are left running, and how to stop
+    them (the flags that differ from the defaults included)."""
+    from shadowpipe.stack import EmbeddedStack
 
-
-def _start_worker(settings: Settings, out: Path) -> subprocess.Popen:
-    log = open(out / "worker.log", "ab")  # noqa: SIM115 - owned by the child process
-    env = {**os.environ, **settings.to_env()}
-    proc = subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "all"],
-                            env=env, stdout=log, stderr=log, start_new_session=True)
-    from shadowpipe.stack import port_open
-
-    deadline = time.monotonic() + 90
-    while not port_open(settings.web_host, settings.web_port):
-        if proc.poll() is not None:
-            raise ConfigError(env_name("challengers"), f"worker exited at start-up; see "
-                              f"{out / 'worker.log'}", "demo")
-        if time.monotonic() > deadline:
-            raise ConfigError(env_name("web_port"), "worker not ready after 90 s", "demo")
-        time.sleep(0.2)
-    return proc
+    running = [name for name, _, up in EmbeddedStack(settings).status()[:2] if up]
+    if not running:
+        return
+    home = f" --home {settings.home}" if settings.home != Settings.home else ""
+    addresses = "".join(f" --{name.replace('_', '-')} {getattr(settings, name)}"
+                        for name in ("kafka_bootstrap", "redis_url")
+                        if getattr(settings, name) != getattr(Settings, name))
+    _say(f"The embedded {' and '.join(running)} keep running (for `shadowpipe compare "
+         f"--clickhouse-database {settings.clickhouse_database}{home}`); stop them with: "
+         f"shadowpipe stack down{home}{addresses}")
 
 
 def _run_traffic(settings: Settings, world: Any, requests: list, args: argparse.Namespace,
-                 worker: subprocess.Popen) -> tuple[Any, dict[str, int], int]:
+                 worker: Worker) -> tuple[Any, dict[str, int], int]:
     from rich.progress import Progress
 
     from shadowpipe.demo.service import serve
@@ -180,47 +188,60 @@ def _run_traffic(settings: Settings, world: Any, requests: list, args: argparse.
     with Progress(transient=False) as bar:
         task = bar.add_task("serving traffic", total=len(requests))
         sent = serve(world, requests, emitter, start_ms, args.wall_seconds,
-                     lambda n: bar.advance(task, n))
-    emitter.close(30)
+                     lambda n: (bar.advance(task, n), worker.check()))
+    # Generous: on a busy machine the broker may take a while to acknowledge the tail.
+    purged = emitter.close(300)
     stats = emitter.stats()
     if stats.dropped or stats.failed:
         _say(f"  producer dropped {stats.dropped}, failed {stats.failed}")
+    if purged:
+        raise DemoFailed(f"the broker did not acknowledge {purged} events within 300 s")
     n = len(CHALLENGERS)
     return sent, {"published": sent.inferences * n, "labelled": sent.feedback * n}, start_ms
 
 
-def _wait_stored(settings: Settings, expected: dict[str, int], worker: subprocess.Popen,
-                 timeout_s: float = 240.0) -> None:
-    """Poll the monitor (through its query endpoint) until every record is in ClickHouse."""
+def _wait_stored(settings: Settings, expected: dict[str, int], worker: Worker,
+                 stall_s: float = 300.0) -> bool:
+    """Poll the monitor (through its query endpoint) until every record is in ClickHouse.
+    Gives up (False) only when nothing new arrived for ``stall_s``: a busy machine makes
+    the pipeline slow, not stuck."""
     from rich.progress import Progress
 
-    from shadowpipe.processors.monitor.compare import fetch
-
     total = expected["published"] + expected["labelled"]
-    deadline = time.monotonic() + timeout_s
+    done, moved = -1, time.monotonic()
     with Progress() as bar:
         task = bar.add_task("pipeline catching up", total=total)
-        while time.monotonic() < deadline:
-            if worker.poll() is not None:
-                raise ConfigError("worker", f"exited with {worker.returncode}", "demo")
-            reply = fetch(settings, "arms", {"since_ms": 0, "challenger": "", "by": ""})
-            rows = [dict(zip(reply["columns"], r, strict=True)) for r in reply["rows"]]
-            done = sum(r["published"] for r in rows) + sum(r["labelled"] for r in rows)
-            bar.update(task, completed=min(done, total))
+        while True:
+            worker.check()
+            now = _stored(settings)
+            if now is not None and now != done:
+                done, moved = now, time.monotonic()
+                bar.update(task, completed=min(done, total))
             if done >= total:
-                return
+                return True
+            if time.monotonic() - moved > stall_s:
+                break
             time.sleep(1.0)
-    _say(f"  warning: pipeline incomplete after {timeout_s:.0f} s; summarising what arrived")
+    explain(f"the pipeline stored {max(done, 0)} of {total} records and nothing more for "
+            f"{stall_s:.0f} s", worker.log)
+    return False
 
 
-def _stop(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+def _stored(settings: Settings) -> int | None:
+    """Records stored so far, from the running monitor's endpoint (never ClickHouse directly:
+    the worker owns the embedded engine's directory); None when it does not answer in time."""
+    import urllib.parse
+    import urllib.request
+
+    query = urllib.parse.urlencode({"name": "arms", "since_ms": 0, "challenger": "", "by": ""})
+    url = f"http://{settings.web_host}:{settings.web_port}/shadowpipe/query/?{query}"
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp:
+            reply = json.loads(resp.read())
+        rows = [dict(zip(reply["columns"], r, strict=True)) for r in reply["rows"]]
+    except (OSError, ValueError, KeyError):  # busy, restarting, or not serving queries yet
+        return None
+    return sum(r["published"] + r["labelled"] for r in rows)
 
 
 class _AlertCollector:
@@ -236,7 +257,11 @@ class _AlertCollector:
             daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        time.sleep(1.0)  # alerts published with the last batch
+    def stop(self, stored: set[str], deadline_s: float = 120.0) -> None:
+        """Stop once every alert stored in ClickHouse (ids ``stored``) was received."""
+        if not wait_for("the stored alerts on the alert topic", lambda: stored <= {
+                a["alert_id"] for a in list(self.received)}, deadline_s, raise_=False):
+            _say(f"  warning: {len(stored - {a['alert_id'] for a in self.received})} stored "
+                 f"alerts were not received from the alert topic")
         self._done.set()
-        self._thread.join(10)
+        self._thread.join(30)
