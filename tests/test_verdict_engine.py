@@ -354,6 +354,12 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
     cutoff = agg.now_ms - maturity
     bad = [r for r in records if r["challenger"] == "c-bad" and r.get("label")]
     mature = [r for r in bad if r["event_time"] <= int(cutoff)]
+    every_mature = [r for r in records if r["challenger"] == "c-bad"
+                    and r["event_time"] <= int(cutoff)]
+    by_decision = agg.challengers["c-bad"].delays.decisions
+    assert by_decision["a"] == (
+        sum(1 for r in every_mature if r["primary_output"]["label"] == "a"),
+        sum(1 for r in every_mature if r["primary_output"]["label"] == "a" and r.get("label")))
     losses = sum(1 for r in mature if r["shadow_output"]["label"] != r["label"]
                  and r["primary_output"]["label"] == r["label"])
     wins = sum(1 for r in mature if r["primary_output"]["label"] != r["label"]

@@ -198,16 +198,12 @@ class Delays:
     decisions: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def add(self, row: dict[str, Any]) -> None:
-        """Add a query row's histograms (and decision counts, where it has them)."""
+        """Add a query row's histograms."""
         for attr in ("events", "censored", "disc_events", "disc_censored"):
             mine = getattr(self, attr)
             for i, n in enumerate(row[attr]):
                 mine[i] += int(n)
-        if "decisions" in row:
-            labelled = dict(zip(*row["decisions_labelled"], strict=True))
-            for key, n in zip(*row["decisions"], strict=True):
-                had, had_l = self.decisions.get(key, (0, 0))
-                self.decisions[key] = (had + int(n), had_l + int(labelled.get(key, 0)))
+
 
 
 @dataclass
@@ -336,6 +332,32 @@ def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...]
             "GROUP BY challenger" + SETTINGS)
 
 
+def decisions_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...],
+                  cutoffs: dict[str, int]) -> str:
+    """Mature requests and labelled ones per challenger and primary decision (a narrow
+    query: labels, decisions and times only) for the selective-labels warning.
+
+    >>> "GROUP BY challenger, decision" in decisions_sql("db", (), (), {"c": 0})
+    True
+    """
+    return (f"SELECT challenger, primary_label AS decision, count() AS n, countIf({_LAB}) AS k "
+            f"FROM {db}.joined_records FINAL{_where(challengers, exclude)} "
+            f"{'AND' if challengers or exclude else 'WHERE'} primary_label IS NOT NULL AND "
+            f"toUnixTimestamp64Milli(event_time) <= {_cutoff(cutoffs)} "
+            "GROUP BY challenger, decision" + SETTINGS)
+
+
+def _cutoff(cutoffs: dict[str, int]) -> str:
+    """The latest mature event time (ms) of the row's challenger, as SQL."""
+    never = "toInt64(-9223372036854775807)"
+    if not cutoffs:
+        return never
+    names = ", ".join(_q(n) for n in cutoffs)
+    values = ", ".join(str(int(c)) for c in cutoffs.values())
+    return (f"transform(challenger, CAST([{names}], 'Array(String)'), "
+            f"CAST([{values}], 'Array(Int64)'), {never})")
+
+
 def _brier(arm: str) -> str:
     p = f"{arm}_probabilities"
     return f"(arraySum(x -> x * x, mapValues({p})) - 2 * {p}[assumeNotNull(label)] + 1)"
@@ -397,13 +419,7 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         group = "GROUP BY GROUPING SETS (" + ", ".join(f"(challenger, {k})" for k in keys) + ")"
         set_id, seg_out = f"grouping({', '.join(keys)})", keys
     res = f"countResampleIf(0, {AGE_BINS}, 1)"
-    names = [_q(n) for n in cutoffs]
-    if cutoffs:
-        cut = (f"transform(challenger, CAST([{', '.join(names)}], 'Array(String)'), "
-               f"CAST([{', '.join(str(int(c)) for c in cutoffs.values())}], 'Array(Int64)'), "
-               "toInt64(-9223372036854775807))")
-    else:
-        cut = "toInt64(-9223372036854775807)"
+    cut = _cutoff(cutoffs)
     select = [
         "challenger", f"{set_id} AS set_id", *seg_out,
         "count() AS rows", "countIf(x_failed) AS failed",
@@ -447,10 +463,6 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         f"{res}(delay, x_lab) AS events", f"{res}(age, NOT x_lab) AS censored",
         f"{res}(delay, x_lab AND x_differ) AS disc_events",
         f"{res}(age, NOT x_lab AND x_differ) AS disc_censored",
-        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], x_mature AND "
-        "primary_label IS NOT NULL) AS decisions",
-        "sumMapIf([assumeNotNull(primary_label)], [toUInt64(1)], x_mature AND x_lab AND "
-        "primary_label IS NOT NULL) AS decisions_labelled",
     ]
     select = [_skip(item, spec.criteria) for item in select]
     inner = [
@@ -544,6 +556,13 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
             if not stale or attempt:
                 break
             used = {n: h for n, h in fresh.items() if h is not None}
+        mature = {n: int(now_ms - h) for n, h in used.items()
+                  if n in found and fresh[n] is not None}
+        if mature:
+            for name, decision, n, k in client.query(
+                    decisions_sql(db, only, exclude, mature)).result_rows:
+                if name in found:
+                    found[name].delays.decisions[decision] = (int(n), int(k))
         for name, data in found.items():
             if fresh[name] is None or name not in used:
                 data.maturity_ms = None  # not (or no longer) known: nothing counts as mature
