@@ -360,7 +360,7 @@ def _cutoff(cutoffs: dict[str, int]) -> str:
 
 def _brier(arm: str) -> str:
     p = f"{arm}_probabilities"
-    return f"(arraySum(x -> x * x, mapValues({p})) - 2 * {p}[assumeNotNull(label)] + 1)"
+    return f"(L2SquaredNorm(mapValues({p})) - 2 * {p}[assumeNotNull(label)] + 1)"
 
 
 def _log_loss(arm: str, clip: float) -> str:
