@@ -29,6 +29,7 @@ judged by their own critical limit, which must pass before any PROMOTE.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -512,6 +513,8 @@ def _spec_groups(policy: Policy) -> list[tuple[Spec, tuple[str, ...], tuple[str,
 # (ClickHouse, database, challenger) -> the horizon of the previous evaluation in this
 # process: the next one uses it and checks it in the same pass (one query, not two).
 _HORIZONS: dict[tuple[str, str, str], float] = {}
+DECISIONS_TTL_S = 600.0
+_DECISIONS: dict[tuple[str, str, str], tuple[float, dict[str, tuple[int, int]]]] = {}
 
 
 def aggregate(client: Any, settings: Settings, policy: Policy,
@@ -556,13 +559,8 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
             if not stale or attempt:
                 break
             used = {n: h for n, h in fresh.items() if h is not None}
-        mature = {n: int(now_ms - h) for n, h in used.items()
-                  if n in found and fresh[n] is not None}
-        if mature:
-            for name, decision, n, k in client.query(
-                    decisions_sql(db, only, exclude, mature)).result_rows:
-                if name in found:
-                    found[name].delays.decisions[decision] = (int(n), int(k))
+        _decisions(client, db, place, only, exclude, found, {
+            n: int(now_ms - h) for n, h in used.items() if n in found and fresh[n] is not None})
         for name, data in found.items():
             if fresh[name] is None or name not in used:
                 data.maturity_ms = None  # not (or no longer) known: nothing counts as mature
@@ -576,6 +574,26 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
         if name in out:
             out[name].orphans = orphans
     return Aggregates(now_ms, out, segments)
+
+
+def _decisions(client: Any, db: str, place: tuple[str, str], only: tuple[str, ...],
+               exclude: tuple[str, ...], found: dict[str, ChallengerData],
+               cutoffs: dict[str, int]) -> None:
+    """Label rates by primary decision, refreshed at most every DECISIONS_TTL_S per process
+    (they feed a warning, not the decision, and cost a pass of their own)."""
+    now = time.monotonic()
+    fresh = {n: _DECISIONS[(*place, n)] for n in found
+             if (*place, n) in _DECISIONS and now - _DECISIONS[(*place, n)][0] < DECISIONS_TTL_S}
+    if cutoffs and len(fresh) < len(found):
+        got: dict[str, dict[str, tuple[int, int]]] = {n: {} for n in found}
+        for name, decision, n, k in client.query(
+                decisions_sql(db, only, exclude, cutoffs)).result_rows:
+            if name in got:
+                got[name][decision] = (int(n), int(k))
+        fresh = {n: (now, got[n]) for n in found}
+        _DECISIONS.update({(*place, n): v for n, v in fresh.items()})
+    for name, (_t, decisions) in fresh.items():
+        found[name].delays.decisions = dict(decisions)
 
 
 def _criteria(client: Any, db: str, spec: Spec, segments: tuple[str, ...],
