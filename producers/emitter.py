@@ -18,7 +18,7 @@ of the Python path, serves librdkafka's reports on the caller's thread (which ho
 GIL anyway); a background thread covers quiet times.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
 the client still takes the GIL per report to discard a success). ``delivered`` counts the
-broker's acknowledgements from librdkafka's statistics (every 250 ms, per partition: the
+broker's acknowledgements from librdkafka's statistics (every second, per partition: the
 highest acknowledged message id of the idempotent producer; :mod:`.acks`), without a
 per-message Python call; with idempotence turned off in ``kafka_overrides`` the successes
 are reported and counted one by one instead.
@@ -89,7 +89,7 @@ class EmitterStats:
     """A snapshot of an emitter's counters.
 
     ``sent`` were accepted by the local queue; ``delivered`` acknowledged by the broker
-    (acks=all; as of librdkafka's latest statistics, at most ~0.3 s old, exact after
+    (acks=all; as of librdkafka's latest statistics, at most ~1.2 s old, exact after
     :meth:`Emitter.close`); ``queued`` still waiting; ``dropped`` never queued (invalid input,
     full queue, closed emitter) and ``failed`` queued but not delivered, by reason.
     """
@@ -508,10 +508,12 @@ class Emitter:
     # -- state ----------------------------------------------------------------------------
 
     def stats(self) -> EmitterStats:
-        """Counters now (cheap; safe from any thread)."""
+        """Counters now (cheap; safe from any thread; serves pending reports first)."""
         # Read in this order, every sent event is at least in one of the later figures:
         # delivered may lag by the events queued meanwhile, never run ahead.
         sent = _count_value(self._sent)
+        if not self._closed:  # len() counts unserved reports and statistics as messages
+            self._serve_reports()
         # Staged first: an event handed over in between is counted twice, never missed.
         queued = self._staged() + len(self._producer)
         with self._lock:
@@ -548,15 +550,17 @@ class Emitter:
             self._producer.flush(1.0)  # serves the purged messages' failure reports
         if self._from_stats and _count_value(self._sent):
             self._final_statistics()
+        # Ends librdkafka's statistics too: unserved, they would pile up (and count in len()).
+        self._producer.close()
         return left
 
     def _final_statistics(self) -> None:
         """Wait for librdkafka's statistics taken after the last acknowledgement, so that
         ``delivered`` is exact once closed (at most one interval)."""
         seen = self._acks.seq  # statistics served by flush() may predate the last ack
-        deadline = time.monotonic() + 4 * STATS_INTERVAL_MS / 1000
+        deadline = time.monotonic() + 2 * STATS_INTERVAL_MS / 1000 + 0.5
         while not self._acks.settled_since(seen) and time.monotonic() < deadline:
-            self._producer.poll(STATS_INTERVAL_MS / 4000)
+            self._producer.poll(0.05)
 
     async def aclose(self, timeout: float = 10.0) -> int:
         """:meth:`close` without blocking the event loop."""
