@@ -1,18 +1,22 @@
-"""The verdict's data: two aggregation queries over ``joined_records FINAL``, never rows.
+"""The verdict's data: aggregation queries over ``joined_records FINAL``, never rows.
 
-1. **Label delays** (:func:`maturity_sql`), per challenger and primary decision: histograms
-   of the label delay of labelled requests and of the age of unlabelled ones (age on the
-   data clock ``now``, the latest event or label time stored), in log-spaced bins of a third
-   of an octave (:func:`age_edges_ms`), over all requests and over those where the arms
-   differ. They give the Kaplan-Meier horizon d99 of each challenger (:func:`horizon`).
-2. **Criteria** (:func:`query_sql`), per challenger and segment value: operational counts
-   over every request (failures, timeouts, model time over the SLO, output-constraint
-   violations, disagreement with the primary), and over the *mature* labelled requests
-   (event time at least d99 before ``now``) the paired criteria: 0/1 error as discordant
-   counts (L = only the challenger wrong, W = only the primary wrong), and histograms of the
-   bounded differences (Brier, clipped log-loss, capped absolute error, cost) in ``bins``
-   equal-width bins (``countResample``: a fixed array per group, no per-row allocation),
-   with the primary's loss sums (relative margins, projected cost).
+1. **Criteria** (:func:`query_sql`), per challenger and segment value, in one pass:
+   operational counts over every request (failures, timeouts, model time over the SLO,
+   output-constraint violations, disagreement with the primary); over the *mature* labelled
+   requests (event time at least d99 before ``now``) the paired criteria: 0/1 error as
+   discordant counts (L = only the challenger wrong, W = only the primary wrong), and
+   histograms of the bounded differences (Brier, clipped log-loss, capped absolute error,
+   cost) in ``bins`` equal-width bins (``countResample``: a fixed array per group, no
+   per-row allocation), with the primary's loss sums (relative margins, projected cost);
+   and the label-delay histograms: the delay of labelled requests and the age of unlabelled
+   ones (on the data clock ``now``, the latest event or label time stored) in log-spaced
+   bins of a third of an octave (:func:`age_edges_ms`), over all requests and over those
+   where the arms differ, which give the Kaplan-Meier horizon d99 (:func:`horizon`).
+2. The query needs d99 and measures it: the horizon of the previous evaluation in the
+   process is used and checked; the first one gets it from :func:`maturity_sql` (the delay
+   histograms alone), and the criteria query runs again only if the horizon grew.
+3. Label rates by primary decision (:func:`decisions_sql`, a warning), refreshed at most
+   every ``DECISIONS_TTL_S`` per process.
 
 The overall cell of a challenger is the sum of the cells of the first segment attribute's
 values (requests without the attribute form the value ""), so each attribute costs one
