@@ -108,6 +108,15 @@ def test_verdict_rejects_gbm_v2_in_clinic_east(demo: Path, stack_settings: Setti
     assert "noise floor" in proc.stdout
 
 
+def test_the_run_leaves_no_redis_state(demo: Path, stack_settings: Settings) -> None:
+    """The embedded Redis persists: a finished run removes its keys (its worker is gone)."""
+    from shadowpipe.stores import redis_client
+
+    prefix = json.loads((demo / "summary.json").read_text())["run"]["topic_prefix"]
+    assert prefix.startswith("demo-")
+    assert list(redis_client(stack_settings).scan_iter(match=f"{prefix}*")) == []
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
 def test_report_renders_every_plot_in_headless_chromium(demo: Path) -> None:
     from playwright.sync_api import sync_playwright

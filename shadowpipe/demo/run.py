@@ -122,6 +122,7 @@ def _run(args: argparse.Namespace, settings: Settings, run_id: str, out: Path) -
         complete = _wait_stored(settings, expected, worker)
     finally:
         worker.stop()
+    _forget_state(settings)
     data = summarize(settings)  # the stopped worker closed the last windows (alerts too)
     alerts.stop({a["alert_id"] for a in data["overall"]["drift_events"]})
     data["alerts_received"] = alerts.received
@@ -156,6 +157,17 @@ def _ensure_stack(settings: Settings) -> None:
         return
     created = ensure_topics(settings)
     _say(f"  using the running stack at {settings.kafka_bootstrap}; {len(created)} topics created")
+
+
+def _forget_state(settings: Settings) -> None:
+    """Delete the run's Redis keys once its worker stopped: nothing reads them any more,
+    and the embedded Redis persists them across restarts (pending joins live two days)."""
+    from shadowpipe.stores import redis_client
+
+    client = redis_client(settings)
+    keys = list(client.scan_iter(match=f"{settings.topic_prefix}*", count=5000))
+    for start in range(0, len(keys), 5000):
+        client.unlink(*keys[start:start + 5000])
 
 
 def _stack_note(settings: Settings) -> None:
