@@ -210,7 +210,8 @@ def test_dead_processing_exits_nonzero(settings: Settings, own_redis: RedisServe
 def test_idle_stream_closes_its_last_window_and_sigint_stores_the_open_one(
         settings: Settings, tmp_path: Path) -> None:
     s = settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}", clickhouse_database="idle",
-                         window_s=2, allowed_lateness_s=7, monitor_idle_s=3,
+                         window_s=2, allowed_lateness_s=7,
+                         monitor_idle_s=8,  # far above the gaps inside one burst
                          monitor_batch_ms=50)
     now = int(time.time() * 1000)
     # 5 s of traffic ending 20 s ago; the lateness covers the partitions' skew (5 s + labels)
