@@ -120,3 +120,21 @@ def test_verdict_command_is_registered() -> None:
     args = build_parser().parse_args(["verdict", "--challenger", "c", "--format", "json"])
     assert args.challenger == "c" and args.action is None
     assert build_parser().parse_args(["bench", "verdict", "--records", "10"]).records == 10
+
+
+def test_revoked_promotion_raises_a_critical_alert() -> None:
+    from shadowpipe.processors.verdict.engine import PROMOTE, REJECT, Verdict, latch
+    from shadowpipe.processors.verdict.service import revocation_alert
+    from shadowpipe.schemas.codec import Codec
+
+    promoted = Verdict("gbm-v2", PROMOTE, 1, ["every guardrail within its margin"], "h",
+                       since_ms=1)
+    harm = latch(Verdict("gbm-v2", REJECT, 2, ["worse in clinic=east by 5.7 points"], "h"),
+                 promoted)
+    alert = revocation_alert(harm)
+    assert alert is not None and alert["severity"] == "critical"
+    assert "clinic=east" in alert["details"]["reasons"]
+    codec = Codec()
+    assert codec.decode(codec.encode("Alert", alert), "Alert")["metric"] == "promotion_revoked"
+    held = latch(Verdict("gbm-v2", "HOLD", 2, ["undecided"], "h"), promoted)
+    assert held.verdict == PROMOTE and revocation_alert(held) is None

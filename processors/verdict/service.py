@@ -73,6 +73,8 @@ class Evaluator:
         topic = self.settings.topic("verdicts")
         events = [(topic, v.challenger, self.codec.encode("Verdict", store.to_record(v)))
                   for v in resets + changed]
+        events += [(self.settings.topic("alerts"), v.challenger, self.codec.encode("Alert", a))
+                   for v in changed if (a := revocation_alert(v)) is not None]
         docs = {v.challenger: _doc(v, what_if) for v in verdicts}
         if reset:
             reply = {"reset": challenger, "verdict": docs[challenger]}
@@ -85,6 +87,27 @@ class Evaluator:
     def record(self, outcome: Outcome) -> None:
         """Append the changed verdicts (after their events were published)."""
         store.write(self.connect(), self.settings, outcome.changed)
+
+
+def revocation_alert(v: Verdict) -> dict[str, Any] | None:
+    """The critical Alert raised when harm turns a PROMOTE into a REJECT, else None.
+
+    >>> from shadowpipe.processors.verdict.engine import Verdict
+    >>> a = revocation_alert(Verdict("c1", "REJECT", 5, ["worse in clinic=east"], "h",
+    ...                               previous="PROMOTE"))
+    >>> a["alert_id"], a["severity"], a["details"]["reasons"]
+    ('verdict-c1-5', 'critical', 'worse in clinic=east')
+    >>> revocation_alert(Verdict("c1", "REJECT", 5, [], "h", previous="HOLD")) is None
+    True
+    """
+    if v.verdict != "REJECT" or v.previous != "PROMOTE":
+        return None
+    return {"alert_id": f"verdict-{v.challenger}-{v.time_ms}", "kind": "verdict",
+            "detector": "verdict", "metric": "promotion_revoked", "challenger": v.challenger,
+            "arm": None, "segment": v.flagged[0] if v.flagged else None, "window_start": None,
+            "window_end": None, "value": 1.0, "threshold": None, "severity": "critical",
+            "time": v.time_ms, "details": {"previous": "PROMOTE", "verdict": "REJECT",
+                                           "reasons": "; ".join(v.reasons)}}
 
 
 def _doc(v: Verdict, what_if: bool) -> dict[str, Any]:
