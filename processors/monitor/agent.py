@@ -1,9 +1,13 @@
 """``shadowpipe worker monitor``: the Faust agent around :class:`.pipeline.Pipeline`.
 
-The agent stays thin: it takes micro-batches without acking, runs the pipeline in one
-dedicated thread (ClickHouse and Redis calls block; the event loop keeps heartbeating and
-serving the web endpoint), publishes alerts (Avro, keyed by challenger) and dead letters,
-checkpoints, and only then acks the batch.
+The agent stays thin: it takes micro-batches without acking and hands each to
+:class:`.runtime.Runtime`, which runs the pipeline in one dedicated thread (ClickHouse and
+Redis calls block; the event loop keeps heartbeating and serving the web endpoints),
+publishes alerts (Avro, keyed by challenger) and dead letters, and checkpoints; only then
+is the batch acked. A timer closes the windows of an idle stream; a stop closes or stores
+the open ones. ``GET /shadowpipe/monitor/ready`` (200 or 503) and
+``GET /shadowpipe/monitor/stats`` (JSON counters) report on it; a dead agent ends the
+process with exit code 1 (see :mod:`.runtime`).
 
 It also serves ``GET /shadowpipe/query/?name=arms&since_ms=...&challenger=...&by=...``:
 the named read queries of :mod:`.queries` as JSON, run on the monitor's own ClickHouse

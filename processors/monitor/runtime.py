@@ -125,8 +125,10 @@ class Runtime:
                 self.publisher.produce(topic, key, value)
             try:
                 await self.publisher.flush()
+                self.pipeline.retrying = None
                 return
             except DeliveryError as exc:
+                self.pipeline.retrying = "Kafka delivery of alerts/dead letters"
                 self.pipeline.note_error(f"Kafka delivery: {exc}")
                 log.warning("alert/dead-letter delivery failed (retry in %.1fs): %s",
                             backoff, exc)
@@ -170,6 +172,8 @@ class Runtime:
         except Stopped:
             log.warning("monitor stop: windows could not be stored within %.0f s (Redis or "
                         "ClickHouse unreachable); they close after the restart", STOP_FLUSH_S)
+        except Exception:  # the stop goes on: the windows close after the restart
+            log.exception("monitor stop: closing windows failed")
         finally:
             abort.cancel()
 
