@@ -188,3 +188,39 @@ def test_failing_worker_is_explained_and_the_stack_note_stops_it(tmp_path: Path)
     from shadowpipe.stack import port_open
 
     assert not port_open("127.0.0.1", kport) and not port_open("127.0.0.1", rport)
+
+
+def test_worker_killed_mid_run_is_explained(stack_settings: Settings, tmp_path: Path) -> None:
+    """The demo that once ended with only 'worker [demo]: exited with 1' now says what the
+    worker last logged, and fails (exit 1) instead of summarising a partial run as done."""
+    import re
+    import signal
+    import time
+
+    from shadowpipe.stack import port_open
+
+    web_port = free_port()
+    env = {**os.environ, **stack_settings.to_env(), "SHADOWPIPE_HOME": str(tmp_path / "home"),
+           "SHADOWPIPE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'clickhouse'}",
+           "SHADOWPIPE_WEB_PORT": str(web_port), "COLUMNS": "160"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shadowpipe.cli", "demo", "--events", "3000",
+         "--wall-seconds", "60", "--out", str(tmp_path / "out")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if started := re.search(r"worker started \(pid (\d+)\)", line):
+            deadline = time.monotonic() + 300
+            while not port_open("127.0.0.1", web_port):  # serving: the traffic starts
+                assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+                time.sleep(0.2)
+            os.killpg(int(started.group(1)), signal.SIGKILL)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(600) == 1, "".join(lines)[-3000:]
+    err = "".join(lines)
+    assert err.count("the worker exited with -9") == 1 and "stopped with" not in err
+    assert "the worker's last lines (it logged no error):" in err and "  | " in err
+    assert f"full log: {tmp_path / 'out' / 'worker.log'}" in err
+    assert "shadowpipe demo: failed: worker exited with -9" in err

@@ -72,8 +72,11 @@ def worker_lines(log: Path, n: int = 15) -> list[str]:
 
 def explain(what: str, log: Path) -> None:
     """Print ``what`` happened, the worker's last error lines and where its full log is."""
-    say(f"shadowpipe demo: {what}; the worker's last error lines:")
-    for line in worker_lines(log) or ["(its log is empty)"]:
+    lines = worker_lines(log)
+    which = "error lines" if any(_ERROR.search(line) for line in lines) else \
+        "lines (it logged no error)"
+    say(f"shadowpipe demo: {what}; the worker's last {which}:")
+    for line in lines or ["(its log is empty)"]:
         say(f"  | {line}")
     say(f"  full log: {log}")
 
@@ -96,6 +99,7 @@ class Worker:
         self.settings = settings
         self.log = log
         self.began = time.monotonic()
+        self.explained = False  # its failure was shown: once is enough
         out = open(log, "ab")  # noqa: SIM115 - owned by the child process
         env = {**os.environ, **settings.to_env()}
         self.proc = subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker", "all"],
@@ -130,7 +134,9 @@ class Worker:
         code = self.proc.poll()
         if code is not None:
             after = time.monotonic() - self.began
-            explain(f"the worker exited with {code} after {after:.0f} s", self.log)
+            if not self.explained:
+                explain(f"the worker exited with {code} after {after:.0f} s", self.log)
+            self.explained = True
             raise DemoFailed(f"worker exited with {code} (its last lines are above)")
 
     def stop(self) -> None:
@@ -144,8 +150,9 @@ class Worker:
                 explain(f"the worker did not stop within {STOP_S:.0f} s and was killed",
                         self.log)
                 return
-        if self.proc.returncode not in (0, -signal.SIGTERM):
+        if self.proc.returncode not in (0, -signal.SIGTERM) and not self.explained:
             explain(f"the worker stopped with {self.proc.returncode}", self.log)
+            self.explained = True
 
 
 def wait_for(what: str, done: Callable[[], bool], deadline_s: float,
