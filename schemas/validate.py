@@ -75,19 +75,26 @@ def _positive_time(record: Record, field: str = "event_time") -> None:
 
 
 def _inference(record: Record) -> Record:
-    check_request_id(record["request_id"])
-    _positive_time(record)
-    features = record["num_features"]
-    if not all(map(math.isfinite, features.values())):
+    # Inlined: this runs for every event on the shadow worker's hot path.
+    request_id = record["request_id"]
+    if not request_id or request_id.isspace():
+        raise InvalidRecord("empty request_id")
+    if record["event_time"] <= 0:
+        raise InvalidRecord(f"event_time {record['event_time']} is not a positive epoch-ms")
+    total = sum(record["num_features"].values())
+    if total - total != 0.0:  # a NaN or an infinity (or a sum overflowing): look closer
         return _nan_is_missing(record)
     return record
 
 
 def _nan_is_missing(record: Record) -> Record:
     """``record`` with NaN numeric features listed as null; an infinite one is refused."""
+    features = record["num_features"]
+    if all(map(math.isfinite, features.values())):
+        return record
     kept: dict[str, float] = {}
     missing = list(record["null_features"])
-    for name, value in record["num_features"].items():
+    for name, value in features.items():
         if math.isnan(value):
             if name not in missing:
                 missing.append(name)
