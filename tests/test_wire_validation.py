@@ -167,3 +167,11 @@ def test_an_infinite_feature_is_refused_in_every_format_and_processor(fmt: str) 
     verdict = ("invalid", "numeric feature 'f2' is inf (not finite)")
     assert _shadow_verdict(data) == verdict
     assert _join_verdict("inference", data, parts.FeatureLayouts()) == verdict
+
+
+def test_large_finite_features_are_not_missing() -> None:
+    """Finiteness is tested by one sum; a sum that overflows must not lose features."""
+    event = {**EVENT, "num_features": {"a": 1e308, "b": 1e308}}
+    data = CODEC.encode("InferenceEvent", event)
+    assert CODEC.decode(data, "InferenceEvent") == event
+    assert InferenceDecoder(CODEC).decode(data) == event
