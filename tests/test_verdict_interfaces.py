@@ -40,6 +40,7 @@ def test_bench_verdict_small(tmp_path: Path) -> None:
     assert set(out["verdicts"]) == {"c1", "c2"}
     assert set(out["verdicts"].values()) <= set(EXIT_CODES)
     assert "generating records" in proc.stderr  # progress goes to stderr, JSON alone on stdout
+    assert not list(tmp_path.glob("shadowpipe-bench-verdict-*"))  # its data is removed
 
 
 def test_exit_codes_are_distinct_and_only_promote_is_zero() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -199,24 +200,33 @@ def _in_child(fn: Any, *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    if args.records < 2 or args.repeat < 1:
-        raise ConfigError("--records", "need at least 2 records and 1 repeat")
-    tmp = Path(tempfile.mkdtemp(prefix="shadowpipe-bench-verdict-"))
+def _steps(settings: Settings, tmp: Path, records: int, repeat: int) -> list[dict[str, Any]]:
+    """Generate and measure at 1M (or fewer) records, then at ``records``."""
     run = settings.replace(clickhouse_url=f"chdb://{tmp / 'clickhouse'}",
                            clickhouse_database="bench", segments=("clinic",), policy="")
-    requests = (args.records + 1) // 2
+    requests = (records + 1) // 2
     step_ms = max(1, SPAN_MS // requests)
     start_ms = int(time.time() * 1000) - SPAN_MS
-    sizes = sorted({min(1_000_000, args.records), args.records})
+    sizes = sorted({min(1_000_000, records), records})
     done, steps = 0, []
     for size in sizes:
         _say(f"generating records {done}..{size}")
         gen_s = _in_child(_generate, run, done, size - done, step_ms, start_ms)
         done = size
         _say(f"  {gen_s:.1f} s; evaluating")
-        steps.append(_in_child(_measure, run, args.repeat))
+        steps.append(_in_child(_measure, run, repeat))
         _say(f"  {json.dumps(steps[-1])}")
+    return steps
+
+
+def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    if args.records < 2 or args.repeat < 1:
+        raise ConfigError("--records", "need at least 2 records and 1 repeat")
+    tmp = Path(tempfile.mkdtemp(prefix="shadowpipe-bench-verdict-"))
+    try:
+        steps = _steps(settings, tmp, args.records, args.repeat)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # 10M records are ~1.3 GB
     last = steps[-1]
     print(json.dumps({
         "records": last["records"],
