@@ -1,5 +1,14 @@
-"""``shadowpipe compare``: per-arm accuracy or MAE with 95 % intervals, agreement, coverage,
-latency percentiles and recent drift events, from the named queries of :mod:`.queries`.
+"""``shadowpipe compare``: per-arm accuracy or MAE with 95 % intervals, AUC, log-loss and
+Brier where the arms give probabilities, the paired challenger-minus-primary difference with
+its anytime-valid interval, agreement, coverage, latency percentiles and recent drift
+events, from the named queries of :mod:`.queries`. With ``--by ATTR`` each challenger's
+overall row comes first, then one row per value of ATTR.
+
+The difference is paired (the same labelled requests scored by both arms) and its interval
+is the verdict engine's confidence sequence (``asymptotic_cs`` of
+:mod:`shadowpipe.processors.verdict.stats`): it stays valid however often compare is
+re-run, unlike a fixed-n interval. It is flagged as not yet reliable until the engine's
+guard holds (1,000 pairs, 10 discordant).
 
 Where the rows come from: with a ClickHouse server, straight from it. With the embedded
 engine only one process may open the data directory; while a monitor runs, that is the
@@ -22,10 +31,12 @@ from typing import Any
 
 from shadowpipe.processors.monitor import queries
 from shadowpipe.processors.monitor.stats import mean_ci, wilson
+from shadowpipe.processors.verdict.stats import asymptotic_cs, guard_met, sample_variance
 
 from shadowpipe.config import ConfigError, Settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+ALPHA = 0.05
 
 
 def parse_duration(text: str) -> int:
@@ -47,16 +58,16 @@ def fetch(settings: Settings, name: str, params: dict[str, Any]) -> dict[str, An
     return queries.run(_direct_client(settings), name, settings.clickhouse_database, params)
 
 
-_client: Any = None
+_clients: dict[str, Any] = {}
 
 
 def _direct_client(settings: Settings) -> Any:
-    global _client
-    if _client is None:
+    """One client per ClickHouse URL (a process may read more than one, as the tests do)."""
+    if settings.clickhouse not in _clients:
         from shadowpipe.stores import check_clickhouse
 
-        _client = check_clickhouse(settings, "compare")
-    return _client
+        _clients[settings.clickhouse] = check_clickhouse(settings, "compare")
+    return _clients[settings.clickhouse]
 
 
 def _from_monitor(settings: Settings, name: str, params: dict[str, Any]) -> dict | None:
@@ -91,7 +102,39 @@ def _arm(row: dict[str, Any], arm: str) -> dict[str, Any]:
     if m:
         mae, sd = row[f"{arm}_mae"], row[f"{arm}_mae_sd"]
         out.update(mae=mae, mae_ci95=_interval(mean_ci(mae, sd, m)), regressed=m)
+    if row.get(f"{arm}_scored"):
+        out.update(auc=row[f"{arm}_auc"], log_loss=row[f"{arm}_log_loss"],
+                   brier=row[f"{arm}_brier"], scored=row[f"{arm}_scored"])
     return out
+
+
+def difference(row: dict[str, Any], alpha: float = ALPHA) -> dict[str, Any] | None:
+    """Challenger minus primary over the same labelled requests, with its anytime-valid CS.
+
+    Accuracy for labels (a positive difference: the challenger is right more often), MAE
+    for values (positive: the challenger errs more); None without a labelled pair.
+
+    >>> d = difference({"paired": 4000, "paired_losses": 90, "paired_wins": 130})
+    >>> d["metric"], d["estimate"], d["reliable"], d["interval"][0] < 0.01 < d["interval"][1]
+    ('accuracy', 0.01, True, True)
+    """
+    if row.get("paired"):
+        n, losses, wins = row["paired"], row["paired_losses"], row["paired_wins"]
+        # d = loss(challenger) - loss(primary) per pair; accuracy difference is -mean(d).
+        cs = asymptotic_cs(n, losses - wins, losses + wins, alpha)
+        variance = sample_variance(n, losses - wins, losses + wins)
+        return {"metric": "accuracy", "estimate": -cs.estimate,
+                "interval": _interval((-cs.hi, -cs.lo)), "pairs": n,
+                "discordant": losses + wins, "anytime_valid": True,
+                "reliable": guard_met(n, losses + wins, variance)}
+    if row.get("paired_regressed"):
+        n, s1, s2 = row["paired_regressed"], row["paired_ae_sum"], row["paired_ae_sumsq"]
+        cs = asymptotic_cs(n, s1, s2, alpha)
+        variance = sample_variance(n, s1, s2)
+        return {"metric": "mae", "estimate": cs.estimate, "interval": _interval((cs.lo, cs.hi)),
+                "pairs": n, "discordant": None, "anytime_valid": True,
+                "reliable": guard_met(n, n, variance)}
+    return None
 
 
 def _percentiles(values: list[float | None] | None) -> dict[str, float | None]:
@@ -116,6 +159,7 @@ def report(arms: list[dict], orphans: list[dict], alerts: list[dict]) -> dict[st
             "agreement": agreement,
             "agreement_ci95": _interval(wilson(row["agreed"], row["compared"])),
             "primary": _arm(row, "primary"), "challenger_arm": _arm(row, "challenger"),
+            "difference": difference(row),
             "latency_ms": {name: _percentiles(row[f"{name}_ms"])
                            for name in ("primary_latency", "model_time", "queue_lag")},
         })
@@ -137,6 +181,21 @@ def _fmt(value: Any, ci: list[float] | None = None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else text
 
 
+def _fmt_diff(diff: dict[str, Any] | None) -> str:
+    """``+0.012 [-0.004, +0.028] acc`` (``*``: the engine's guard is not met yet)."""
+    if not diff:
+        return "-"
+    lo, hi = diff["interval"]
+    star = "" if diff["reliable"] else " *"
+    return f"{diff['estimate']:+.3f} [{lo:+.3f}, {hi:+.3f}] {diff['metric']}{star}"
+
+
+def _scores(arm: dict[str, Any]) -> str:
+    if "scored" not in arm:
+        return "-"
+    return "/".join(_fmt(arm[k]) for k in ("auc", "log_loss", "brier"))
+
+
 def print_table(data: dict[str, Any], console: Any = None, with_events: bool = True) -> None:
     """Render :func:`report` with rich (``with_events``: also the drift events table)."""
     from rich.console import Console
@@ -144,23 +203,32 @@ def print_table(data: dict[str, Any], console: Any = None, with_events: bool = T
 
     # Piped output would otherwise be cut to 80 columns and the intervals truncated.
     console = console or Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title="shadow comparison (95 % intervals)")
+    table = Table(title="shadow comparison (per arm: 95 % intervals; challenger - primary: "
+                        "paired, anytime-valid 95 % confidence sequence)")
     for col in ("challenger", "segment", "published", "labelled", "agreement",
-                "primary acc / MAE", "challenger acc / MAE", "errors", "timeouts",
+                "primary acc / MAE", "challenger acc / MAE", "challenger - primary",
+                "AUC / log-loss / Brier (primary | challenger)", "errors", "timeouts",
                 "model p50/p95/p99 ms"):
         table.add_column(col)
+    unreliable = False
     for row in data["arms"]:
         metric = []
         for arm in (row["primary"], row["challenger_arm"]):
             metric.append(_fmt(arm.get("accuracy"), arm.get("accuracy_ci95")) if "accuracy"
                           in arm else _fmt(arm.get("mae"), arm.get("mae_ci95")))
+        diff = row.get("difference")
+        unreliable = unreliable or bool(diff and not diff["reliable"])
         lat = row["latency_ms"]["model_time"]
         table.add_row(row["challenger"], row["segment"] or "(all)",
                       str(row["coverage"]["published"]), str(row["coverage"]["labelled"]),
-                      _fmt(row["agreement"], row["agreement_ci95"]), *metric,
+                      _fmt(row["agreement"], row["agreement_ci95"]), *metric, _fmt_diff(diff),
+                      f"{_scores(row['primary'])} | {_scores(row['challenger_arm'])}",
                       str(row["coverage"]["errors"]), str(row["coverage"]["timeouts"]),
                       "/".join(_fmt(lat[k]) for k in ("p50", "p95", "p99")))
     console.print(table)
+    if unreliable:
+        console.print("* fewer than 1,000 pairs or 10 discordant pairs: the verdict engine "
+                      "would not act on this interval yet")
     if not with_events:
         return
     events = Table(title="recent drift events and alerts")

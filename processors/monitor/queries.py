@@ -19,13 +19,27 @@ from typing import Any
 _FILTER = ("({challenger:String} = '' OR challenger = {challenger:String})")
 
 QUERIES: dict[str, str] = {
-    # Per challenger (and segment): coverage, agreement, per-arm accuracy and MAE inputs
-    # (counts, means and standard deviations, from which compare derives 95 % intervals),
-    # error/timeout counts and latency percentiles.
+    # Per challenger: the overall row (segment '') and, with ``by``, one row per value of
+    # that context attribute ('(none)' where a record lacks it or it is empty). Coverage, agreement,
+    # per-arm accuracy and MAE inputs (compare derives 95 % intervals), the paired
+    # challenger-minus-primary counts and sums (compare derives the anytime-valid interval),
+    # log-loss (p clipped at 1e-4), Brier and one-vs-rest macro AUC per arm where
+    # probabilities exist, error/timeout counts and latency percentiles. The inner query
+    # gathers each arm's probabilities for the AUC; only the AUC leaves the server.
     "arms": """
+SELECT * EXCEPT (primary_p, challenger_p, primary_y, challenger_y),
+    arrayAvg(arrayFilter(x -> NOT isNaN(x), arrayMap(
+        c -> arrayAUC(arrayMap(p -> p[c], primary_p), arrayMap(y -> y = c, primary_y)),
+        arrayDistinct(arrayFlatten(arrayMap(p -> mapKeys(p), primary_p)))))) AS primary_auc,
+    arrayAvg(arrayFilter(x -> NOT isNaN(x), arrayMap(
+        c -> arrayAUC(arrayMap(p -> p[c], challenger_p), arrayMap(y -> y = c, challenger_y)),
+        arrayDistinct(arrayFlatten(arrayMap(p -> mapKeys(p), challenger_p))))))
+        AS challenger_auc
+FROM (
 SELECT
     challenger,
-    if({by:String} = '', '', context[{by:String}]) AS segment,
+    arrayJoin(if({by:String} = '', [''],
+                 ['', if(context[{by:String}] = '', '(none)', context[{by:String}])])) AS segment,
     count() AS published,
     countIf(shadow_error_kind IS NULL AND shadow_error IS NULL) AS joined,
     countIf(state = 'labelled') AS labelled,
@@ -38,6 +52,12 @@ SELECT
     countIf(label IS NOT NULL AND primary_label = label) AS primary_correct,
     countIf(label IS NOT NULL AND shadow_label IS NOT NULL) AS challenger_labelled,
     countIf(label IS NOT NULL AND shadow_label = label) AS challenger_correct,
+    countIf(label IS NOT NULL AND primary_label IS NOT NULL AND shadow_label IS NOT NULL)
+        AS paired,
+    countIf(label IS NOT NULL AND primary_label = label AND shadow_label != label)
+        AS paired_losses,
+    countIf(label IS NOT NULL AND primary_label != label AND shadow_label = label)
+        AS paired_wins,
     countIf(label_value IS NOT NULL AND primary_value IS NOT NULL) AS primary_regressed,
     avgIf(abs(primary_value - label_value),
           label_value IS NOT NULL AND primary_value IS NOT NULL) AS primary_mae,
@@ -48,12 +68,41 @@ SELECT
           label_value IS NOT NULL AND shadow_value IS NOT NULL) AS challenger_mae,
     stddevSampIf(abs(shadow_value - label_value),
                  label_value IS NOT NULL AND shadow_value IS NOT NULL) AS challenger_mae_sd,
+    countIf(label_value IS NOT NULL AND primary_value IS NOT NULL AND shadow_value IS NOT NULL)
+        AS paired_regressed,
+    sumIf(abs(shadow_value - label_value) - abs(primary_value - label_value),
+          label_value IS NOT NULL AND primary_value IS NOT NULL AND shadow_value IS NOT NULL)
+        AS paired_ae_sum,
+    sumIf(pow(abs(shadow_value - label_value) - abs(primary_value - label_value), 2),
+          label_value IS NOT NULL AND primary_value IS NOT NULL AND shadow_value IS NOT NULL)
+        AS paired_ae_sumsq,
+    countIf(label IS NOT NULL AND notEmpty(primary_probabilities)) AS primary_scored,
+    avgIf(-log(greatest(primary_probabilities[assumeNotNull(label)], 1e-4)),
+          label IS NOT NULL AND notEmpty(primary_probabilities)) AS primary_log_loss,
+    avgIf(arraySum(x -> x * x, mapValues(primary_probabilities))
+          - 2 * primary_probabilities[assumeNotNull(label)] + 1,
+          label IS NOT NULL AND notEmpty(primary_probabilities)) AS primary_brier,
+    groupArrayIf(primary_probabilities, label IS NOT NULL AND notEmpty(primary_probabilities))
+        AS primary_p,
+    groupArrayIf(assumeNotNull(label), label IS NOT NULL AND notEmpty(primary_probabilities))
+        AS primary_y,
+    countIf(label IS NOT NULL AND notEmpty(shadow_probabilities)) AS challenger_scored,
+    avgIf(-log(greatest(shadow_probabilities[assumeNotNull(label)], 1e-4)),
+          label IS NOT NULL AND notEmpty(shadow_probabilities)) AS challenger_log_loss,
+    avgIf(arraySum(x -> x * x, mapValues(shadow_probabilities))
+          - 2 * shadow_probabilities[assumeNotNull(label)] + 1,
+          label IS NOT NULL AND notEmpty(shadow_probabilities)) AS challenger_brier,
+    groupArrayIf(shadow_probabilities, label IS NOT NULL AND notEmpty(shadow_probabilities))
+        AS challenger_p,
+    groupArrayIf(assumeNotNull(label), label IS NOT NULL AND notEmpty(shadow_probabilities))
+        AS challenger_y,
     quantiles(0.5, 0.95, 0.99)(primary_latency_ms) AS primary_latency_ms,
     quantiles(0.5, 0.95, 0.99)(model_time_ms) AS model_time_ms,
     quantiles(0.5, 0.95, 0.99)(queue_lag_ms) AS queue_lag_ms
 FROM {db}.joined_records FINAL
 WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
 GROUP BY challenger, segment
+)
 ORDER BY challenger, segment""",
     # Orphans per challenger ('' = feedback whose request never came).
     "orphans": """
