@@ -284,13 +284,16 @@ class Emitter:
         self._log = _RateLimitedLog(log)
         self._acks = Acks()
         self._succeeded = itertools.count(1)  # one by one only without idempotence
-        config = producer_config(
-            self.settings, on_delivery=self._on_delivery, error_cb=self._on_error,
-            stats_cb=self._acks.snapshot, **{"statistics.interval.ms": STATS_INTERVAL_MS},
-            **{"client.id": f"shadowpipe-{name}", **(kafka_overrides or {})},
-        )
-        # acked_msgid is kept by the idempotent producer only; otherwise report successes.
-        self._from_stats = str(config.get("enable.idempotence")).lower() in ("true", "1")
+        config = producer_config(self.settings, **{
+            "on_delivery": self._on_delivery, "error_cb": self._on_error,
+            "stats_cb": self._acks.snapshot, "statistics.interval.ms": STATS_INTERVAL_MS,
+            "client.id": f"shadowpipe-{name}", **(kafka_overrides or {}),
+        })
+        # acked_msgid is kept by the idempotent producer only, and read from our statistics
+        # callback: without either (overridden), successes are reported and counted.
+        self._from_stats = (str(config.get("enable.idempotence")).lower() in ("true", "1")
+                            and config.get("stats_cb") == self._acks.snapshot
+                            and int(config.get("statistics.interval.ms", 0)) > 0)
         if not self._from_stats:
             config["delivery.report.only.error"] = False
         self._producer = Producer(config)

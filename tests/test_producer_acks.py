@@ -70,3 +70,12 @@ def test_without_idempotence_successes_are_counted_one_by_one(settings: Settings
         assert emitter.emit_feedback(f"r{i}", "ok")
     assert emitter.close(timeout=20) == 0
     assert (emitter.stats().sent, emitter.stats().delivered) == (50, 50)
+
+
+def test_own_statistics_settings_fall_back_to_counted_reports(settings: Settings) -> None:
+    seen: list[str] = []
+    emitter = Emitter(settings, kafka_overrides={**QUIET, "stats_cb": seen.append})
+    for i in range(20):
+        assert emitter.emit_feedback(f"r{i}", "ok")
+    assert emitter.close(timeout=20) == 0
+    assert (emitter.stats().sent, emitter.stats().delivered) == (20, 20)
