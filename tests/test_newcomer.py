@@ -1,0 +1,152 @@
+"""The newcomer path of issue 15, end to end: a service instrumented with the producer
+library emits 3,000 requests and their outcomes; the shadow worker, the joiner and the
+monitor run as three separate processes on their own web ports; challengers come from a
+module next to the challengers file (no PYTHONPATH). Halfway through, the primary's error
+rate jumps. The monitor is stopped with SIGINT as soon as it has counted the last record
+(its idle timeout far away, so only the graceful stop can close the last windows).
+
+Checked: the windows table covers the stream's last minute, and the primary's drift is one
+firing alert, though three challengers (one a control copy) saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from shadowpipe.producers import Emitter, current_request_id
+
+from shadowpipe.config import Settings
+from tests.conftest import free_port, spawn_cli
+
+REQUESTS = 3000
+MODELS = '''
+def _label(features, cut):
+    return "hi" if features["x0"] >= cut else "lo"
+
+def tight(features):
+    return {"label": _label(features, 0.52)}
+
+def loose(features):
+    return {"label": _label(features, 0.48)}
+
+def copy(features):
+    return {"label": _label(features, 0.5)}
+'''
+CHALLENGERS = "".join(
+    f'[[challengers]]\nname = "{name}"\nversion = "1"\nkind = "callable"\n'
+    f'location = "newcomer_models:{name}"\n{extra}\n'
+    for name, extra in (("tight", ""), ("loose", ""), ("copy", "is_control = true\n")))
+
+
+def _get(s: Settings, path: str) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://{s.web_host}:{s.web_port}{path}",
+                                    timeout=30) as resp:
+            return json.loads(resp.read())
+    except OSError:
+        return None
+
+
+def _wait(what: str, fn: Any, procs: list[subprocess.Popen], timeout_s: float = 400) -> Any:
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), f"a worker died waiting for {what}"
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}: {value}")
+
+
+def _arms(s: Settings) -> dict[str, tuple[int, int]]:
+    """(published, labelled) per challenger in the monitor's joined records."""
+    reply = _get(s, "/shadowpipe/query/?name=arms&since_ms=0") or {}
+    rows = [dict(zip(reply["columns"], r, strict=True)) for r in reply.get("rows", [])]
+    return {r["challenger"]: (r["published"], r["labelled"]) for r in rows}
+
+
+def _serve(s: Settings) -> int:
+    """The service: 3,000 tracked predictions, each outcome reported right after; the
+    truth departs from the primary on 5 % of the first half and 45 % of the second.
+    Returns the last request's event time (ms)."""
+    rng = random.Random(11)
+    emitter = Emitter(s)
+
+    @emitter.track(model="primary", version="1")
+    def predict(features: dict[str, float]) -> dict[str, str]:
+        return {"label": "hi" if features["x0"] >= 0.5 else "lo"}
+
+    for i in range(REQUESTS):
+        answer = predict({"x0": rng.random(), "x1": rng.random()})
+        wrong = rng.random() < (0.05 if i < REQUESTS // 2 else 0.45)
+        truth = answer["label"] if not wrong else ("lo" if answer["label"] == "hi" else "hi")
+        emitter.emit_feedback(current_request_id(), truth)
+        if i % 100 == 99:  # a realistic pace: the stream spans tens of seconds
+            time.sleep(0.2)
+    last = int(time.time() * 1000)
+    assert emitter.close(timeout=60) == 0
+    return last
+
+
+def _query(ch_dir: Path, sql: str) -> list[list[Any]]:
+    """A query in a child process once the monitor is gone (one chdb per process)."""
+    code = ("import json,sys,clickhouse_connect as c;"
+            "cl=c.get_client(interface='chdb',path=sys.argv[1]);"
+            "print(json.dumps([list(r) for r in cl.query(sys.argv[2]).result_rows]))")
+    out = subprocess.run([sys.executable, "-c", code, str(ch_dir), sql],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def test_newcomer_path(settings: Settings, tmp_path: Path) -> None:
+    (tmp_path / "newcomer_models.py").write_text(MODELS)
+    (tmp_path / "challengers.toml").write_text(CHALLENGERS)
+    s = settings.replace(challengers=str(tmp_path / "challengers.toml"),
+                         clickhouse_url=f"chdb://{tmp_path / 'ch'}",
+                         clickhouse_database="newcomer", monitor_idle_s=3600,
+                         log_level="WARNING")
+    ports = {name: s.replace(web_port=free_port()) for name in ("shadow", "join", "monitor")}
+    workers = {name: spawn_cli(ws, "worker", name, log=tmp_path / f"{name}.log")
+               for name, ws in ports.items()}
+    procs = list(workers.values())
+    try:
+        _wait("the monitor ready", lambda: (_get(ports["monitor"],
+              "/shadowpipe/monitor/ready") or {}).get("ready"), procs)
+        last = _serve(s)
+        want = {c: (REQUESTS, REQUESTS) for c in ("tight", "loose", "copy")}
+        _wait("every prediction and label stored", lambda: _arms(ports["monitor"]) == want,
+              procs)
+        monitor = workers["monitor"]
+        monitor.send_signal(signal.SIGINT)
+        assert monitor.wait(120) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    db = "newcomer"
+    end = _query(tmp_path / "ch", f"SELECT max(toUnixTimestamp64Milli(window_end)) "
+                                  f"FROM {db}.windows FINAL WHERE segment = ''")[0][0]
+    assert end is not None and end >= last, (end, last)  # the last minute is stored
+    published = _query(tmp_path / "ch", f"SELECT challenger, sum(published) FROM {db}.windows "
+                                        f"FINAL WHERE segment = '' GROUP BY challenger")
+    assert dict(map(tuple, published)) == {c: REQUESTS for c in ("tight", "loose", "copy")}
+    primary = _query(tmp_path / "ch", f"SELECT challenger, arm, segment, status FROM "
+                                      f"{db}.alerts FINAL WHERE arm = 'primary' "
+                                      f"AND metric = 'error_rate'")
+    firing = [a for a in primary if a[3] == "firing"]
+    assert len(firing) == 1, primary  # once, not once per challenger
+    assert firing[0][0] == ""  # about the primary model, not a challenger
