@@ -64,3 +64,16 @@ def assign_from_start(consumer: Any, settings: Settings, *topics: str) -> None:
 
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
                      for topic in topics for p in range(settings.partitions)])
+
+
+def chdb_rows(clickhouse_dir: Path, sql: str) -> list[list[Any]]:
+    """Rows of ``sql`` on an embedded ClickHouse directory, read in a child process: a
+    process keeps the first chdb path it opened (the session stack's, in the suite)."""
+    import json
+
+    code = ("import json,sys,clickhouse_connect as c;"
+            "cl=c.get_client(interface='chdb',path=sys.argv[1]);"
+            "print(json.dumps([list(r) for r in cl.query(sys.argv[2]).result_rows]))")
+    out = subprocess.run([sys.executable, "-c", code, str(clickhouse_dir), sql],
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout)

@@ -27,8 +27,8 @@ from shadowpipe.schemas.codec import Codec
 from shadowpipe.config import Settings
 from shadowpipe.kafka import producer
 from shadowpipe.stack import _redis_binary, free_port, port_open
-from shadowpipe.stores import clickhouse_client, redis_client
-from tests.conftest import spawn_cli
+from shadowpipe.stores import redis_client
+from tests.conftest import chdb_rows, spawn_cli
 
 CODEC = Codec()
 MINUTE = 60_000
@@ -179,12 +179,12 @@ def test_redis_paused_then_restarted_every_record_lands(
     finally:
         _stop(worker)
     # Nothing counted twice: the windows (closed on stop, or stored provisionally) sum up.
-    client = clickhouse_client(s)
-    stored = client.command("SELECT count() FROM pause.joined_records FINAL")
+    [[stored, labelled, total]] = chdb_rows(tmp_path / "ch", (
+        "SELECT (SELECT count() FROM pause.joined_records FINAL), "
+        "(SELECT countIf(state = 'labelled') FROM pause.joined_records FINAL), "
+        "(SELECT sum(published) FROM pause.windows FINAL WHERE segment = '')"))
     assert int(stored) == len({r["request_id"] for r in records})
-    labelled = client.command("SELECT countIf(state = 'labelled') FROM pause.joined_records FINAL")
     assert int(labelled) == len(records) - _predicted(records)
-    total = client.command("SELECT sum(published) FROM pause.windows FINAL WHERE segment = ''")
     assert int(total) == _predicted(records)
 
 
@@ -248,9 +248,9 @@ def test_idle_stream_closes_its_last_window_and_sigint_stores_the_open_one(
         assert worker.wait(60) == 0
     finally:
         _stop(worker)
-    rows = clickhouse_client(s).query(
-        "SELECT toUnixTimestamp64Milli(window_start), published FROM idle.windows FINAL "
-        "WHERE segment = ''").result_rows
+    rows = chdb_rows(tmp_path / "ch",
+                     "SELECT toUnixTimestamp64Milli(window_start), published FROM idle.windows "
+                     "FINAL WHERE segment = ''")
     assert sum(n for _start, n in rows) == _predicted(first) + _predicted(second)
     assert max(start for start, _n in rows) >= max(r["event_time"] for r in second) // 2000 * 2000
 

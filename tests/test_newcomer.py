@@ -15,7 +15,6 @@ import json
 import random
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 from shadowpipe.producers import Emitter, current_request_id
 
 from shadowpipe.config import Settings
-from tests.conftest import free_port, spawn_cli
+from tests.conftest import chdb_rows, free_port, spawn_cli
 
 REQUESTS = 3000
 MODELS = '''
@@ -97,16 +96,6 @@ def _serve(s: Settings) -> int:
     return last
 
 
-def _query(ch_dir: Path, sql: str) -> list[list[Any]]:
-    """A query in a child process once the monitor is gone (one chdb per process)."""
-    code = ("import json,sys,clickhouse_connect as c;"
-            "cl=c.get_client(interface='chdb',path=sys.argv[1]);"
-            "print(json.dumps([list(r) for r in cl.query(sys.argv[2]).result_rows]))")
-    out = subprocess.run([sys.executable, "-c", code, str(ch_dir), sql],
-                         capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(out.stdout)
-
-
 def test_newcomer_path(settings: Settings, tmp_path: Path) -> None:
     (tmp_path / "newcomer_models.py").write_text(MODELS)
     (tmp_path / "challengers.toml").write_text(CHALLENGERS)
@@ -137,16 +126,15 @@ def test_newcomer_path(settings: Settings, tmp_path: Path) -> None:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    db = "newcomer"
-    end = _query(tmp_path / "ch", f"SELECT max(toUnixTimestamp64Milli(window_end)) "
-                                  f"FROM {db}.windows FINAL WHERE segment = ''")[0][0]
+    ch = tmp_path / "ch"
+    end = chdb_rows(ch, "SELECT max(toUnixTimestamp64Milli(window_end)) "
+                        "FROM newcomer.windows FINAL WHERE segment = ''")[0][0]
     assert end is not None and end >= last, (end, last)  # the last minute is stored
-    published = _query(tmp_path / "ch", f"SELECT challenger, sum(published) FROM {db}.windows "
-                                        f"FINAL WHERE segment = '' GROUP BY challenger")
+    published = chdb_rows(ch, "SELECT challenger, sum(published) FROM newcomer.windows "
+                              "FINAL WHERE segment = '' GROUP BY challenger")
     assert dict(map(tuple, published)) == {c: REQUESTS for c in ("tight", "loose", "copy")}
-    primary = _query(tmp_path / "ch", f"SELECT challenger, arm, segment, status FROM "
-                                      f"{db}.alerts FINAL WHERE arm = 'primary' "
-                                      f"AND metric = 'error_rate'")
+    primary = chdb_rows(ch, "SELECT challenger, arm, segment, status FROM newcomer.alerts "
+                            "FINAL WHERE arm = 'primary' AND metric = 'error_rate'")
     firing = [a for a in primary if a[3] == "firing"]
     assert len(firing) == 1, primary  # once, not once per challenger
     assert firing[0][0] == ""  # about the primary model, not a challenger

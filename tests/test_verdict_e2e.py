@@ -32,7 +32,7 @@ from shadowpipe.schemas.codec import Codec
 from shadowpipe import kafka
 from shadowpipe.config import Settings
 from tests import verdict_challengers as vc
-from tests.conftest import spawn_cli
+from tests.conftest import chdb_rows, spawn_cli
 
 REPO = Path(__file__).resolve().parents[1]
 CODEC = Codec()
@@ -173,14 +173,8 @@ def _topic_verdicts(s: Settings) -> list[tuple[str, str]]:
 
 
 def _table_verdicts(clickhouse_dir: Path, db: str) -> list[tuple[str, str]]:
-    """A direct query in a child process once the monitor is gone (one chdb per process)."""
-    code = ("import json,sys,clickhouse_connect as c;"
-            "cl=c.get_client(interface='chdb',path=sys.argv[1]);"
-            "print(json.dumps([list(r) for r in cl.query(sys.argv[2]).result_rows]))")
     sql = f"SELECT challenger, verdict FROM {db}.verdicts ORDER BY time, challenger"
-    out = subprocess.run([sys.executable, "-c", code, str(clickhouse_dir), sql],
-                         capture_output=True, text=True, timeout=120, check=True)
-    return [tuple(r) for r in json.loads(out.stdout)]
+    return [tuple(r) for r in chdb_rows(clickhouse_dir, sql)]
 
 
 def _by_challenger(seq: list[tuple[str, str]]) -> dict[str, list[str]]:
