@@ -232,11 +232,13 @@ def print_table(data: dict[str, Any], console: Any = None, with_events: bool = T
     if not with_events:
         return
     events = Table(title="recent drift events and alerts")
-    for col in ("time", "kind", "detector", "metric", "challenger", "arm", "segment", "value"):
+    for col in ("time", "status", "kind", "detector", "metric", "challenger", "arm", "segment",
+                "value"):
         events.add_column(col)
     for a in data["drift_events"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(a["time_ms"] / 1000))
-        events.add_row(when, a["kind"], a["detector"], a["metric"], a["challenger"],
-                       a["arm"] or "", a["segment"] or "(all)", _fmt(a["value"]))
+        events.add_row(when, a["status"].upper(), a["kind"], a["detector"], a["metric"],
+                       a["challenger"], a["arm"] or "", a["segment"] or "(all)",
+                       _fmt(a["value"]))
     console.print(events)
     console.print(f"orphan feedback (no request): {data['orphan_feedback']}")

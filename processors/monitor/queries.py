@@ -113,7 +113,7 @@ GROUP BY challenger, state
 ORDER BY challenger, state""",
     # Recent drift events and rule alerts, newest first.
     "alerts": """
-SELECT alert_id, kind, detector, metric, challenger, arm, segment,
+SELECT alert_id, status, kind, detector, metric, challenger, arm, segment,
        toUnixTimestamp64Milli(window_start) AS window_start_ms, value, threshold, severity,
        toUnixTimestamp64Milli(time) AS time_ms, details
 FROM {db}.alerts FINAL

@@ -122,7 +122,7 @@ def _when(ms: int) -> Any:
 
 def _alert_lines(ax: Any, alerts: list[dict], segment: str | None = None) -> None:
     for a in alerts:
-        if segment is None or a["segment"] == segment:
+        if a["status"] == "firing" and (segment is None or a["segment"] == segment):
             ax.axvline(_when(a["window_start_ms"] or a["time_ms"]), color="crimson",
                        alpha=0.25, lw=1)
 
@@ -186,10 +186,13 @@ def _timeline(data: dict) -> str:
     fig, ax = plt.subplots(figsize=(9, 0.4 * max(4, len({_alert_row(a) for a in alerts}))))
     rows = sorted({_alert_row(a) for a in alerts})
     for a in alerts:
+        firing = a["status"] == "firing"
         ax.scatter([_when(a["window_start_ms"] or a["time_ms"])], [rows.index(_alert_row(a))],
-                   color="crimson", marker="D", s=30)
+                   color="crimson" if firing else "seagreen", marker="D" if firing else "o",
+                   s=30)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
-    ax.set_title(f"drift and alert timeline ({len(alerts)} alerts)")
+    ax.set_title(f"drift and alert timeline ({len(alerts)} alerts; red: firing, "
+                 "green: resolved)")
     if not rows:
         ax.text(0.5, 0.5, "no alerts", ha="center", transform=ax.transAxes)
     return _svg(fig)
