@@ -664,9 +664,12 @@ def _add_row(data: ChallengerData, segments: tuple[str, ...], row: dict[str, Any
 
 
 def _data_clock(client: Any, db: str) -> int | None:
+    # Two maxima, not one of greatest(): max(event_time) is answered from part metadata
+    # (event_time is the partition key), so only label_time is read.
     value = client.command(
-        f"SELECT toUnixTimestamp64Milli(max(greatest(event_time, ifNull(label_time, "
-        f"event_time)))) FROM {db}.joined_records")
+        f"SELECT toUnixTimestamp64Milli(greatest((SELECT max(event_time) FROM "
+        f"{db}.joined_records), ifNull((SELECT max(label_time) FROM {db}.joined_records), "
+        f"toDateTime64(0, 3))))")
     return int(value) if value not in (None, "", 0, "0") else None
 
 
