@@ -45,23 +45,25 @@ from functools import cache
 from typing import Any
 
 import fastavro
-from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_form
+from fastavro.schema import expand_schema, to_parsing_canonical_form
 from shadowpipe.schemas import NAMES, released, released_versions, schema
 from shadowpipe.schemas.validate import DecodeError, InvalidRecord, check
+from shadowpipe.schemas.wire import (
+    CONFLUENT_MAGIC,
+    SINGLE_OBJECT_MARKER,
+    confluent_prefix,
+    schema_fingerprint,
+    single_object_prefix,
+)
 
-__all__ = ["Codec", "DecodeError", "InvalidRecord", "SchemaRegistryClient", "schema_fingerprint"]
+__all__ = ["CONFLUENT", "SINGLE_OBJECT", "Codec", "DecodeError", "InvalidRecord",
+           "SchemaRegistryClient", "schema_fingerprint"]
 
-SINGLE_OBJECT_MARKER = b"\xc3\x01"
-CONFLUENT_MAGIC = 0
+SINGLE_OBJECT = "single-object"
+CONFLUENT = "confluent"
 _JSON_START = frozenset(b"{ \t\r\n")
 
 Record = dict[str, Any]
-
-
-def schema_fingerprint(parsed: dict[str, Any]) -> bytes:
-    """CRC-64-AVRO fingerprint of a schema's canonical form, as the 8 bytes on the wire."""
-    hex_fp = fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO")
-    return int(hex_fp, 16).to_bytes(8, "little")
 
 
 class SchemaRegistryClient:
@@ -115,41 +117,67 @@ class Codec:
         self._by_id: dict[int, dict[str, Any]] = dict(known_ids or {})
         self._id_for: dict[str, int] = {}
         self._by_fingerprint: dict[bytes, dict[str, Any]] = {}
-        self._header: dict[str, bytes] = {}
+        self._single_object: dict[str, bytes] = {}
+        current_by_form = {}
         for name in NAMES:
             current = schema(name)
             self._by_fingerprint[schema_fingerprint(current)] = current
-            self._header[name] = SINGLE_OBJECT_MARKER + schema_fingerprint(current)
+            self._single_object[name] = single_object_prefix(current)
+            current_by_form[to_parsing_canonical_form(current)] = name
             for version in released_versions():
                 old = released(version, name)
                 if old is not None:
                     self._by_fingerprint.setdefault(schema_fingerprint(old), old)
+        for schema_id, parsed in self._by_id.items():  # known ids of current schemas frame
+            name = current_by_form.get(to_parsing_canonical_form(parsed))
+            if name is not None:
+                self._id_for.setdefault(f"{name}-value", schema_id)
 
     # -- encoding -------------------------------------------------------------------------
+
+    def header(self, name: str, framing: str | None = None, *, subject: str | None = None,
+               schema_id: int | None = None) -> bytes:
+        """The framing bytes put before an Avro body of the current schema ``name``.
+
+        ``framing`` is :data:`SINGLE_OBJECT` (``C3 01`` + fingerprint) or :data:`CONFLUENT`
+        (``00`` + schema id); by default the codec's own: Confluent with a registry. The
+        Confluent id is ``schema_id`` when given (then decodable from here on), else the id of
+        ``subject`` (default ``<name>-value``): from ``known_ids`` or registered once.
+        LookupError when there is none (no registry, id not known).
+
+        >>> Codec().header("Feedback")[:2]
+        b'\\xc3\\x01'
+        >>> Codec().header("Feedback", CONFLUENT, schema_id=7)
+        b'\\x00\\x00\\x00\\x00\\x07'
+        """
+        if framing is None:
+            framing = SINGLE_OBJECT if self.registry is None else CONFLUENT
+        if framing == SINGLE_OBJECT:
+            return self._single_object[name]
+        if framing != CONFLUENT:
+            raise ValueError(f"unknown framing {framing!r}")
+        if schema_id is None:
+            key = subject or f"{name}-value"
+            schema_id = self._id_for.get(key)
+            if schema_id is None:
+                if self.registry is None:
+                    raise LookupError(f"no schema id for {key}: no registry configured")
+                schema_id = self._id_for[key] = self.registry.register(key, schema(name))
+        self._by_id.setdefault(schema_id, schema(name))
+        return confluent_prefix(schema_id)
 
     def encode(self, name: str, record: Record, *, subject: str | None = None) -> bytes:
         """Encode ``record`` as schema ``name``: Confluent-framed with a registry, else
         single-object. ``subject`` (default ``<name>-value``) is the registry subject."""
         buf = io.BytesIO()
-        buf.write(self._prefix(name, subject))
+        buf.write(self.header(name, subject=subject))
         fastavro.schemaless_writer(buf, schema(name), record)
         return buf.getvalue()
 
-    def _prefix(self, name: str, subject: str | None) -> bytes:
-        if self.registry is None:
-            return self._header[name]
-        key = subject or f"{name}-value"
-        if key not in self._id_for:
-            schema_id = self.registry.register(key, schema(name))
-            self._id_for[key] = schema_id
-            self._by_id[schema_id] = schema(name)
-        return struct.pack(">bI", CONFLUENT_MAGIC, self._id_for[key])
-
     def confluent_frame(self, schema_id: int, name: str, record: Record) -> bytes:
         """Encode with Confluent framing under a known ``schema_id`` (no registry call)."""
-        self._by_id.setdefault(schema_id, schema(name))
         buf = io.BytesIO()
-        buf.write(struct.pack(">bI", CONFLUENT_MAGIC, schema_id))
+        buf.write(self.header(name, CONFLUENT, schema_id=schema_id))
         fastavro.schemaless_writer(buf, schema(name), record)
         return buf.getvalue()
 
