@@ -43,8 +43,9 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from shadowpipe.producers.avro import (
-    _CACHE_LIMIT,
+from shadowpipe.schemas import schema
+from shadowpipe.schemas.wire import (
+    CACHE_LIMIT,
     EMPTY,
     NULL_BRANCH,
     SMALL_COUNT,
@@ -53,15 +54,19 @@ from shadowpipe.producers.avro import (
     cached_string_bytes,
     double_map_bytes,
     double_map_plan,
-    long_bytes,
     pack_double,
+    require_layout,
+    single_object_prefix,
     string_array_bytes,
     string_bytes,
     string_map_bytes,
     time_bytes,
+    utf8_bytes,
 )
-from shadowpipe.schemas import schema
-from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, schema_fingerprint
+
+# The hand layouts below are those of these schemas; a changed .avsc refuses to import.
+require_layout("InferenceEvent")
+require_layout("Feedback")
 
 try:  # the compiled common case (producers/_encode.c); optional at install time
     from shadowpipe.producers._encode import encode_inference as compiled_inference
@@ -102,8 +107,9 @@ def reason_of(exc: Exception) -> str:
 
 
 def single_object_header(name: str) -> bytes:
-    """Avro single-object prefix of the current schema ``name`` (marker + fingerprint)."""
-    return SINGLE_OBJECT_MARKER + schema_fingerprint(schema(name))
+    """Avro single-object prefix of the current schema ``name`` (marker + fingerprint),
+    for a producer without a :class:`~shadowpipe.schemas.codec.Codec`."""
+    return single_object_prefix(schema(name))
 
 
 @dataclass(frozen=True)
@@ -165,10 +171,6 @@ def _label(label: Any) -> bytes:
     if isinstance(label, numbers.Integral):
         return VALUE_BRANCH + cached_string_bytes(str(int(label)))
     raise Invalid("unsupported_type")
-
-
-def _optional_double(value: Any) -> bytes:
-    return NULL_BRANCH if value is None else VALUE_BRANCH + _double(value)
 
 
 def _nan_to_none(features: Mapping[str, Any]) -> dict[str, Any]:
@@ -285,7 +287,7 @@ class EventEncoder:
         size = len(request_id)
         data = b"".join((
             self.inference_header,
-            SMALL_LONGS[size] + request_id if size < SMALL_COUNT else _prefixed(request_id),
+            SMALL_LONGS[size] + request_id if size < SMALL_COUNT else utf8_bytes(request_id),
             time_bytes(event_time),
             model_version,
             num,
@@ -312,7 +314,7 @@ class EventEncoder:
         if not model:
             raise Invalid("missing_model")
         encoded = string_bytes(model) + string_bytes(version)
-        if len(self._model_versions) >= _CACHE_LIMIT:
+        if len(self._model_versions) >= CACHE_LIMIT:
             self._model_versions.clear()
         self._model_versions[model, version] = encoded
         return encoded
@@ -340,9 +342,9 @@ class EventEncoder:
             raise Invalid("invalid_source")
         parts = [
             self.feedback_header,
-            _prefixed(request_id),
+            utf8_bytes(request_id),
             _label(label),
-            _optional_double(value),
+            NULL_BRANCH if value is None else VALUE_BRANCH + _double(value),
             time_bytes(event_time),
             source_bytes,
             _double(weight),
@@ -411,7 +413,7 @@ class EventEncoder:
             tuple(cats),
             string_array_bytes(nulls),
         )
-        if len(self._feature_plans) >= _CACHE_LIMIT:
+        if len(self._feature_plans) >= CACHE_LIMIT:
             self._feature_plans.clear()
         self._feature_plans[shape] = plan
         return plan
@@ -463,7 +465,7 @@ class EventEncoder:
         layout, template = double_map_plan(tuple(probs))
         plan = (struct.Struct(f"<{len(label_bytes)}s{layout.format[1:]}1s"),
                 [label_bytes, *template, NULL_BRANCH])
-        if len(self._output_plans) >= _CACHE_LIMIT:
+        if len(self._output_plans) >= CACHE_LIMIT:
             self._output_plans.clear()
         self._output_plans[(label, *probs)] = plan
         return plan
@@ -471,7 +473,7 @@ class EventEncoder:
     def _label_bytes(self, label: Any) -> bytes:
         encoded = _label(label)
         if type(label) is str:
-            if len(self._labels) >= _CACHE_LIMIT:
+            if len(self._labels) >= CACHE_LIMIT:
                 self._labels.clear()
             self._labels[label] = encoded
         return encoded
@@ -498,7 +500,7 @@ class EventEncoder:
         encoded = self._contexts.get(items)
         if encoded is None:
             encoded = self._encode_context(context)
-            if len(self._contexts) >= _CACHE_LIMIT:
+            if len(self._contexts) >= CACHE_LIMIT:
                 self._contexts.clear()
             self._contexts[items] = encoded
         return encoded
@@ -523,16 +525,10 @@ class EventEncoder:
             for position, name in enumerate(names)
             if name not in self.privacy.drop
         )
-        if len(self._context_plans) >= _CACHE_LIMIT:
+        if len(self._context_plans) >= CACHE_LIMIT:
             self._context_plans.clear()
         self._context_plans[names] = plan
         return plan
-
-
-def _prefixed(data: bytes) -> bytes:
-    """An Avro string from its UTF-8 bytes."""
-    size = len(data)
-    return (SMALL_LONGS[size] if size < len(SMALL_LONGS) else long_bytes(size)) + data
 
 
 def _string(text: Any) -> bytes:

@@ -11,7 +11,6 @@ import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from shadowpipe.producers.avro import long_bytes, string_bytes, time_bytes
 from shadowpipe.producers.events import (
     EventEncoder,
     Invalid,
@@ -23,6 +22,7 @@ from shadowpipe.producers.events import (
 from shadowpipe.producers.sampling import SampleRates, is_sampled
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
+from shadowpipe.schemas.wire import long_bytes, string_bytes, time_bytes
 
 from shadowpipe.config import ConfigError
 

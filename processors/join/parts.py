@@ -46,8 +46,8 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import expand_schema
-from shadowpipe.producers.avro import long_bytes
 from shadowpipe.schemas import schema
+from shadowpipe.schemas.wire import long_bytes
 
 FORMAT = b"\x01"
 _OUTPUT = ("record", (("label", ("null", "string")), ("probabilities", ("map", "double")),

@@ -36,8 +36,8 @@ from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder
 from shadowpipe.processors.shadow.runner import Pending, Result, Runner
 from shadowpipe.processors.shadow.stats import Stats
-from shadowpipe.producers.avro import long_bytes
 from shadowpipe.schemas.codec import Codec, DecodeError
+from shadowpipe.schemas.wire import long_bytes
 
 from shadowpipe.config import Settings
 

@@ -3,8 +3,9 @@
 fastavro needs ~40 us per event here, mostly for the numeric-feature map. Events of one
 service repeat the same feature names in the same order, so the map is read with one
 precompiled ``struct`` layout (learnt from the previous event with that many features)
-and checked against the expected key bytes in C. Only single-object messages written
-with the *current* InferenceEvent schema take this path; anything else, and anything
+and checked against the expected key bytes in C. Only messages written with the *current*
+InferenceEvent schema take this path (single-object, or Confluent under the id the codec
+knows for it); anything else, and anything
 unexpected on the way (a layout mismatch is not unexpected: it reads generically), is
 handed to :meth:`Codec.decode`, which decodes it or raises the DecodeError with its reason.
 Records read here pass the same :func:`~shadowpipe.schemas.validate.check` as the Codec's,
@@ -28,86 +29,27 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from shadowpipe.processors.shadow.encode import wire_prefix
-from shadowpipe.schemas.codec import Codec
+from shadowpipe.schemas.codec import CONFLUENT, SINGLE_OBJECT, Codec
 from shadowpipe.schemas.validate import check
+from shadowpipe.schemas.wire import (
+    WireError,
+    read_count,
+    read_double,
+    read_long,
+    read_optional,
+    read_string,
+    read_string_array,
+    read_string_map,
+    read_utf8,
+    require_layout,
+    unpack_double,
+)
 
 NAME = "InferenceEvent"
-_double = struct.Struct("<d").unpack_from
+# The layout read below is this schema's; a changed .avsc refuses to import.
+require_layout(NAME)
 _MAX_LAYOUT = 512  # features per learnt layout
 _MAX_LAYOUTS = 64
-
-
-class _Corrupt(ValueError):
-    """Not readable by the fast path: let the Codec decide."""
-
-
-def _long(data: bytes, pos: int) -> tuple[int, int]:
-    b = data[pos]
-    if b < 0x80:
-        return (b >> 1) ^ -(b & 1), pos + 1
-    n, shift = b & 0x7F, 7
-    while True:
-        pos += 1
-        b = data[pos]
-        n |= (b & 0x7F) << shift
-        if b < 0x80:
-            if n >> 64:  # a 10th byte carrying bits past 64: fastavro wraps it, so ask it
-                raise _Corrupt("varint beyond 64 bits")
-            return (n >> 1) ^ -(n & 1), pos + 1
-        shift += 7
-        if shift > 63:
-            raise _Corrupt("varint too long")
-
-
-def _string(data: bytes, pos: int) -> tuple[str, int]:
-    n, pos = _long(data, pos)
-    end = pos + n
-    if n < 0 or end > len(data):
-        raise _Corrupt("string out of bounds")
-    return data[pos:end].decode(), end
-
-
-def _count(data: bytes, pos: int) -> tuple[int, int]:
-    count, pos = _long(data, pos)
-    if count < 0:  # sized blocks: rare, left to fastavro
-        raise _Corrupt("negative block count")
-    return count, pos
-
-
-def _string_map(data: bytes, pos: int) -> tuple[dict[str, str], int]:
-    out: dict[str, str] = {}
-    count, pos = _count(data, pos)
-    while count:
-        for _ in range(count):
-            key, pos = _string(data, pos)
-            out[key], pos = _string(data, pos)
-        count, pos = _count(data, pos)
-    return out, pos
-
-
-def _string_array(data: bytes, pos: int) -> tuple[list[str], int]:
-    out: list[str] = []
-    count, pos = _count(data, pos)
-    while count:
-        for _ in range(count):
-            item, pos = _string(data, pos)
-            out.append(item)
-        count, pos = _count(data, pos)
-    return out, pos
-
-
-def _optional(data: bytes, pos: int, read: Any) -> tuple[Any, int]:
-    branch, pos = _long(data, pos)
-    if branch == 0:
-        return None, pos
-    if branch != 1:
-        raise _Corrupt("union branch out of range")
-    return read(data, pos)
-
-
-def _read_double(data: bytes, pos: int) -> tuple[float, int]:
-    return _double(data, pos)[0], pos + 8
 
 
 class _Layout:
@@ -125,19 +67,26 @@ class InferenceDecoder:
 
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
-        sample = {"request_id": "", "event_time": 0, "model": "", "model_version": "",
-                  "output": {}, "latency_ms": 0.0}
-        self.header = wire_prefix(codec, NAME, sample)
-        self._single_object = self.header.startswith(b"\xc3\x01")
+        self.header = codec.header(NAME, SINGLE_OBJECT)
+        try:  # Confluent framing under the current schema's id, when the codec knows it
+            self.confluent: bytes | None = codec.header(NAME, CONFLUENT)
+        except LookupError:
+            self.confluent = None
         self._layouts: dict[int, _Layout] = {}
 
     def decode(self, data: bytes | None) -> dict[str, Any]:
         """The validated record, or :class:`~shadowpipe.schemas.codec.DecodeError` (or its
         subclass InvalidRecord) with the Codec's reason."""
-        if data and self._single_object and data.startswith(self.header):
+        if data:
+            if data.startswith(self.header):
+                start = len(self.header)
+            elif self.confluent is not None and data.startswith(self.confluent):
+                start = len(self.confluent)
+            else:
+                return self.codec.decode(data, NAME)
             try:
-                record, end = self._record(data, len(self.header))
-            except (_Corrupt, IndexError, struct.error, UnicodeDecodeError):
+                record, end = self._record(data, start)
+            except (WireError, IndexError, struct.error, UnicodeDecodeError):
                 pass
             else:
                 if end == len(data):
@@ -147,34 +96,34 @@ class InferenceDecoder:
     def _record(self, data: bytes, pos: int) -> tuple[dict[str, Any], int]:
         # Empty maps/arrays and null unions are one 0x00 byte: tested inline, as calls
         # cost more than the reading itself.
-        request_id, pos = _string(data, pos)
-        event_time, pos = _long(data, pos)
-        model, pos = _string(data, pos)
-        model_version, pos = _string(data, pos)
+        request_id, pos = read_string(data, pos)
+        event_time, pos = read_long(data, pos)
+        model, pos = read_string(data, pos)
+        model_version, pos = read_string(data, pos)
         num_features, pos = self._double_map(data, pos)
         if data[pos] == 0:
             cat_features: dict[str, str] = {}
             pos += 1
         else:
-            cat_features, pos = _string_map(data, pos)
+            cat_features, pos = read_string_map(data, pos)
         if data[pos] == 0:
             null_features: list[str] = []
             pos += 1
         else:
-            null_features, pos = _string_array(data, pos)
-        label, pos = (None, pos + 1) if data[pos] == 0 else _optional(data, pos, _string)
+            null_features, pos = read_string_array(data, pos)
+        label, pos = (None, pos + 1) if data[pos] == 0 else read_optional(data, pos, read_string)
         probabilities, pos = self._double_map(data, pos)
-        value, pos = (None, pos + 1) if data[pos] == 0 else _optional(data, pos, _read_double)
-        latency_ms = _double(data, pos)[0]
+        value, pos = (None, pos + 1) if data[pos] == 0 else read_optional(data, pos, read_double)
+        latency_ms = unpack_double(data, pos)[0]
         pos += 8
         if data[pos] == 0:
             context: dict[str, str] = {}
             pos += 1
         else:
-            context, pos = _string_map(data, pos)
-        inclusion_prob = _double(data, pos)[0]
+            context, pos = read_string_map(data, pos)
+        inclusion_prob = unpack_double(data, pos)[0]
         pos += 8
-        trace_id, pos = (None, pos + 1) if data[pos] == 0 else _optional(data, pos, _string)
+        trace_id, pos = (None, pos + 1) if data[pos] == 0 else read_optional(data, pos, read_string)
         return {
             "request_id": request_id, "event_time": event_time, "model": model,
             "model_version": model_version, "num_features": num_features,
@@ -188,7 +137,7 @@ class InferenceDecoder:
         count = data[pos]
         if count == 0:
             return {}, pos + 1
-        count, pos = _count(data, pos)
+        count, pos = read_count(data, pos)
         layout = self._layouts.get(count)
         if layout is not None:
             end = pos + layout.struct.size
@@ -206,15 +155,11 @@ class InferenceDecoder:
         first = count
         while count:
             for _ in range(count):
-                n, pos = _long(data, pos)
-                end = pos + n
-                if n < 0 or end > len(data):
-                    raise _Corrupt("string out of bounds")
-                key = data[pos:end]
-                out[key.decode()] = _double(data, end)[0]
+                key, end = read_utf8(data, pos)
+                out[key.decode()] = unpack_double(data, end)[0]
                 keys.append(key)
                 pos = end + 8
-            count, pos = _count(data, pos)
+            count, pos = read_count(data, pos)
         if len(keys) == first and first <= _MAX_LAYOUT and all(len(k) < 64 for k in keys):
             if len(self._layouts) >= _MAX_LAYOUTS:
                 self._layouts.clear()

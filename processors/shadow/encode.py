@@ -18,42 +18,37 @@ decode it like any other record. Tests check byte equality with fastavro.
 
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Sequence
 from typing import Any
 
-import fastavro
-from shadowpipe.producers.avro import SMALL_COUNT, SMALL_LONGS, long_bytes, string_bytes, time_bytes
-from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
+from shadowpipe.schemas.wire import (
+    CACHE_LIMIT,
+    NULL_BRANCH,
+    SMALL_COUNT,
+    SMALL_LONGS,
+    VALUE_BRANCH,
+    long_bytes,
+    pack_double,
+    require_layout,
+    string_bytes,
+    time_bytes,
+)
 
-NULL = b"\x00"
-SOME = b"\x02"  # union branch 1
-_double = struct.Struct("<d").pack
+# The layout written below is this schema's; a changed .avsc refuses to import.
+require_layout("ShadowPrediction")
+NULL, SOME = NULL_BRANCH, VALUE_BRANCH
 _two_doubles = struct.Struct("<dd").pack
-_CACHE_LIMIT = 4096
 _NO_ERROR = NULL + NULL
-
-
-def wire_prefix(codec: Codec, name: str, sample: dict[str, Any]) -> bytes:
-    """The framing bytes ``codec`` puts before an Avro body of schema ``name``."""
-    framed = codec.encode(name, sample)
-    body = io.BytesIO()
-    fastavro.schemaless_writer(body, schema(name), sample)
-    return framed[: len(framed) - len(body.getvalue())]
 
 
 class PredictionEncoder:
     """Encode the ShadowPredictions of one challenger."""
 
-    def __init__(self, codec: Codec, challenger: str, version: str, is_control: bool) -> None:
-        sample = {
-            "request_id": "", "challenger": challenger, "challenger_version": version,
-            "is_control": is_control, "event_time": 0, "scored_at": 0, "output": None,
-            "model_time_ms": 0.0, "queue_lag_ms": 0.0,
-        }
-        self._head = wire_prefix(codec, "ShadowPrediction", sample)
+    def __init__(self, codec: Codec, challenger: str, version: str, is_control: bool,
+                 framing: str | None = None) -> None:
+        self._head = codec.header("ShadowPrediction", framing)  # the codec's own by default
         self._const = (
             string_bytes(challenger) + string_bytes(version) + (b"\x01" if is_control else NULL)
         )
@@ -64,7 +59,7 @@ class PredictionEncoder:
         cached = self._strings.get(s)
         if cached is None:
             cached = string_bytes(s)
-            if len(self._strings) < _CACHE_LIMIT:
+            if len(self._strings) < CACHE_LIMIT:
                 self._strings[s] = cached
         return cached
 
@@ -77,9 +72,9 @@ class PredictionEncoder:
             parts.append(long_bytes(len(probs)))
             for key, p in probs.items():
                 parts.append(self._str(key))
-                parts.append(_double(p))
+                parts.append(pack_double(p))
         parts.append(NULL)
-        parts.append(NULL if value is None else SOME + _double(value))
+        parts.append(NULL if value is None else SOME + pack_double(value))
         return b"".join(parts)
 
     def encode(
@@ -155,7 +150,7 @@ class PredictionEncoder:
         template += (rest, 0.0, 0.0, _NO_ERROR)
         layout.append(f"{len(rest)}sdd2s")
         plan = struct.Struct("".join(layout)), template
-        if len(self._plans) >= _CACHE_LIMIT:
+        if len(self._plans) >= CACHE_LIMIT:
             self._plans.clear()
         self._plans[(label, *classes)] = plan
         return plan
