@@ -9,84 +9,11 @@
  * Why compiled: in a service the emit path runs with cold caches, where each Python
  * bytecode costs 3-4x its tight-loop time; one C call touches far less (docs/producer.md).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_wire.h" /* schemas/_wire.h: the Avro primitives shared with the joiner's C */
 #include <limits.h>
 #include <math.h>
-#include <stdint.h>
-#include <string.h>
-#include <time.h>
 #include <stddef.h>
-
-typedef struct {
-    char *data;
-    Py_ssize_t len, cap;
-    char local[2048];
-} Buf;
-
-static void buf_init(Buf *b) { b->data = b->local; b->len = 0; b->cap = sizeof b->local; }
-
-static void buf_free(Buf *b) { if (b->data != b->local) PyMem_Free(b->data); }
-
-static int buf_reserve(Buf *b, Py_ssize_t extra) {
-    if (b->len + extra <= b->cap) return 0;
-    Py_ssize_t cap = b->cap * 2;
-    while (cap < b->len + extra) cap *= 2;
-    char *data = PyMem_Malloc(cap);
-    if (data == NULL) { PyErr_NoMemory(); return -1; }
-    memcpy(data, b->data, b->len);
-    buf_free(b);
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
-static int put_bytes(Buf *b, const char *src, Py_ssize_t n) {
-    if (buf_reserve(b, n) < 0) return -1;
-    memcpy(b->data + b->len, src, n);
-    b->len += n;
-    return 0;
-}
-
-static int put_byte(Buf *b, char c) { return put_bytes(b, &c, 1); }
-
-/* Avro long: zig-zag, then base-128 varint. */
-static int put_long(Buf *b, int64_t n) {
-    uint64_t z = ((uint64_t)n << 1) ^ (uint64_t)(n >> 63);
-    if (buf_reserve(b, 10) < 0) return -1;
-    while (z > 0x7F) {
-        b->data[b->len++] = (char)((z & 0x7F) | 0x80);
-        z >>= 7;
-    }
-    b->data[b->len++] = (char)z;
-    return 0;
-}
-
-static int put_double(Buf *b, double x) {
-    if (buf_reserve(b, 8) < 0) return -1;
-#if PY_LITTLE_ENDIAN
-    memcpy(b->data + b->len, &x, 8); /* Avro doubles are little-endian IEEE 754 */
-#else
-    if (PyFloat_Pack8(x, b->data + b->len, 1) < 0) return -1;
-#endif
-    b->len += 8;
-    return 0;
-}
-
-/* Avro string of a str; 1 when it has no UTF-8 form (lone surrogate): not the plain case. */
-static int put_str(Buf *b, PyObject *s) {
-    Py_ssize_t n;
-    const char *utf8;
-    if (PyUnicode_IS_COMPACT_ASCII(s)) {  /* the usual name or label: its bytes are UTF-8 */
-        n = PyUnicode_GET_LENGTH(s);
-        utf8 = (const char *)PyUnicode_DATA(s);
-    } else if ((utf8 = PyUnicode_AsUTF8AndSize(s, &n)) == NULL) {
-        PyErr_Clear();
-        return 1;
-    }
-    if (put_long(b, n) < 0 || put_bytes(b, utf8, n) < 0) return -1;
-    return 0;
-}
+#include <time.h>
 
 /* A real number as a finite double: 0 ok, 1 not the plain case. */
 static int finite_number(PyObject *v, double *out) {
@@ -112,84 +39,84 @@ static int feature_kind(PyObject *v) {
 }
 
 /* One block (count, entries, 0) whose entries were written to `entries`. */
-static int put_block(Buf *b, Py_ssize_t count, Buf *entries) {
-    if (count && (put_long(b, count) < 0 || put_bytes(b, entries->data, entries->len) < 0))
+static int put_block(WireBuf *b, Py_ssize_t count, WireBuf *entries) {
+    if (count && (wire_long(b, count) < 0 || wire_bytes(b, entries->data, entries->len) < 0))
         return FAILED;
-    return put_byte(b, 0) < 0 ? FAILED : OK;
+    return wire_byte(b, 0) < 0 ? FAILED : OK;
 }
 
 /* num_features, cat_features, null_features: three blocks, entries in dict order, written
  * in one walk over the dict (the walk is what costs when the caches are cold). */
-static int put_features(Buf *b, PyObject *features) {
-    if (features == Py_None) return put_bytes(b, "\0\0\0", 3);
+static int put_features(WireBuf *b, PyObject *features) {
+    if (features == Py_None) return wire_bytes(b, "\0\0\0", 3);
     if (!PyDict_CheckExact(features)) return FALLBACK;
-    Buf block[KINDS];
+    WireBuf block[KINDS];
     Py_ssize_t count[KINDS] = {0, 0, 0}, pos = 0;
     PyObject *name, *value;
     int r = OK;
-    for (int kind = NUM; kind < KINDS; kind++) buf_init(&block[kind]);
+    for (int kind = NUM; kind < KINDS; kind++) wire_buf_init(&block[kind]);
     while (r == OK && PyDict_Next(features, &pos, &name, &value)) {
         int kind = feature_kind(value);
         double x;
         if (kind < 0 || !PyUnicode_CheckExact(name)) r = FALLBACK;
         else if (kind == NUM && finite_number(value, &x) != OK) r = FALLBACK; /* NaN: missing */
-        else r = put_str(&block[kind], name);
-        if (r == OK && kind == NUM) r = put_double(&block[NUM], x) < 0 ? FAILED : OK;
-        if (r == OK && kind == CAT) r = put_str(&block[CAT], value);
+        else r = wire_str(&block[kind], name);
+        if (r == OK && kind == NUM) r = wire_double(&block[NUM], x) < 0 ? FAILED : OK;
+        if (r == OK && kind == CAT) r = wire_str(&block[CAT], value);
         if (r == OK) count[kind]++;
     }
     for (int kind = NUM; r == OK && kind < KINDS; kind++) r = put_block(b, count[kind], &block[kind]);
-    for (int kind = NUM; kind < KINDS; kind++) buf_free(&block[kind]);
+    for (int kind = NUM; kind < KINDS; kind++) wire_buf_free(&block[kind]);
     return r;
 }
 
 /* map<double> (str -> finite number: the probabilities) or map<string> (str -> str: the
  * context); an empty or absent map is one 0 byte. Context keys must be exact str, as in
  * events.py; probability keys may be str subclasses there too. */
-static int put_map(Buf *b, PyObject *map, int doubles) {
-    if (map == NULL || map == Py_None) return put_byte(b, 0);
+static int put_map(WireBuf *b, PyObject *map, int doubles) {
+    if (map == NULL || map == Py_None) return wire_byte(b, 0);
     if (!PyDict_CheckExact(map)) return FALLBACK;
     Py_ssize_t n = PyDict_GET_SIZE(map), pos = 0;
-    if (n == 0) return put_byte(b, 0);
-    if (put_long(b, n) < 0) return FAILED;
+    if (n == 0) return wire_byte(b, 0);
+    if (wire_long(b, n) < 0) return FAILED;
     PyObject *key, *value;
     while (PyDict_Next(map, &pos, &key, &value)) {
         double x = 0.0;
         int valid = doubles ? PyUnicode_Check(key) && finite_number(value, &x) == OK
                             : PyUnicode_CheckExact(key) && PyUnicode_Check(value);
         if (!valid) return FALLBACK;
-        int r = put_str(b, key);
-        if (r == OK) r = doubles ? (put_double(b, x) < 0 ? FAILED : OK) : put_str(b, value);
+        int r = wire_str(b, key);
+        if (r == OK) r = doubles ? (wire_double(b, x) < 0 ? FAILED : OK) : wire_str(b, value);
         if (r != OK) return r;
     }
-    return put_byte(b, 0);
+    return wire_byte(b, 0);
 }
 
 /* ["null", "string"] union of None or a str (not a subclass, as in events.py). */
-static int put_optional_str(Buf *b, PyObject *s) {
-    if (s == NULL || s == Py_None) return put_byte(b, 0);
+static int put_optional_str(WireBuf *b, PyObject *s) {
+    if (s == NULL || s == Py_None) return wire_byte(b, 0);
     if (!PyUnicode_CheckExact(s)) return FALLBACK;
-    if (put_byte(b, 2) < 0) return FAILED;
-    return put_str(b, s);
+    if (wire_byte(b, 2) < 0) return FAILED;
+    return wire_str(b, s);
 }
 
 /* ["null", "double"] union of None or a finite float. */
-static int put_optional_double(Buf *b, PyObject *v) {
-    if (v == NULL || v == Py_None) return put_byte(b, 0);
+static int put_optional_double(WireBuf *b, PyObject *v) {
+    if (v == NULL || v == Py_None) return wire_byte(b, 0);
     double x;
     if (!PyFloat_Check(v) || finite_number(v, &x) != OK) return FALLBACK;
-    if (put_byte(b, 2) < 0) return FAILED;
-    return put_double(b, x);
+    if (wire_byte(b, 2) < 0) return FAILED;
+    return wire_double(b, x);
 }
 
 /* The Output record: a str label, a float value, or a dict of label/probabilities/value. */
-static int put_output(Buf *b, PyObject *output) {
+static int put_output(WireBuf *b, PyObject *output) {
     if (PyUnicode_CheckExact(output)) {
         int r = put_optional_str(b, output);
-        return r != OK ? r : put_bytes(b, "\0\0", 2); /* no probabilities, null value */
+        return r != OK ? r : wire_bytes(b, "\0\0", 2); /* no probabilities, null value */
     }
     if (PyFloat_CheckExact(output)) {
-        if (put_bytes(b, "\0\0", 2) < 0) return FAILED;
+        if (wire_bytes(b, "\0\0", 2) < 0) return FAILED;
         return put_optional_double(b, output);
     }
     if (!PyDict_CheckExact(output) || PyDict_GET_SIZE(output) == 0) return FALLBACK;
@@ -214,19 +141,19 @@ static PyObject *write_event(PyObject *header, const char *key, Py_ssize_t key_l
                              long long ms, PyObject *features, PyObject *output,
                              PyObject *model_version, double latency_ms, PyObject *context,
                              double inclusion_prob, PyObject *trace_id) {
-    Buf b;
-    buf_init(&b);
-    int r = put_bytes(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header));
-    if (r == OK) r = put_long(&b, key_len);
-    if (r == OK) r = put_bytes(&b, key, key_len);
-    if (r == OK) r = put_long(&b, ms);
-    if (r == OK) r = put_bytes(&b, PyBytes_AS_STRING(model_version),
+    WireBuf b;
+    wire_buf_init(&b);
+    int r = wire_bytes(&b, PyBytes_AS_STRING(header), PyBytes_GET_SIZE(header));
+    if (r == OK) r = wire_long(&b, key_len);
+    if (r == OK) r = wire_bytes(&b, key, key_len);
+    if (r == OK) r = wire_long(&b, ms);
+    if (r == OK) r = wire_bytes(&b, PyBytes_AS_STRING(model_version),
                                PyBytes_GET_SIZE(model_version));
     if (r == OK) r = put_features(&b, features);
     if (r == OK) r = put_output(&b, output);
-    if (r == OK) r = put_double(&b, latency_ms);
+    if (r == OK) r = wire_double(&b, latency_ms);
     if (r == OK) r = put_map(&b, context, 0);
-    if (r == OK) r = put_double(&b, inclusion_prob);
+    if (r == OK) r = wire_double(&b, inclusion_prob);
     if (r == OK) r = put_optional_str(&b, trace_id);
     PyObject *result = NULL;
     if (r == OK) {
@@ -234,7 +161,7 @@ static PyObject *write_event(PyObject *header, const char *key, Py_ssize_t key_l
     } else if (r == FALLBACK) {
         result = Py_NewRef(Py_None);
     }
-    buf_free(&b);
+    wire_buf_free(&b);
     return result;
 }
 

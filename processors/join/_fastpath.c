@@ -18,193 +18,68 @@
  *
  * Why compiled: decoding was half of the benchmark's critical-path thread (docs/joiner.md).
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <stdint.h>
-#include <string.h>
+#include "_wire.h" /* schemas/_wire.h: the Avro primitives shared with producers/_encode.c */
 
 #define FORMAT 0x01      /* parts.FORMAT, checked by fastpath.py at import */
 #define MIN_INTERNED 4   /* parts.MIN_INTERNED, likewise */
 #define MAX_FEATURES 512 /* more numeric features: left to Python (NotImplemented) */
 
-typedef const unsigned char *Data;
+typedef WireData Data;
 
 /* A position, or FAIL: the message is not in the form the walkers take (they return None). */
-#define FAIL ((Py_ssize_t)-1)
+#define FAIL WIRE_FAIL
 
-/* An Avro long as parts.read_long reads it: any number of bytes. A value beyond 64 bits can
- * only fail later (as a size or a count), so it comes back as INT64_MAX or INT64_MIN, with
- * the sign Python gives it. */
+/* An Avro long as parts.read_long reads it: any number of bytes; beyond 64 bits it can only
+ * fail later (as a size or a count). */
 static Py_ssize_t get_long(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
-    uint64_t r = 0;
-    int shift = 0, big = 0;
-    for (;;) {
-        if (pos >= n) return FAIL;
-        unsigned char byte = d[pos++];
-        uint64_t bits = byte & 0x7F;
-        if (bits) {
-            if (shift >= 64 || (shift > 57 && (bits >> (64 - shift)))) big = 1;
-            else r |= bits << shift;
-        }
-        if (byte < 0x80) break;
-        if (shift < 64) shift += 7;
-    }
-    if (big) *out = (r & 1) ? INT64_MIN : INT64_MAX;
-    else *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
-    return pos;
-}
-
-/* Canonical Avro long (parts.write_long); returns the bytes written (at most 10). */
-static int put_long(unsigned char *out, int64_t v) {
-    uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
-    int k = 0;
-    while (z > 0x7F) {
-        out[k++] = (unsigned char)((z & 0x7F) | 0x80);
-        z >>= 7;
-    }
-    out[k++] = (unsigned char)z;
-    return k;
-}
-
-/* Python's strict UTF-8: no overlongs, no surrogates, nothing above U+10FFFF. */
-static int utf8_ok(Data s, Py_ssize_t n) {
-    Py_ssize_t i = 0;
-    while (i < n) {
-        unsigned char c = s[i];
-        if (c < 0x80) { i++; continue; }
-        if (c < 0xC2) return 0;
-        if (c < 0xE0) {
-            if (i + 1 >= n || (s[i + 1] & 0xC0) != 0x80) return 0;
-            i += 2;
-            continue;
-        }
-        if (c < 0xF0) {
-            if (i + 2 >= n) return 0;
-            unsigned char c1 = s[i + 1];
-            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80) return 0;
-            if ((c == 0xE0 && c1 < 0xA0) || (c == 0xED && c1 >= 0xA0)) return 0;
-            i += 3;
-            continue;
-        }
-        if (c < 0xF5) {
-            if (i + 3 >= n) return 0;
-            unsigned char c1 = s[i + 1];
-            if ((c1 & 0xC0) != 0x80 || (s[i + 2] & 0xC0) != 0x80 || (s[i + 3] & 0xC0) != 0x80)
-                return 0;
-            if ((c == 0xF0 && c1 < 0x90) || (c == 0xF4 && c1 >= 0x90)) return 0;
-            i += 4;
-            continue;
-        }
-        return 0;
-    }
-    return 1;
-}
-
-/* A string's bytes: their start in *at, their size in *size; returns the end. */
-static Py_ssize_t text(Data d, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *at, Py_ssize_t *size) {
-    int64_t len;
-    pos = get_long(d, n, pos, &len);
-    if (pos == FAIL || len < 0 || len > n - pos) return FAIL;
-    *at = pos;
-    *size = (Py_ssize_t)len;
-    return pos + (Py_ssize_t)len;
+    int big;
+    return wire_read_long(d, n, pos, out, &big);
 }
 
 /* A UTF-8 string (fastpath._string). */
 static Py_ssize_t string(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    Py_ssize_t at, size;
-    pos = text(d, n, pos, &at, &size);
-    return pos == FAIL || !utf8_ok(d + at, size) ? FAIL : pos;
+    return wire_skip_string(d, n, pos);
 }
 
-static Py_ssize_t dbl(Py_ssize_t n, Py_ssize_t pos) {
-    return pos == FAIL || pos > n - 8 ? FAIL : pos + 8;
-}
-
-/* A time: the value is not needed, so like fastpath._skip_long at most 10 bytes. */
-static Py_ssize_t skip_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    for (int k = 0; k < 10 && pos < n; k++) {
-        if (d[pos++] < 0x80) return pos;
-    }
-    return FAIL;
-}
-
-/* An event time (skipped like skip_time) that must be a positive epoch-ms. */
+/* An event time (skipped: at most 10 bytes, as fastpath._skip_long) that must be a positive
+ * epoch-ms. */
 static Py_ssize_t positive_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    Py_ssize_t end = skip_time(d, n, pos);
+    Py_ssize_t end = wire_skip_long(d, n, pos);
     int64_t t;
     if (end == FAIL || get_long(d, n, pos, &t) == FAIL || t <= 0) return FAIL;
     return end;
 }
 
-/* The little-endian double at p is NaN or infinite (all exponent bits set). */
-static int non_finite(Data p) {
-    return (p[7] & 0x7F) == 0x7F && (p[6] & 0xF0) == 0xF0;
-}
-
-/* Union ["null", T]: 0 for null, 1 for T (at *pos + 1), FAIL otherwise. */
-static int branch(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    if (pos == FAIL || pos >= n) return FAIL;
-    return d[pos] == 0 ? 0 : d[pos] == 2 ? 1 : FAIL;
-}
-
-static Py_ssize_t opt_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    int b = branch(d, n, pos);
-    return b == FAIL ? FAIL : b ? string(d, n, pos + 1) : pos + 1;
-}
-
-static Py_ssize_t opt_double(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    int b = branch(d, n, pos);
-    return b == FAIL ? FAIL : b ? dbl(n, pos + 1) : pos + 1;
-}
-
-/* One block's count (a negative count, i.e. a block with a byte size, fails). */
-static Py_ssize_t block(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *count) {
-    if (pos == FAIL) return FAIL;
-    pos = get_long(d, n, pos, count);
-    /* every item takes at least one byte: a larger count can only run out of data */
-    return pos == FAIL || *count < 0 || *count > n - pos ? FAIL : pos;
-}
-
-/* After the items: the zero that ends a non-empty map or array (a second block fails). */
-static Py_ssize_t block_end(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t count) {
-    if (pos == FAIL || !count) return pos;
-    return pos < n && d[pos] == 0 ? pos + 1 : FAIL;
-}
-
 static Py_ssize_t map_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
     int64_t count = 0;
-    pos = block(d, n, pos, &count);
+    pos = wire_block(d, n, pos, &count);
     for (int64_t k = 0; k < count && pos != FAIL; k++) pos = string(d, n, string(d, n, pos));
-    return block_end(d, n, pos, count);
+    return wire_block_end(d, n, pos, count);
 }
 
 static Py_ssize_t map_double(Data d, Py_ssize_t n, Py_ssize_t pos) {
     int64_t count = 0;
-    pos = block(d, n, pos, &count);
-    for (int64_t k = 0; k < count && pos != FAIL; k++) pos = dbl(n, string(d, n, pos));
-    return block_end(d, n, pos, count);
+    pos = wire_block(d, n, pos, &count);
+    for (int64_t k = 0; k < count && pos != FAIL; k++)
+        pos = wire_skip_double(n, string(d, n, pos));
+    return wire_block_end(d, n, pos, count);
 }
 
 static Py_ssize_t array_string(Data d, Py_ssize_t n, Py_ssize_t pos) {
     int64_t count = 0;
-    pos = block(d, n, pos, &count);
+    pos = wire_block(d, n, pos, &count);
     for (int64_t k = 0; k < count && pos != FAIL; k++) pos = string(d, n, pos);
-    return block_end(d, n, pos, count);
+    return wire_block_end(d, n, pos, count);
 }
 
 static Py_ssize_t output(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    return opt_double(d, n, map_double(d, n, opt_string(d, n, pos)));
-}
-
-static Py_ssize_t string_at(Data d, Py_ssize_t n, Py_ssize_t pos) {
-    return pos == FAIL ? FAIL : string(d, n, pos);
+    return wire_skip_opt_double(d, n, map_double(d, n, wire_skip_opt_string(d, n, pos)));
 }
 
 /* A str of the string at pos (Python's own strict decoder); NULL with no error: invalid. */
 static PyObject *decode_text(Data d, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *end) {
     Py_ssize_t at, size;
-    *end = text(d, n, pos, &at, &size);
+    *end = wire_text(d, n, pos, &at, &size);
     if (*end == FAIL) return NULL;
     PyObject *s = PyUnicode_DecodeUTF8((const char *)d + at, size, "strict");
     if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) PyErr_Clear();
@@ -252,18 +127,18 @@ typedef struct {
 
 static Py_ssize_t features(Data d, Py_ssize_t n, Py_ssize_t pos, Features *f) {
     f->start = pos;
-    pos = block(d, n, pos, &f->count);
+    pos = wire_block(d, n, pos, &f->count);
     if (pos == FAIL) return FAIL;
     for (int64_t k = 0; k < f->count; k++) {
         int64_t size;
         Py_ssize_t at = get_long(d, n, pos, &size);
         if (at == FAIL || size < 0 || size > n - at || n - at - size < 8) return FAIL;
-        if (!utf8_ok(d + at, (Py_ssize_t)size)) return FAIL;
-        if (non_finite(d + at + size)) return FAIL;
+        if (!wire_utf8_ok(d + at, (Py_ssize_t)size)) return FAIL;
+        if (wire_non_finite(d + at + size)) return FAIL;
         if (k < MAX_FEATURES) f->names[k] = pos;
         pos = at + (Py_ssize_t)size + 8;
     }
-    return f->end = block_end(d, n, pos, f->count);
+    return f->end = wire_block_end(d, n, pos, f->count);
 }
 
 /* The layout id of the names (new reference), Py_None when not interned, NULL on error. */
@@ -272,11 +147,11 @@ static PyObject *layout_id(Data d, Py_ssize_t n, const Features *f, PyObject *si
     PyObject *key = PyBytes_FromStringAndSize(NULL, 10 + (f->end - f->start));
     if (key == NULL) return NULL;
     unsigned char *w = (unsigned char *)PyBytes_AS_STRING(key), *w0 = w;
-    w += put_long(w, f->count);
+    w += wire_put_long(w, f->count);
     for (int64_t k = 0; k < f->count; k++) {
         int64_t len;
         Py_ssize_t at = get_long(d, n, f->names[k], &len);
-        w += put_long(w, len);
+        w += wire_put_long(w, len);
         memcpy(w, d + at, (size_t)len);
         w += len;
     }
@@ -294,7 +169,7 @@ static PyObject *features_block(Data d, Py_ssize_t n, const Features *f, PyObjec
     if (signatures == Py_None || f->count < MIN_INTERNED) {
         Py_ssize_t raw = f->end - f->start;
         prefix[0] = ZERO;
-        int k = 1 + put_long(prefix + 1, raw);
+        int k = 1 + wire_put_long(prefix + 1, raw);
         Pieces p = {.count = 0, .total = 0};
         add(&p, prefix, k);
         add(&p, d + f->start, raw);
@@ -319,7 +194,7 @@ static PyObject *features_block(Data d, Py_ssize_t n, const Features *f, PyObjec
     memcpy(w, PyBytes_AS_STRING(lid), 8);
     w += 8;
     Py_DECREF(lid);
-    w += put_long(w, f->count);
+    w += wire_put_long(w, f->count);
     for (int64_t k = 0; k < f->count; k++) {
         int64_t len;
         Py_ssize_t at = get_long(d, n, f->names[k], &len);
@@ -349,14 +224,14 @@ static PyObject *inference_part(PyObject *module, PyObject *const *args, Py_ssiz
     }
     Features f;
     Py_ssize_t head_at = positive_time(d, n, time_at);
-    Py_ssize_t head_end = string_at(d, n, string_at(d, n, head_at));
+    Py_ssize_t head_end = string(d, n, string(d, n, head_at));
     Py_ssize_t rest_at = head_end == FAIL ? FAIL : features(d, n, head_end, &f);
     Py_ssize_t out_at = array_string(d, n, map_string(d, n, rest_at));
     Py_ssize_t latency_at = out_at == FAIL ? FAIL : output(d, n, out_at);
-    Py_ssize_t context_at = dbl(n, latency_at);
+    Py_ssize_t context_at = wire_skip_double(n, latency_at);
     Py_ssize_t prob_at = context_at == FAIL ? FAIL : map_string(d, n, context_at);
-    Py_ssize_t trace_at = dbl(n, prob_at);
-    Py_ssize_t end = trace_at == FAIL ? FAIL : opt_string(d, n, trace_at);
+    Py_ssize_t trace_at = wire_skip_double(n, prob_at);
+    Py_ssize_t end = wire_skip_opt_string(d, n, trace_at);
     if (end != n) {
         Py_DECREF(request_id);
         Py_RETURN_NONE;
@@ -373,7 +248,7 @@ static PyObject *inference_part(PyObject *module, PyObject *const *args, Py_ssiz
     add(&p, d + time_at, head_at - time_at);
     add(&p, d + prob_at, trace_at - prob_at);
     add(&p, d + trace_at, n - trace_at);
-    add(&p, head_size, put_long(head_size, head_len));
+    add(&p, head_size, wire_put_long(head_size, head_len));
     add(&p, d + head_at, head_end - head_at);
     add(&p, d + context_at, prob_at - context_at);
     add(&p, PyBytes_AS_STRING(num), PyBytes_GET_SIZE(num));
@@ -414,13 +289,13 @@ static PyObject *shadow_part(PyObject *module, PyObject *const *args, Py_ssize_t
     if (control_at == FAIL || control_at >= n || d[control_at] > 1) goto done;
     Py_ssize_t time_at = control_at + 1;
     Py_ssize_t time_end = positive_time(d, n, time_at);
-    Py_ssize_t out_at = time_end == FAIL ? FAIL : skip_time(d, n, time_end); /* scored_at */
-    int has_output = branch(d, n, out_at);
+    Py_ssize_t out_at = time_end == FAIL ? FAIL : wire_skip_long(d, n, time_end); /* scored_at */
+    int has_output = wire_branch(d, n, out_at);
     if (has_output == FAIL) goto done;
     Py_ssize_t timings_at = has_output ? output(d, n, out_at + 1) : out_at + 1;
-    Py_ssize_t error_at = dbl(n, dbl(n, timings_at));
-    int has_error = branch(d, n, error_at);
-    Py_ssize_t end = error_at == FAIL ? FAIL : opt_string(d, n, opt_string(d, n, error_at));
+    Py_ssize_t error_at = wire_skip_double(n, wire_skip_double(n, timings_at));
+    int has_error = wire_branch(d, n, error_at);
+    Py_ssize_t end = wire_skip_opt_string(d, n, wire_skip_opt_string(d, n, error_at));
     if (end != n) goto done;
     /* Python's walker reads has_error before checking the branch; a bad one fails anyway */
     (void)has_error;
@@ -456,18 +331,9 @@ done:
 
 /* parts.read_long, failing (FAIL) on values beyond 64 bits and on running out of data. */
 static Py_ssize_t read_exact(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
-    uint64_t r = 0;
-    for (int shift = 0;; shift += 7) {
-        if (pos >= n) return FAIL;
-        unsigned char byte = d[pos++];
-        uint64_t bits = byte & 0x7F;
-        if (bits && (shift >= 64 || (shift > 57 && (bits >> (64 - shift))))) return FAIL;
-        if (shift < 64) r |= bits << shift;
-        if (byte < 0x80) break;
-        if (shift > 70) shift = 70; /* keeps counting continuation bytes without overflow */
-    }
-    *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
-    return pos;
+    int big;
+    pos = wire_read_long(d, n, pos, out, &big);
+    return big ? FAIL : pos;
 }
 
 /* A slice [at, at + size) of d, FAIL unless it lies inside d. */
@@ -495,13 +361,13 @@ static int split_primary(PyObject *part, PyObject *names, Primary *out) {
     if (n < 1 || d[0] != FORMAT) return 1;
     pos = read_exact(d, n, 1, &out->event_time);
     if (pos == FAIL || pos > n - 9) return 1;
-    out->prob = PyFloat_Unpack8((const char *)d + pos, 1);
+    out->prob = wire_get_double(d + pos);
     pos += 8;
     out->trace = NULL;
     if (d[pos] != 0) { /* _read_opt_string: any other byte means a string follows */
         pos = read_exact(d, n, pos + 1, &size);
         end = inside(n, pos, size);
-        if (end == FAIL || !utf8_ok(d + pos, end - pos)) return 1;
+        if (end == FAIL || !wire_utf8_ok(d + pos, end - pos)) return 1;
         out->trace = d + pos;
         out->trace_len = end - pos;
         pos = end;
@@ -542,7 +408,7 @@ static int split_primary(PyObject *part, PyObject *names, Primary *out) {
             PyErr_NoMemory();
             return -1;
         }
-        w += put_long(w, count);
+        w += wire_put_long(w, count);
         for (Py_ssize_t k = 0; k < count; k++) {
             PyObject *name = PyList_GET_ITEM(list, k);
             memcpy(w, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
@@ -578,7 +444,7 @@ static int split_feedback(PyObject *part, Feedback *out) {
     if (n < 1 || d[0] != FORMAT) return 1;
     pos = read_exact(d, n, 1, &out->label_time);
     if (pos == FAIL || pos > n - 8) return 1;
-    out->prob = PyFloat_Unpack8((const char *)d + pos, 1);
+    out->prob = wire_get_double(d + pos);
     pos = read_exact(d, n, pos + 8, &size);
     end = inside(n, pos, size);
     if (end == FAIL) return 1;
@@ -621,7 +487,7 @@ static int opt_long(unsigned char *buf, int known, int64_t v) {
         return 1;
     }
     buf[0] = 2;
-    return 1 + put_long(buf + 1, v);
+    return 1 + wire_put_long(buf + 1, v);
 }
 
 /* Everything after the shadow segment: label, delay, source, prob, joined_at, trace id. */
@@ -675,17 +541,17 @@ static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedb
     if (feedback != Py_None && split_feedback(feedback, &fb)) Py_RETURN_NOTIMPLEMENTED;
     double prob = pr->has_primary ? pr->prob : 1.0;
     if (fb.has_feedback) prob *= fb.prob;
-    PyFloat_Pack8(prob, (char *)t.prob, 1);
-    t.joined_len = put_long(t.joined, joined_ms);
+    wire_put_double(t.prob, prob);
+    t.joined_len = wire_put_long(t.joined, joined_ms);
     t.trace_head_len = 1;
     t.trace_head[0] = 0;
     if (pr->trace != NULL) {
         t.trace_head[0] = 2;
-        t.trace_head_len += put_long(t.trace_head + 1, pr->trace_len);
+        t.trace_head_len += wire_put_long(t.trace_head + 1, pr->trace_len);
     }
     if (pr->has_primary && tail_delay(&t, &fb, 1, pr->event_time)) Py_RETURN_NOTIMPLEMENTED;
     unsigned char rid_size[10];
-    int rid_size_len = put_long(rid_size, rid_len);
+    int rid_size_len = wire_put_long(rid_size, rid_len);
     Py_ssize_t count = PySequence_Fast_GET_SIZE(shadows) / 3;
     PyObject **items = PySequence_Fast_ITEMS(shadows);
     PyObject *out = PyList_New(count);
@@ -709,7 +575,7 @@ static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedb
             Py_ssize_t n = PyBytes_GET_SIZE(shadow), pos, start;
             int64_t size;
             if (n < 1 || d[0] != FORMAT) goto fallback;
-            pos = skip_time(d, n, 1);
+            pos = wire_skip_long(d, n, 1);
             if (pos == FAIL || pos >= n) goto fallback;
             if (d[pos] < 0x80) {
                 size = d[pos] >> 1; /* as parts.build_bodies reads a short size */
@@ -735,10 +601,10 @@ static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedb
         add(&p, PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix));
         add(&p, rid_size, rid_size_len);
         add(&p, rid, rid_len);
-        add(&p, name_size, put_long(name_size, name_len));
+        add(&p, name_size, wire_put_long(name_size, name_len));
         add(&p, name, name_len);
         add(&p, version_seg, version_seg_len);
-        add(&p, version_buf, put_long(version_buf, version_n));
+        add(&p, version_buf, wire_put_long(version_buf, version_n));
         add(&p, &state, 1);
         add(&p, at, at_len);
         if (pr->has_primary) {
@@ -776,28 +642,11 @@ static PyObject *build_bodies(PyObject *module, PyObject *const *args, Py_ssize_
 
 /* -- the merge command (store.JoinStore._send) --------------------------------------------- */
 
-typedef struct {
-    char *data;
-    Py_ssize_t len, cap;
-} Buf;
-
-static int reserve(Buf *b, Py_ssize_t extra) {
-    if (b->len + extra <= b->cap) return 0;
-    Py_ssize_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + extra) cap *= 2;
-    char *data = PyMem_Realloc(b->data, cap);
-    if (data == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
+typedef WireBuf Buf; /* the growable buffer of schemas/_wire.h */
 
 /* One RESP bulk string; `second` (may be NULL) is appended to `first` (key prefix + id). */
 static int bulk(Buf *b, const char *first, Py_ssize_t n1, const char *second, Py_ssize_t n2) {
-    if (reserve(b, n1 + n2 + 32) < 0) return -1;
+    if (wire_reserve(b, n1 + n2 + 32) < 0) return -1;
     b->len += sprintf(b->data + b->len, "$%zd\r\n", n1 + n2);
     memcpy(b->data + b->len, first, n1);
     if (n2) memcpy(b->data + b->len + n1, second, n2);
@@ -826,7 +675,7 @@ static int pack(Buf *b, PyObject *head, PyObject *state, PyObject *tomb, PyObjec
     Py_ssize_t count = PyList_GET_SIZE(parts), state_len, tomb_len, rid_len;
     Py_ssize_t argc = PyTuple_GET_SIZE(head) + PyTuple_GET_SIZE(middle) + 7 * count;
     const char *state_s = raw_text(state, &state_len), *tomb_s = raw_text(tomb, &tomb_len);
-    if (state_s == NULL || tomb_s == NULL || reserve(b, 32) < 0) return state_s && tomb_s ? -1 : 1;
+    if (state_s == NULL || tomb_s == NULL || wire_reserve(b, 32) < 0) return state_s && tomb_s ? -1 : 1;
     b->len += sprintf(b->data + b->len, "*%zd\r\n", argc);
     int r = 0;
     for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(head) && !r; k++)
@@ -859,11 +708,12 @@ static PyObject *pack_merge(PyObject *module, PyObject *const *args, Py_ssize_t 
     if (!PyTuple_CheckExact(head) || !PyTuple_CheckExact(middle) || !PyList_CheckExact(parts)
         || !PyUnicode_CheckExact(state) || !PyUnicode_CheckExact(tomb))
         Py_RETURN_NOTIMPLEMENTED;
-    Buf b = {NULL, 0, 0};
+    Buf b;
+    wire_buf_init(&b);
     int r = pack(&b, head, state, tomb, middle, parts);
     PyObject *out = r < 0 ? NULL : r ? Py_NewRef(Py_NotImplemented)
                                      : PyBytes_FromStringAndSize(b.data, b.len);
-    PyMem_Free(b.data);
+    wire_buf_free(&b);
     return out;
 }
 
