@@ -32,22 +32,12 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import fastavro
+from shadowpipe.schemas.wire import long_bytes
 
 log = logging.getLogger(__name__)
 _MAPS = ("context", "num_features", "cat_features")
 _OUTPUTS = ("primary_output", "shadow_output")
 _ENUMS = ("state",)
-
-
-def _zigzag(n: int) -> bytes:
-    """Avro's variable-length zig-zag encoding of a long."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def ocf_header(parsed_schema: dict[str, Any], sync: bytes) -> bytes:
@@ -58,7 +48,7 @@ def ocf_header(parsed_schema: dict[str, Any], sync: bytes) -> bytes:
 
 
 def _block(body: bytes, sync: bytes) -> bytes:
-    return b"\x02" + _zigzag(len(body)) + body + sync
+    return b"\x02" + long_bytes(len(body)) + body + sync
 
 
 class BulkDecoder:

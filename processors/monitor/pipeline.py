@@ -50,12 +50,7 @@ from shadowpipe.processors.monitor.core import (
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.processors.state_marker import monitor_holds_state, monitor_marker
 from shadowpipe.schemas import schema
-from shadowpipe.schemas.codec import (
-    SINGLE_OBJECT_MARKER,
-    Codec,
-    DecodeError,
-    schema_fingerprint,
-)
+from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
 from shadowpipe.schemas.validate import check
 
 from shadowpipe.config import Settings
@@ -188,7 +183,7 @@ class Pipeline:
         self.settings = settings
         self.codec = Codec(settings.schema_registry_url)
         self._schema = schema("JoinedRecord")
-        self._header = SINGLE_OBJECT_MARKER + schema_fingerprint(self._schema)
+        self._header = self.codec.header("JoinedRecord", SINGLE_OBJECT)
         self.redis = redis if redis is not None else redis_client(
             settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
         self.state_key = f"{settings.topic_prefix}monitor:state"
