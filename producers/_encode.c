@@ -10,7 +10,6 @@
  * bytecode costs 3-4x its tight-loop time; one C call touches far less (docs/producer.md).
  */
 #include "_wire.h" /* schemas/_wire.h: the Avro primitives shared with the joiner's C */
-#include <limits.h>
 #include <math.h>
 #include <stddef.h>
 #include <time.h>
@@ -189,29 +188,19 @@ static PyObject *encode_inference(PyObject *module, PyObject *const *args, Py_ss
                        PyFloat_AS_DOUBLE(inclusion_prob), args[9]);
 }
 
-/* ---- The whole plain emit in one call ----------------------------------------------
+/* ---- The whole plain emit in one call, and the stage -----------------------------------
  *
  * FastEmit is what Emitter.emit_inference is bound to when the compiled encoder is used:
  * for the common call (request id a non-blank str, no ts, a memoised model that is not
  * sampled, room in librdkafka's queue, plain inputs) it encodes, stages and counts in C;
  * every other call, and any failure on the way, is handed unchanged to the Python method
- * (`slow`), which validates, counts and never raises.
+ * (`slow`), which validates, counts, never raises, and stages through add().
  *
- * Staging: encoded events wait here and go to produce() in one burst. In a service each
- * emit runs with caches made cold by the request's own work, where produce() costs ~5 us;
- * back to back it costs ~2.5-4, so a burst costs less than single calls. A burst (with
- * the report serving that follows it) adds ~40-80 us to one request, though, and landing
- * on a request that was slow already it moves the service's p99: once STAGE_BURST events
- * are staged, the burst waits for a request whose latency_ms is at most the running mean
- * (most are), up to STAGE_CAP events or max_wait_ms. Reports are served after a burst
- * only on a request among the quickest fifth (or after SERVE_AFTER_BURSTS bursts without).
- * The emitter's thread hands the stage over when the service goes quiet. Measured in
- * docs/producer.md. */
-
-#define STAGE_BURST 16
-#define STAGE_CAP 64
-#define LATENCY_WEIGHT (1.0 / 64) /* of a new latency in the running mean */
-#define SERVE_AFTER_BURSTS 8       /* reports are served at least every 8th burst */
+ * The stage is the compiled twin of producers/staging.py's Stage: it holds encoded events
+ * and hands them to produce() when the trigger set by the Python BurstPolicy is met (at
+ * least `burst` staged and a call no slower than `carry_ms`, `cap` staged, or the oldest
+ * `max_wait_ms` old); after each hand-over it gives the policy the events' latencies and
+ * serves librdkafka's reports when the policy says so. No decision is taken here. */
 
 typedef struct {
     PyObject_HEAD
@@ -224,18 +213,17 @@ typedef struct {
     PyObject *produce;   /* its bound produce */
     PyObject *serve;     /* bound method serving delivery reports, never raises */
     PyObject *refused;   /* refused(value, key, exception): a staged event produce() refused */
-    PyObject *full;      /* counts (and logs) one queue_full drop; None: blocking is allowed */
-    long long full_drops;     /* queue_full drops counted here, not by `full` */
-    long long full_called_ms; /* when `full` was last called */
+    PyObject *handed_over; /* the policy's handed_over(latencies, carried) */
+    int drop_when_full;  /* a plain call with no room is dropped here (else: to `slow`) */
+    long long full_drops; /* plain calls dropped for room */
     PyObject *last_model, *last_version, *last_memo; /* the previous call's memo entry */
     PyObject *sent;      /* itertools.count shared with the Python path */
-    PyObject *staged[2 * STAGE_CAP]; /* (value bytes, key str) pairs */
-    int staged_n;
+    PyObject **staged;   /* cap (value bytes, key) pairs */
+    double *latencies;   /* latency_ms of each staged event */
+    int staged_n, cap, burst;
     long long staged_at_ms;  /* event time of the oldest staged event */
     long long max_wait_ms;
-    double mean_latency_ms;  /* running mean of latency_ms; < 0: none seen yet */
-    double quick_latency_ms; /* running estimate of its 20th percentile */
-    int bursts_unserved;     /* bursts since reports were last served */
+    double carry_ms;     /* the policy's bound on the latency of a call carrying a burst */
     Py_ssize_t room;     /* events that fit in librdkafka's queue at the last look, less
                           * those staged since: len() is only asked when it runs out */
     Py_ssize_t max_messages, max_queue_bytes; /* librdkafka's two bounds */
@@ -303,7 +291,7 @@ static PyObject *remembered_memo(FastEmit *self, PyObject *model, PyObject *vers
  * bound and by its byte bound with every event taken as large as the largest staged. */
 static void look_at_queue(FastEmit *self) {
     Py_ssize_t queued = PyObject_Length(self->producer);
-    if (queued < 0) { self->room = 0; return; }
+    if (queued < 0) { PyErr_Clear(); self->room = 0; return; }
     Py_ssize_t waiting = queued + self->staged_n, size = self->biggest > 0 ? self->biggest : 1;
     Py_ssize_t by_count = self->max_messages - waiting;
     Py_ssize_t by_bytes = self->max_queue_bytes / size - waiting;
@@ -354,7 +342,7 @@ static PyObject *plain_event(FastEmit *self, PyObject *const *args, PyObject **k
     if (memo == NULL) return NULL;
     PyObject *data = NULL;
     int plain = PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 3
-        && PyTuple_GET_ITEM(memo, 1) == Py_None && self->staged_n < STAGE_CAP;
+        && PyTuple_GET_ITEM(memo, 1) == Py_None;
     *no_room = plain && !has_room(self, 0);
     if (plain && !*no_room) {
         data = encode_plain(self, args, kw, memo, now, *latency_ms);
@@ -377,14 +365,46 @@ static PyObject *take_exception(void) {
 #endif
 }
 
-/* Produces every staged event, then serves reports if `serve`; returns how many were
- * handed over. The stage is emptied first: `refused` runs Python code, during which
- * another thread may stage and hand over its own events. */
-static int hand_over(FastEmit *self, int serve) {
+/* Asks the policy about a hand-over of these latencies: 1 serve reports, 0 not. Errors
+ * (none expected) are cleared: the events are in librdkafka's hands already. */
+static int ask_policy(FastEmit *self, const double *latencies, int n, int carried) {
+    PyObject *list = PyList_New(n), *answer = NULL;
+    int serve = 1;
+    for (int i = 0; list != NULL && i < n; i++) {
+        PyObject *x = PyFloat_FromDouble(latencies[i]);
+        if (x == NULL) Py_CLEAR(list);
+        else PyList_SET_ITEM(list, i, x);
+    }
+    if (list != NULL) {
+        answer = PyObject_CallFunctionObjArgs(self->handed_over, list,
+                                              carried ? Py_True : Py_False, NULL);
+    }
+    if (answer != NULL && PyTuple_Check(answer) && PyTuple_GET_SIZE(answer) == 2) {
+        serve = PyObject_IsTrue(PyTuple_GET_ITEM(answer, 0));
+        double carry = PyFloat_AsDouble(PyTuple_GET_ITEM(answer, 1));
+        if (!(carry == -1.0 && PyErr_Occurred())) self->carry_ms = carry;
+    }
+    Py_XDECREF(list);
+    Py_XDECREF(answer);
+    PyErr_Clear();
+    return serve != 0;
+}
+
+/* Produces every staged event, tells the policy and serves reports if it says so; returns
+ * how many were handed over. The stage is emptied first: `refused` and the policy run
+ * Python code, during which another thread may stage and hand over its own events. */
+static int hand_over(FastEmit *self, int carried) {
     int n = self->staged_n;
     if (n == 0) return 0;
-    PyObject *batch[2 * STAGE_CAP];
+    PyObject **batch = PyMem_Malloc(2 * (size_t)n * sizeof(PyObject *));
+    double *latencies = PyMem_Malloc((size_t)n * sizeof(double));
+    if (batch == NULL || latencies == NULL) { /* keep them staged: a later call retries */
+        PyMem_Free(batch);
+        PyMem_Free(latencies);
+        return 0;
+    }
     memcpy(batch, self->staged, 2 * (size_t)n * sizeof(PyObject *));
+    memcpy(latencies, self->latencies, (size_t)n * sizeof(double));
     self->staged_n = 0;
     for (int i = 0; i < n; i++) {
         PyObject *value = batch[2 * i], *key = batch[2 * i + 1];
@@ -401,62 +421,32 @@ static int hand_over(FastEmit *self, int serve) {
         Py_DECREF(value);
         Py_DECREF(key);
     }
+    PyMem_Free(batch);
     look_at_queue(self);
-    if (serve || ++self->bursts_unserved >= SERVE_AFTER_BURSTS) {
-        self->bursts_unserved = 0;
+    if (ask_policy(self, latencies, n, carried)) {
         Py_XDECREF(PyObject_CallNoArgs(self->serve));
         PyErr_Clear();
     }
+    PyMem_Free(latencies);
     return n;
 }
 
-/* Running mean and running 20th percentile (a stochastic approximation whose step is a
- * fraction of the estimate, so it works at any scale) of latency_ms. */
-static void track_latency(FastEmit *self, double latency_ms) {
-    if (self->mean_latency_ms < 0) {
-        self->mean_latency_ms = self->quick_latency_ms = latency_ms;
-        return;
-    }
-    self->mean_latency_ms += (latency_ms - self->mean_latency_ms) * LATENCY_WEIGHT;
-    double step = fabs(self->quick_latency_ms) * LATENCY_WEIGHT;
-    self->quick_latency_ms += latency_ms <= self->quick_latency_ms ? -0.8 * step : 0.2 * step;
-}
-
-/* Whether this request should carry the burst (see "Staging" above). */
-static int burst_due(FastEmit *self, long long now, double latency_ms) {
-    if (self->staged_n >= STAGE_CAP || now - self->staged_at_ms >= self->max_wait_ms) return 1;
-    return self->staged_n >= STAGE_BURST && latency_ms <= self->mean_latency_ms;
-}
-
-/* Stages an encoded event (steals `data`) and hands the stage over when due. */
+/* Stages an encoded event (steals `data`, counts it as sent) and hands the stage over when
+ * the policy's trigger is met. */
 static void stage(FastEmit *self, PyObject *data, PyObject *key, long long now,
                   double latency_ms) {
+    if (self->staged_n >= self->cap) hand_over(self, 0); /* only after a racing thread */
     if (self->staged_n == 0) self->staged_at_ms = now;
     self->staged[2 * self->staged_n] = data;
     self->staged[2 * self->staged_n + 1] = Py_NewRef(key);
+    self->latencies[self->staged_n] = latency_ms;
     self->staged_n++;
     self->room--;
     Py_XDECREF(PyIter_Next(self->sent));
     PyErr_Clear(); /* counting may not fail the (staged) event */
-    int due = burst_due(self, now, latency_ms);
-    /* Serving reports can cost ~250-650 us (once a second a whole delivery batch, the
-     * client taking the GIL per report): only the quickest requests carry it. */
-    int quick = latency_ms <= self->quick_latency_ms;
-    track_latency(self, latency_ms);
-    if (due) hand_over(self, quick);
-}
-
-/* A plain event librdkafka's queue has no room for, dropped without the Python method
- * (a broker outage sends every call here). `full` counts and logs one a minute, as the
- * Python path would log them; the rest are counted here (stats() adds them). */
-static void drop_full(FastEmit *self, long long now) {
-    if (now - self->full_called_ms < 60000) {
-        self->full_drops++;
-        return;
-    }
-    self->full_called_ms = now;
-    Py_XDECREF(PyObject_CallNoArgs(self->full));
-    PyErr_Clear();
+    if (self->staged_n >= self->cap || now - self->staged_at_ms >= self->max_wait_ms
+        || (self->staged_n >= self->burst && latency_ms <= self->carry_ms))
+        hand_over(self, 1);
 }
 
 static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_t nargsf,
@@ -473,9 +463,9 @@ static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_
             stage(self, data, args[0], now, latency_ms);
             Py_RETURN_TRUE;
         }
-        if (no_room && self->full != Py_None) {
+        if (no_room && self->drop_when_full) {
             PyErr_Clear();
-            drop_full(self, now);
+            self->full_drops++; /* the emitter's thread logs them */
             Py_RETURN_FALSE;
         }
     }
@@ -484,10 +474,24 @@ static PyObject *fast_emit_call(PyObject *callable, PyObject *const *args, size_
     return PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
 }
 
+/* add(data, key, latency_ms) -> bool: the Python method's staging (Stage.add). */
+static PyObject *fast_emit_add(FastEmit *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "add(data: bytes, key, latency_ms: float)");
+        return NULL;
+    }
+    Py_ssize_t key_len = PyObject_Length(args[1]);
+    double latency_ms = PyFloat_AsDouble(args[2]);
+    if (key_len < 0 || (latency_ms == -1.0 && PyErr_Occurred())) return NULL;
+    if (!has_room(self, PyBytes_GET_SIZE(args[0]) + key_len)) Py_RETURN_FALSE;
+    stage(self, Py_NewRef(args[0]), args[1], now_ms(), latency_ms);
+    Py_RETURN_TRUE;
+}
+
 static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
     Py_VISIT(self->slow); Py_VISIT(self->models); Py_VISIT(self->header);
     Py_VISIT(self->topic); Py_VISIT(self->producer); Py_VISIT(self->produce);
-    Py_VISIT(self->serve); Py_VISIT(self->refused); Py_VISIT(self->full);
+    Py_VISIT(self->serve); Py_VISIT(self->refused); Py_VISIT(self->handed_over);
     Py_VISIT(self->sent);
     Py_VISIT(self->last_model); Py_VISIT(self->last_version); Py_VISIT(self->last_memo);
     for (int i = 0; i < 2 * self->staged_n; i++) Py_VISIT(self->staged[i]);
@@ -497,7 +501,7 @@ static int fast_emit_traverse(FastEmit *self, visitproc visit, void *arg) {
 static int fast_emit_clear(FastEmit *self) {
     Py_CLEAR(self->slow); Py_CLEAR(self->models); Py_CLEAR(self->header);
     Py_CLEAR(self->topic); Py_CLEAR(self->producer); Py_CLEAR(self->produce);
-    Py_CLEAR(self->serve); Py_CLEAR(self->refused); Py_CLEAR(self->full);
+    Py_CLEAR(self->serve); Py_CLEAR(self->refused); Py_CLEAR(self->handed_over);
     Py_CLEAR(self->sent);
     Py_CLEAR(self->last_model); Py_CLEAR(self->last_version); Py_CLEAR(self->last_memo);
     int n = self->staged_n;
@@ -509,11 +513,13 @@ static int fast_emit_clear(FastEmit *self) {
 static void fast_emit_dealloc(FastEmit *self) {
     PyObject_GC_UnTrack(self);
     fast_emit_clear(self);
+    PyMem_Free(self->staged);
+    PyMem_Free(self->latencies);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyObject *fast_emit_hand_over(FastEmit *self, PyObject *unused) {
-    return PyLong_FromLong(hand_over(self, 1));
+    return PyLong_FromLong(hand_over(self, 0));
 }
 
 static PyObject *fast_emit_staged(FastEmit *self, void *unused) {
@@ -526,12 +532,15 @@ static PyObject *fast_emit_full_drops(FastEmit *self, void *unused) {
 
 static PyObject *fast_emit_close(FastEmit *self, PyObject *unused) {
     self->closed = 1;
-    return PyLong_FromLong(hand_over(self, 1));
+    return PyLong_FromLong(hand_over(self, 0));
 }
 
 static PyMethodDef fast_emit_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))fast_emit_add, METH_FASTCALL,
+     "add(data, key, latency_ms) -> bool\n\nStage an encoded event (counted as sent); False "
+     "when librdkafka's queue has no room for it."},
     {"hand_over", (PyCFunction)fast_emit_hand_over, METH_NOARGS,
-     "Produce the staged events now and serve reports; returns how many."},
+     "Produce the staged events now; returns how many."},
     {"close", (PyCFunction)fast_emit_close, METH_NOARGS,
      "Hand the stage over and send every later call to the Python method."},
     {NULL, NULL, 0, NULL},
@@ -541,14 +550,14 @@ static PyGetSetDef fast_emit_getset[] = {
     {"staged", (getter)fast_emit_staged, NULL, "events waiting to be handed to produce()",
      NULL},
     {"full_drops", (getter)fast_emit_full_drops, NULL,
-     "queue_full drops counted in C (not passed to `full`)", NULL},
+     "plain calls dropped here for lack of room (queue_full)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
 static PyTypeObject FastEmitType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shadowpipe.producers._encode.FastEmit",
-    .tp_doc = "emit_inference's plain case in C; everything else goes to the Python method.",
+    .tp_doc = "emit_inference's plain case in C, and the stage of every inference event.",
     .tp_basicsize = sizeof(FastEmit),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_vectorcall_offset = offsetof(FastEmit, vectorcall),
@@ -560,50 +569,76 @@ static PyTypeObject FastEmitType = {
     .tp_getset = fast_emit_getset,
 };
 
+/* An int attribute of the policy; -1 with an error set. */
+static long long policy_int(PyObject *policy, const char *name) {
+    PyObject *v = PyObject_GetAttrString(policy, name);
+    if (v == NULL) return -1;
+    long long x = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return x;
+}
+
 static PyObject *fast_emitter(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 13) {
         PyErr_SetString(PyExc_TypeError, "fast_emitter takes 13 arguments");
         return NULL;
     }
-    if (!PyDict_Check(args[1]) || !PyBytes_CheckExact(args[2]) || !PyUnicode_Check(args[3])) {
+    if (!PyDict_Check(args[1]) || !PyBytes_CheckExact(args[2]) || !PyUnicode_Check(args[5])) {
         PyErr_SetString(PyExc_TypeError, "fast_emitter: models dict, header bytes, topic str");
         return NULL;
     }
-    Py_ssize_t max_messages = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[10]);
-    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[11]);
-    long long max_wait_ms = PyLong_AsLongLong(args[12]);
+    PyObject *policy = args[4];
+    long long cap = policy_int(policy, "cap"), burst = policy_int(policy, "burst");
+    long long max_wait_ms = policy_int(policy, "max_wait_ms");
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t max_messages = PyLong_AsSsize_t(args[11]);
+    Py_ssize_t max_queue_bytes = PyLong_AsSsize_t(args[12]);
     if (PyErr_Occurred()) return NULL;
-    PyObject *produce = PyObject_GetAttrString(args[4], "produce");
-    if (produce == NULL) return NULL;
-    FastEmit *self = PyObject_GC_New(FastEmit, &FastEmitType);
-    if (self == NULL) { Py_DECREF(produce); return NULL; }
+    if (cap < 1 || cap > 1 << 16 || burst < 1) {
+        PyErr_SetString(PyExc_ValueError, "fast_emitter: policy cap in 1..65536, burst >= 1");
+        return NULL;
+    }
+    PyObject *produce = PyObject_GetAttrString(args[6], "produce");
+    PyObject *handed_over = PyObject_GetAttrString(policy, "handed_over");
+    FastEmit *self = produce && handed_over ? PyObject_GC_New(FastEmit, &FastEmitType) : NULL;
+    if (self == NULL) {
+        Py_XDECREF(produce);
+        Py_XDECREF(handed_over);
+        return NULL;
+    }
+    self->staged = PyMem_Malloc(2 * (size_t)cap * sizeof(PyObject *));
+    self->latencies = PyMem_Malloc((size_t)cap * sizeof(double));
     self->vectorcall = fast_emit_call;
     self->slow = Py_NewRef(args[0]);
     self->models = Py_NewRef(args[1]);
     self->header = Py_NewRef(args[2]);
-    self->topic = Py_NewRef(args[3]);
-    self->producer = Py_NewRef(args[4]);
+    self->max_bytes = max_bytes;
+    self->handed_over = handed_over;
+    self->topic = Py_NewRef(args[5]);
+    self->producer = Py_NewRef(args[6]);
     self->produce = produce;
-    self->serve = Py_NewRef(args[5]);
-    self->refused = Py_NewRef(args[6]);
-    self->full = Py_NewRef(args[7]);
-    self->full_drops = 0;
-    self->full_called_ms = LLONG_MIN / 2;
-    self->sent = Py_NewRef(args[8]);
+    self->serve = Py_NewRef(args[7]);
+    self->refused = Py_NewRef(args[8]);
+    self->drop_when_full = PyObject_IsTrue(args[9]) > 0;
+    self->sent = Py_NewRef(args[10]);
     self->max_messages = max_messages;
     self->max_queue_bytes = max_queue_bytes;
-    self->biggest = 0;
-    self->max_bytes = max_bytes;
+    self->cap = (int)cap;
+    self->burst = (int)burst;
     self->max_wait_ms = max_wait_ms;
+    self->carry_ms = Py_HUGE_VAL;
+    self->full_drops = 0;
+    self->biggest = 0;
     self->room = 0;
     self->staged_n = 0;
     self->staged_at_ms = 0;
-    self->mean_latency_ms = self->quick_latency_ms = -1.0;
-    self->bursts_unserved = 0;
     self->last_model = self->last_version = self->last_memo = NULL;
     self->closed = 0;
     PyObject_GC_Track(self);
+    if (self->staged == NULL || self->latencies == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     return (PyObject *)self;
 }
 
@@ -613,9 +648,10 @@ static PyMethodDef methods[] = {
      "                 context, event_time, inclusion_prob, trace_id) -> bytes | None\n\n"
      "The InferenceEvent bytes for plain inputs, None for the Python encoder to handle."},
     {"fast_emitter", (PyCFunction)(void (*)(void))fast_emitter, METH_FASTCALL,
-     "fast_emitter(slow, models, header, topic, producer, serve, refused, full, sent,\n"
-     "             max_messages, max_queue_bytes, max_bytes, max_wait_ms) -> FastEmit\n\n"
-     "A callable with emit_inference's signature: the plain case in C, the rest to slow."},
+     "fast_emitter(slow, models, header, max_bytes, policy, topic, producer, serve, refused,\n"
+     "             drop_when_full, sent, max_messages, max_queue_bytes) -> FastEmit\n\n"
+     "A callable with emit_inference's signature (the plain case in C, the rest to slow)\n"
+     "that is also the stage of producers/staging.py (add, hand_over, close, staged)."},
     {NULL, NULL, 0, NULL},
 };
 

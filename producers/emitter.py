@@ -4,18 +4,19 @@ raising into, or blocking, the service that calls it.
 Hot path of an emit call, all on the caller's thread (~4 us with 20 features in a tight
 loop, 1.5-3x that right after other work: caches go cold, see docs/producer.md):
 validate and sample, encode, hand the bytes to librdkafka's ``produce()``, which only
-enqueues. A plain ``emit_inference`` (unsampled model, no ``ts``, plain inputs) encodes in
-one C call (``FastEmit``, producers/_encode.c) and stages the bytes. Once 16 are staged,
-the first call whose ``latency_ms`` is at most the running mean (a request with time to
-spare, not one on the service's slow tail) produces the stage in one burst, where
-``produce()`` runs warmer; so does the 64th staged event, a call 100 ms after the oldest
-staged one, and the emitter's thread when no event came for 0.2 s. Every other call
-runs the Python method below, with the specialised writer of :mod:`.events` where the C
-encoder declines.
-Compression, batching, sending and retries happen on librdkafka's threads. A burst on
-one of the quickest fifth of requests (or the 8th burst without one), and every 16th event
-of the Python path, serves librdkafka's reports on the caller's thread (which holds the
-GIL anyway); a background thread covers quiet times.
+enqueues. Inference events are *staged* and handed to ``produce()`` in bursts, where it
+runs warmer; :class:`~.staging.BurstPolicy` decides when (once 16 are staged, on the first
+call whose ``latency_ms`` is at most the running mean: a request with time to spare, not
+one on the service's slow tail; at the latest at 64 staged or 100 ms) and when a burst also
+serves librdkafka's reports on the caller's thread, which holds the GIL anyway (on one of
+the quickest fifth of requests, or the 8th burst without). The emitter's thread hands the
+stage over when no event came for 0.2 s. A plain ``emit_inference`` (unsampled model, no
+``ts``, plain inputs) encodes and stages in one C call (``FastEmit``, producers/_encode.c,
+which is also the stage); every other call runs the Python method below, with the
+specialised writer of :mod:`.events` where the C encoder declines, and stages through the
+same stage. Without the C extension the same policy drives :class:`~.staging.Stage`: the
+same decisions, slower calls. Feedback events are produced at once; every 16th serves the
+reports. Compression, batching, sending and retries happen on librdkafka's threads.
 Only failed deliveries reach the emitter's callback (``delivery.report.only.error``;
 the client still takes the GIL per report to discard a success). ``delivered`` counts the
 broker's acknowledgements from librdkafka's statistics (every second, per partition: the
@@ -26,17 +27,16 @@ are reported and counted one by one instead.
 Memory is bounded by ``producer_max_buffer_bytes``: librdkafka's queue is limited in
 bytes (three quarters) and in messages (the rest, at ~256 bytes of bookkeeping each);
 when it is full the event is dropped and counted as ``queue_full`` (by the C path
-itself for a plain call, so that an outage costs a service little), or, with
-``producer_block_ms``, after waiting at most that long for space. Staged events (at most
-64) count against that bound; one that librdkafka refuses when its burst is produced
-counts as failed (``queue_full``).
+itself for a plain call, so that an outage costs a service little; logged by the emitter's
+thread), or, with ``producer_block_ms``, after waiting at most that long for space. Staged
+events (at most 64) count against that bound; one that librdkafka refuses when its burst is
+produced counts as failed (``queue_full``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import hashlib
 import itertools
 import logging
@@ -59,12 +59,13 @@ from shadowpipe.producers.events import (
     single_object_header,
 )
 from shadowpipe.producers.sampling import SampleRates, threshold
+from shadowpipe.producers.staging import STAGE_WAIT_MS, BurstPolicy, Stage
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.kafka import PRODUCER_DEFAULTS
 
-try:  # emit_inference's plain case in one C call (producers/_encode.c); optional
+try:  # emit_inference's plain case and the stage in C (producers/_encode.c); optional
     from shadowpipe.producers._encode import fast_emitter
 except ImportError:
     fast_emitter = None
@@ -74,13 +75,11 @@ _LIBRDKAFKA_LOG = logging.getLogger("shadowpipe.producers.librdkafka")
 _PER_MESSAGE_OVERHEAD = 256
 _LOG_EVERY_S = 60.0
 # The client takes the GIL for every delivery report, even a success it then discards.
-# Served by the emitting thread, which holds the GIL anyway, every 16th event; a thread
-# parked in poll() would take it from the service once per message (docs/producer.md).
+# Served by the emitting thread, which holds the GIL anyway (after a burst when the policy
+# says so, every 16th feedback event); a thread parked in poll() would take it from the
+# service once per message (docs/producer.md).
 _SERVE_EVERY_MASK = 15
 _POLL_EVERY_S = 0.2
-# The longest a staged event waits for its burst while events keep coming (librdkafka then
-# lingers up to linger.ms = 1 s anyway); when none come, the poll thread hands it over.
-_STAGE_WAIT_MS = 100
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -299,19 +298,8 @@ class Emitter:
         self._producer = Producer(config)
         self._max_messages = int(config["queue.buffering.max.messages"])
         self._produce = self._producer.produce
-        self._fast = None
-        if self._encoder.compiled is not None and fast_emitter is not None:
-            # The instance attribute shadows the method below, which stays the reference:
-            # every call that is not the plain case is handed to it unchanged.
-            self._fast = self.emit_inference = fast_emitter(  # type: ignore[method-assign]
-                type(self).emit_inference.__get__(self), self._models,
-                self._encoder.inference_header, self._inference_topic, self._producer,
-                self._serve_reports, self._refused_at_hand_over,
-                None if self._block_s else functools.partial(self._drop, "queue_full"),
-                self._sent, self._max_messages,
-                int(config["queue.buffering.max.kbytes"]) * 1024, self._encoder.max_bytes,
-                _STAGE_WAIT_MS,
-            )
+        self._stage = self._staging(int(config["queue.buffering.max.kbytes"]) * 1024)
+        self._c_drops_logged = 0
         self._stop = threading.Event()
         self._poller = threading.Thread(
             target=self._poll_loop, name=f"shadowpipe-emitter-{name}", daemon=True
@@ -319,6 +307,25 @@ class Emitter:
         self._poller.start()
         atexit.register(self._close_at_exit)
         metrics.watch(self)
+
+    def _staging(self, max_queue_bytes: int) -> Any:
+        """The stage of inference events: the compiled one, which also takes the plain
+        ``emit_inference`` call, or its Python twin; one :class:`BurstPolicy` either way."""
+        policy = BurstPolicy(STAGE_WAIT_MS)
+        if self._encoder.compiled is None or fast_emitter is None:
+            return Stage(policy, self._producer, self._inference_topic, self._serve_reports,
+                         self._refused_at_hand_over, self._sent, self._max_messages,
+                         max_queue_bytes)
+        # The instance attribute shadows the method below, which stays the reference:
+        # every call that is not the plain case is handed to it unchanged.
+        self.emit_inference = stage = fast_emitter(  # type: ignore[method-assign]
+            type(self).emit_inference.__get__(self), self._models,
+            self._encoder.inference_header, self._encoder.max_bytes, policy,
+            self._inference_topic, self._producer, self._serve_reports,
+            self._refused_at_hand_over, not self._block_s, self._sent, self._max_messages,
+            max_queue_bytes,
+        )
+        return stage
 
     # -- emitting -------------------------------------------------------------------------
 
@@ -359,16 +366,13 @@ class Emitter:
                 key, features, output, model_version, latency_ms, context, event_time, rate,
                 trace_id,
             )
-            self._produce(self._inference_topic, data, key)
-        except BufferError:
+            if self._stage.add(data, key, float(latency_ms)):  # counted as sent there
+                return True
             if not self._block_s or not self._retry_until_space(self._inference_topic, key, data):
                 return self._drop("queue_full")
-        except KafkaException as exc:  # e.g. a fatal idempotence error: count, never raise
-            return self._drop("produce_error", exc)
         except Exception as exc:  # the caller must never see an exception
             return self._drop(reason_of(exc), exc)
-        if not next(self._sent) & _SERVE_EVERY_MASK:
-            self._serve_reports()
+        next(self._sent)
         return True
 
     def emit_feedback(
@@ -439,13 +443,9 @@ class Emitter:
                 return False
         return False
 
-    def _staged(self) -> int:
-        """Events the compiled path holds for its next burst (not yet in librdkafka)."""
-        return self._fast.staged if self._fast is not None else 0
-
     def _queue_full(self) -> bool:
         """librdkafka's queue has no room for one more event besides the staged ones."""
-        return len(self._producer) + self._staged() >= self._max_messages
+        return len(self._producer) + self._stage.staged >= self._max_messages
 
     def _skip(self) -> bool:
         with self._lock:
@@ -501,12 +501,19 @@ class Emitter:
         seen = _count_value(self._sent)
         while not self._stop.wait(_POLL_EVERY_S):
             now = _count_value(self._sent)
-            if now == seen:  # no emit since the last look
-                if self._staged():
-                    self._fast.hand_over()  # serves the reports too
-                else:
-                    self._serve_reports()
+            # No emit since the last look: hand the stage over (which serves the reports).
+            if now == seen and not self._stage.hand_over():
+                self._serve_reports()
             seen = now
+            self._log_c_drops()
+
+    def _log_c_drops(self) -> None:
+        """Log queue_full drops counted by the compiled path (at most once a minute)."""
+        drops = self._stage.full_drops
+        if drops > self._c_drops_logged and self._log.due("queue_full"):
+            log.warning("shadowpipe emitter %s: %d events dropped (queue_full); logged at most "
+                        "once a minute per reason", self.name, drops - self._c_drops_logged)
+            self._c_drops_logged = drops
 
     # -- state ----------------------------------------------------------------------------
 
@@ -518,12 +525,13 @@ class Emitter:
         if not self._closed:  # len() counts unserved reports and statistics as messages
             self._serve_reports()
         # Staged first: an event handed over in between is counted twice, never missed.
-        queued = self._staged() + len(self._producer)
+        queued = self._stage.staged + len(self._producer)
         with self._lock:
             failed, dropped = dict(self._failed), dict(self._dropped)
             sampled_out = self._sampled_out
-        if self._fast is not None and self._fast.full_drops:  # counted in C (outages)
-            dropped["queue_full"] = dropped.get("queue_full", 0) + self._fast.full_drops
+        if full_drops := self._stage.full_drops:  # counted in C (outages)
+            self._log_c_drops()
+            dropped["queue_full"] = dropped.get("queue_full", 0) + full_drops
         delivered = (self._acks.delivered() if self._from_stats
                      else _count_value(self._succeeded))
         return EmitterStats(
@@ -542,8 +550,7 @@ class Emitter:
             if self._closed:
                 return 0
             self._closed = True
-        if self._fast is not None:
-            self._fast.close()
+        self._stage.close()
         atexit.unregister(self._close_at_exit)
         self._stop.set()
         self._poller.join()
