@@ -9,6 +9,11 @@
 A field added or removed without a default, a changed type, a removed enum symbol without
 an enum default or a renamed record all fail.
 
+* **Hand layouts**: every schema with a hand-written fast path must still have the layout
+  that fast path writes and reads (:data:`~shadowpipe.schemas.wire.LAYOUTS`): any field
+  added (even with a default), removed, renamed, moved or retyped fails until the fast
+  paths follow.
+
 >>> problems = check()
 >>> problems
 []
@@ -23,6 +28,7 @@ from typing import Any
 
 import fastavro
 from shadowpipe.schemas import NAMES, released, released_versions, schema
+from shadowpipe.schemas.wire import layout_problems
 
 DEFAULT_FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "schemas"
 SAMPLES = 25
@@ -116,7 +122,7 @@ def check(fixtures: Path | None = DEFAULT_FIXTURES, seed: int = 0) -> list[str]:
                     problems.append(
                         f"{name}: not {direction} compatible with version {version}: {exc}"
                     )
-    return problems
+    return problems + layout_problems()
 
 
 def write_fixtures(version: str, fixtures: Path = DEFAULT_FIXTURES, seed: int = 0) -> list[Path]:

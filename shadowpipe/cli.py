@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, load settings, run; configuration errors are one line, exit 2."""
-    args = build_parser().parse_args(argv)
-    try:
+    try:  # building the parser imports the fast paths, which check their schema layouts
+        args = build_parser().parse_args(argv)
         settings = Settings.load(args)
         logging.basicConfig(
             level=settings.log_level,

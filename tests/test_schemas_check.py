@@ -53,7 +53,8 @@ def test_adding_field_with_default_is_compatible(tmp_path, monkeypatch) -> None:
     def add(doc):
         doc["fields"].append({"name": "note", "type": ["null", "string"], "default": None})
 
-    assert _with_edit(tmp_path, monkeypatch, "Feedback", add) == []
+    # Alert has no hand-written fast path; on one that has, see tests/test_wire_layouts.py.
+    assert _with_edit(tmp_path, monkeypatch, "Alert", add) == []
 
 
 def test_fixtures_exist_for_every_release() -> None:
