@@ -29,6 +29,7 @@ from shadowpipe.schemas.wire import (
     SMALL_COUNT,
     SMALL_LONGS,
     VALUE_BRANCH,
+    double_map_plan,
     long_bytes,
     pack_double,
     require_layout,
@@ -115,14 +116,15 @@ class PredictionEncoder:
         for key, event_time, res, lag in zip(keys, event_times, results, queue_lags,
                                              strict=True):
             output = res.output
-            if res.error is None and output is not None and output["value"] is None:
+            if (res.error is None and output is not None and output["value"] is None
+                    and output["probabilities"]):
                 probs = output["probabilities"]
                 plan = plans.get((output["label"], *probs))
                 if plan is None:
                     plan = self._plan(output["label"], tuple(probs))
                 layout, template = plan
                 args = template.copy()
-                args[2:-4:2] = probs.values()
+                args[3:-5:2] = probs.values()
                 args[-3] = model_time_ms
                 args[-2] = lag
                 tail = layout.pack(*args)
@@ -136,20 +138,14 @@ class PredictionEncoder:
         return out
 
     def _plan(self, label: str | None, classes: tuple[str, ...]) -> tuple[Any, list[Any]]:
-        """Layout and argument template of a successful classifier output's bytes through
-        the end of the record: probabilities at ``[2:-4:2]``, the two timings at -3, -2."""
+        """Layout and argument template of a successful classifier output's bytes (at
+        least one class) through the end of the record: probabilities at ``[3:-5:2]``, the
+        two timings at -3, -2."""
         first = SOME + (NULL if label is None else SOME + self._str(label))
-        first += long_bytes(len(classes)) if classes else b""
-        template: list[Any] = [first]
-        layout = [f"<{len(first)}s"]
-        for name in classes:
-            key = string_bytes(name)
-            template += (key, 0.0)
-            layout.append(f"{len(key)}sd")
-        rest = NULL + NULL  # the map terminator (or empty map), value: null
-        template += (rest, 0.0, 0.0, _NO_ERROR)
-        layout.append(f"{len(rest)}sdd2s")
-        plan = struct.Struct("".join(layout)), template
+        probs, template = double_map_plan(classes)
+        # value: null, the timings, error and error_kind: null
+        plan = (struct.Struct(f"<{len(first)}s{probs.format[1:]}1sdd2s"),
+                [first, *template, NULL, 0.0, 0.0, _NO_ERROR])
         if len(self._plans) >= CACHE_LIMIT:
             self._plans.clear()
         self._plans[(label, *classes)] = plan
