@@ -117,27 +117,22 @@ static inline int wire_str(WireBuf *b, PyObject *s) {
 
 /* ---- reading ---------------------------------------------------------------------------- */
 
-/* Avro long of any length (as schemas/wire.py reads it). A value beyond 64 bits sets *big
- * and comes back as INT64_MAX or INT64_MIN with the sign Python gives it. */
-static inline Py_ssize_t wire_read_long(WireData d, Py_ssize_t n, Py_ssize_t pos, int64_t *out,
-                                        int *big) {
+/* Avro long, read as schemas/wire.py's read_long reads it: at most WIRE_LONG_MAX bytes and
+ * a zig-zag value within 64 bits, else WIRE_FAIL (as for running out of data). */
+static inline Py_ssize_t wire_read_long(WireData d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
     uint64_t r = 0;
-    int shift = 0;
-    *big = 0;
-    for (;;) {
+    for (int shift = 0; shift < 7 * WIRE_LONG_MAX; shift += 7) {
         if (pos >= n) return WIRE_FAIL;
         unsigned char byte = d[pos++];
         uint64_t bits = byte & 0x7F;
-        if (bits) {
-            if (shift >= 64 || (shift > 57 && (bits >> (64 - shift)))) *big = 1;
-            else r |= bits << shift;
+        if (shift == 63 && bits > 1) return WIRE_FAIL; /* beyond 64 bits */
+        r |= bits << shift;
+        if (byte < 0x80) {
+            *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
+            return pos;
         }
-        if (byte < 0x80) break;
-        if (shift < 64) shift += 7;
     }
-    if (*big) *out = (r & 1) ? INT64_MIN : INT64_MAX;
-    else *out = (int64_t)(r >> 1) ^ -(int64_t)(r & 1);
-    return pos;
+    return WIRE_FAIL; /* an 11th byte */
 }
 
 /* Past a long whose value is not needed: at most WIRE_LONG_MAX bytes. */
@@ -203,8 +198,7 @@ static inline int wire_utf8_ok(WireData s, Py_ssize_t n) {
 static inline Py_ssize_t wire_text(WireData d, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *at,
                                    Py_ssize_t *size) {
     int64_t len;
-    int big;
-    pos = wire_read_long(d, n, pos, &len, &big);
+    pos = wire_read_long(d, n, pos, &len);
     if (pos == WIRE_FAIL || len < 0 || len > n - pos) return WIRE_FAIL;
     *at = pos;
     *size = (Py_ssize_t)len;
@@ -238,9 +232,8 @@ static inline Py_ssize_t wire_skip_opt_double(WireData d, Py_ssize_t n, Py_ssize
 /* A map's or array's single block count (a negative count, i.e. a block with a byte size,
  * fails); every item takes at least one byte, so a larger count can only run out of data. */
 static inline Py_ssize_t wire_block(WireData d, Py_ssize_t n, Py_ssize_t pos, int64_t *count) {
-    int big;
     if (pos == WIRE_FAIL) return WIRE_FAIL;
-    pos = wire_read_long(d, n, pos, count, &big);
+    pos = wire_read_long(d, n, pos, count);
     return pos == WIRE_FAIL || *count < 0 || *count > n - pos ? WIRE_FAIL : pos;
 }
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shadowpipe.processors.join import fastpath, parts, store
+from shadowpipe.schemas import wire
 from shadowpipe.schemas.codec import Codec
 
 CODEC = Codec()
@@ -189,14 +190,14 @@ def test_compiled_equals_python_for_every_single_byte_change_and_cut() -> None:
 @needs_compiled
 @pytest.mark.parametrize("extra", range(12))
 def test_compiled_skips_times_like_python(extra: int) -> None:
-    """Times are skipped as at most 10 bytes (fastpath._skip_long); longer forms are None."""
+    """Times are skipped as at most 10 bytes (wire.skip_long); longer forms are None."""
     padded = b"\x82" + b"\x80" * extra + b"\x00" if extra else b"\x02"  # 1, then padding
     inf = CODEC.encode("InferenceEvent", EXAMPLE_EVENT)
-    at = 10 + len(parts.write_string("r1"))
+    at = 10 + len(wire.string_bytes("r1"))
     got = check_inference(inf[:at] + padded + inf[at + 1:], parts.FeatureLayouts())
     assert (got is not None) == (extra <= 8)
     pred = CODEC.encode("ShadowPrediction", EXAMPLE_PREDICTIONS[0])
-    at = 10 + len(parts.write_string("r1") + parts.write_string("c") + parts.write_string("2"))
+    at = 10 + len(wire.string_bytes("r1") + wire.string_bytes("c") + wire.string_bytes("2"))
     at += 1  # is_control
     assert pred[at:at + 2] == b"\x02\x02"  # event_time, scored_at
     for changed in (padded + pred[at + 1:], pred[at:at + 1] + padded + pred[at + 2:]):
@@ -211,8 +212,8 @@ def _with_model(raw: bytes, size: bytes | None = None) -> bytes:
              "output": {"label": None, "probabilities": {}, "value": None},
              "latency_ms": 1.0}
     data = CODEC.encode("InferenceEvent", event)
-    marker = parts.write_string("\x00MODEL\x00")
-    return data.replace(marker, (size or parts.write_long(len(raw))) + raw)
+    marker = wire.string_bytes("\x00MODEL\x00")
+    return data.replace(marker, (size or wire.long_bytes(len(raw))) + raw)
 
 
 @needs_compiled
@@ -246,11 +247,13 @@ def test_compiled_utf8_edges(raw: bytes) -> None:
 @needs_compiled
 @pytest.mark.parametrize("extra", [0, 1, 5, 9, 10, 12, 30])
 def test_compiled_reads_long_varints_like_python(extra: int) -> None:
-    """Non-canonical lengths (any number of continuation bytes) and values past 64 bits."""
+    """Non-canonical lengths (continuation bytes up to the 10 bytes of a long, as
+    wire.read_long) and values past 64 bits."""
     for raw in (b"", b"m", b"model"):
-        size = parts.write_long(len(raw))
+        size = wire.long_bytes(len(raw))
         padded = bytes([size[0] | 0x80]) + b"\x80" * extra + b"\x00" if extra else size
-        assert check_inference(_with_model(raw, padded), None) is not None
+        got = check_inference(_with_model(raw, padded), None)
+        assert (got is not None) == (extra <= 8)
         negative = b"\xff" * (extra + 1) + b"\x01"
         assert check_inference(_with_model(raw, negative), parts.FeatureLayouts()) is None
         positive = b"\xfe" + b"\xff" * extra + b"\x01"

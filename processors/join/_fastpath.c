@@ -29,13 +29,6 @@ typedef WireData Data;
 /* A position, or FAIL: the message is not in the form the walkers take (they return None). */
 #define FAIL WIRE_FAIL
 
-/* An Avro long as parts.read_long reads it: any number of bytes; beyond 64 bits it can only
- * fail later (as a size or a count). */
-static Py_ssize_t get_long(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
-    int big;
-    return wire_read_long(d, n, pos, out, &big);
-}
-
 /* A UTF-8 string (fastpath._string). */
 static Py_ssize_t string(Data d, Py_ssize_t n, Py_ssize_t pos) {
     return wire_skip_string(d, n, pos);
@@ -46,7 +39,7 @@ static Py_ssize_t string(Data d, Py_ssize_t n, Py_ssize_t pos) {
 static Py_ssize_t positive_time(Data d, Py_ssize_t n, Py_ssize_t pos) {
     Py_ssize_t end = wire_skip_long(d, n, pos);
     int64_t t;
-    if (end == FAIL || get_long(d, n, pos, &t) == FAIL || t <= 0) return FAIL;
+    if (end == FAIL || wire_read_long(d, n, pos, &t) == FAIL || t <= 0) return FAIL;
     return end;
 }
 
@@ -131,7 +124,7 @@ static Py_ssize_t features(Data d, Py_ssize_t n, Py_ssize_t pos, Features *f) {
     if (pos == FAIL) return FAIL;
     for (int64_t k = 0; k < f->count; k++) {
         int64_t size;
-        Py_ssize_t at = get_long(d, n, pos, &size);
+        Py_ssize_t at = wire_read_long(d, n, pos, &size);
         if (at == FAIL || size < 0 || size > n - at || n - at - size < 8) return FAIL;
         if (!wire_utf8_ok(d + at, (Py_ssize_t)size)) return FAIL;
         if (wire_non_finite(d + at + size)) return FAIL;
@@ -150,7 +143,7 @@ static PyObject *layout_id(Data d, Py_ssize_t n, const Features *f, PyObject *si
     w += wire_put_long(w, f->count);
     for (int64_t k = 0; k < f->count; k++) {
         int64_t len;
-        Py_ssize_t at = get_long(d, n, f->names[k], &len);
+        Py_ssize_t at = wire_read_long(d, n, f->names[k], &len);
         w += wire_put_long(w, len);
         memcpy(w, d + at, (size_t)len);
         w += len;
@@ -197,7 +190,7 @@ static PyObject *features_block(Data d, Py_ssize_t n, const Features *f, PyObjec
     w += wire_put_long(w, f->count);
     for (int64_t k = 0; k < f->count; k++) {
         int64_t len;
-        Py_ssize_t at = get_long(d, n, f->names[k], &len);
+        Py_ssize_t at = wire_read_long(d, n, f->names[k], &len);
         memcpy(w, d + at + len, 8);
         w += 8;
     }
@@ -329,13 +322,6 @@ done:
 
 #define NI ((Py_ssize_t)-2) /* a position: leave this input to Python */
 
-/* parts.read_long, failing (FAIL) on values beyond 64 bits and on running out of data. */
-static Py_ssize_t read_exact(Data d, Py_ssize_t n, Py_ssize_t pos, int64_t *out) {
-    int big;
-    pos = wire_read_long(d, n, pos, out, &big);
-    return big ? FAIL : pos;
-}
-
 /* A slice [at, at + size) of d, FAIL unless it lies inside d. */
 static Py_ssize_t inside(Py_ssize_t n, Py_ssize_t at, int64_t size) {
     return at == FAIL || size < 0 || size > n - at ? FAIL : at + (Py_ssize_t)size;
@@ -359,13 +345,15 @@ static int split_primary(PyObject *part, PyObject *names, Primary *out) {
     Py_ssize_t n = PyBytes_GET_SIZE(part), pos, end;
     int64_t size;
     if (n < 1 || d[0] != FORMAT) return 1;
-    pos = read_exact(d, n, 1, &out->event_time);
+    pos = wire_read_long(d, n, 1, &out->event_time);
     if (pos == FAIL || pos > n - 9) return 1;
     out->prob = wire_get_double(d + pos);
     pos += 8;
     out->trace = NULL;
-    if (d[pos] != 0) { /* _read_opt_string: any other byte means a string follows */
-        pos = read_exact(d, n, pos + 1, &size);
+    int has_trace = wire_branch(d, n, pos); /* the trace id: ["null", "string"] */
+    if (has_trace == FAIL) return 1;
+    if (has_trace) {
+        pos = wire_read_long(d, n, pos + 1, &size);
         end = inside(n, pos, size);
         if (end == FAIL || !wire_utf8_ok(d + pos, end - pos)) return 1;
         out->trace = d + pos;
@@ -374,14 +362,14 @@ static int split_primary(PyObject *part, PyObject *names, Primary *out) {
     } else {
         pos++;
     }
-    pos = read_exact(d, n, pos, &size);
+    pos = wire_read_long(d, n, pos, &size);
     end = inside(n, pos, size);
     if (end == FAIL || end >= n) return 1;
     out->head = d + pos;
     out->head_len = end - pos;
     pos = end;
     if (d[pos] == 0) {
-        pos = read_exact(d, n, pos + 1, &size);
+        pos = wire_read_long(d, n, pos + 1, &size);
         end = inside(n, pos, size);
         if (end == FAIL) return 1;
         out->num = d + pos;
@@ -394,7 +382,7 @@ static int split_primary(PyObject *part, PyObject *names, Primary *out) {
         Py_DECREF(lid);
         if (list == NULL) return PyErr_Occurred() ? -1 : 1;
         int64_t count;
-        pos = read_exact(d, n, pos + 9, &count);
+        pos = wire_read_long(d, n, pos + 9, &count);
         if (!PyList_CheckExact(list) || pos == FAIL || count != PyList_GET_SIZE(list)
             || count > (n - pos) / 8) return 1;
         Py_ssize_t total = 11 + 8 * (Py_ssize_t)count;
@@ -442,10 +430,10 @@ static int split_feedback(PyObject *part, Feedback *out) {
     Py_ssize_t n = PyBytes_GET_SIZE(part), pos, end;
     int64_t size;
     if (n < 1 || d[0] != FORMAT) return 1;
-    pos = read_exact(d, n, 1, &out->label_time);
+    pos = wire_read_long(d, n, 1, &out->label_time);
     if (pos == FAIL || pos > n - 8) return 1;
     out->prob = wire_get_double(d + pos);
-    pos = read_exact(d, n, pos + 8, &size);
+    pos = wire_read_long(d, n, pos + 8, &size);
     end = inside(n, pos, size);
     if (end == FAIL) return 1;
     out->label = d + pos;
@@ -577,12 +565,7 @@ static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedb
             if (n < 1 || d[0] != FORMAT) goto fallback;
             pos = wire_skip_long(d, n, 1);
             if (pos == FAIL || pos >= n) goto fallback;
-            if (d[pos] < 0x80) {
-                size = d[pos] >> 1; /* as parts.build_bodies reads a short size */
-                start = pos + 1;
-            } else {
-                start = read_exact(d, n, pos, &size);
-            }
+            start = wire_read_long(d, n, pos, &size); /* challenger_version's size */
             Py_ssize_t split = inside(n, start, size);
             if (split == FAIL || split >= n) goto fallback;
             version_seg = d + pos;
@@ -590,7 +573,7 @@ static PyObject *bodies(PyObject *request_id, PyObject *primary, PyObject *feedb
             shadow_seg = d + split + 1;
             shadow_seg_len = n - split - 1;
             if (!pr->has_primary) {
-                if (read_exact(d, n, 1, &own_time) == FAIL) goto fallback;
+                if (wire_read_long(d, n, 1, &own_time) == FAIL) goto fallback;
                 own_known = 1;
             }
         }

@@ -27,129 +27,61 @@ import re
 import struct
 from collections.abc import Callable, Sequence
 from math import isfinite
-from typing import Any
 
-from shadowpipe.processors.join.parts import (
-    FORMAT,
-    MIN_INTERNED,
-    FeatureLayouts,
-    read_long,
-    write_long,
-)
+from shadowpipe.processors.join.parts import FORMAT, MIN_INTERNED, FeatureLayouts
 from shadowpipe.schemas import schema
-from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, schema_fingerprint
+from shadowpipe.schemas.wire import (
+    WireError,
+    long_bytes,
+    read_count,
+    read_long,
+    read_string,
+    require_layout,
+    single_object_prefix,
+    skip_long,
+)
 
-_OUT = ("record", (("label", ("null", "string")), ("probabilities", ("map", "double")),
-                   ("value", ("null", "double"))))
-# The writer layouts the walkers below assume; another schema disables the fast path.
-EXPECTED = {
-    "InferenceEvent": (
-        ("request_id", "string"), ("event_time", "long"), ("model", "string"),
-        ("model_version", "string"), ("num_features", ("map", "double")),
-        ("cat_features", ("map", "string")), ("null_features", ("array", "string")),
-        ("output", _OUT), ("latency_ms", "double"), ("context", ("map", "string")),
-        ("inclusion_prob", "double"), ("trace_id", ("null", "string")),
-    ),
-    "ShadowPrediction": (
-        ("request_id", "string"), ("challenger", "string"), ("challenger_version", "string"),
-        ("is_control", "boolean"), ("event_time", "long"), ("scored_at", "long"),
-        ("output", ("null", _OUT)), ("model_time_ms", "double"), ("queue_lag_ms", "double"),
-        ("error", ("null", "string")), ("error_kind", ("null", "string")),
-    ),
-}
-
-
-class _Unusual(Exception):
-    """The message is not in the simple form this walker handles."""
-
-
-def _shape(t: Any) -> Any:
-    from shadowpipe.processors.join.parts import _shape as shape
-
-    return shape(t)
-
-
-def _header(name: str) -> bytes | None:
-    from fastavro.schema import expand_schema
-
-    parsed = schema(name)
-    fields = tuple((f["name"], _shape(f["type"])) for f in expand_schema(parsed)["fields"])
-    return SINGLE_OBJECT_MARKER + schema_fingerprint(parsed) if fields == EXPECTED[name] \
-        else None
-
-
-HEADERS = {name: _header(name) for name in EXPECTED}
+# The walkers below assume these schemas' hand layouts (wire.LAYOUTS): checked at import.
+for _name in ("InferenceEvent", "ShadowPrediction"):
+    require_layout(_name)
+HEADERS = {name: single_object_prefix(schema(name))
+           for name in ("InferenceEvent", "ShadowPrediction")}
 
 try:  # the compiled walkers (join/_fastpath.c); optional at install time
     from shadowpipe.processors.join import _fastpath as compiled
 except ImportError:  # pragma: no cover - a build without a C compiler
     compiled = None
 if compiled is not None and (
-        bytes((compiled.FORMAT,)) != FORMAT or compiled.MIN_INTERNED != MIN_INTERNED
-        or not all(HEADERS.values())):  # they would disagree with the Python walkers
-    compiled = None  # pragma: no cover
+        bytes((compiled.FORMAT,)) != FORMAT or compiled.MIN_INTERNED != MIN_INTERNED):
+    compiled = None  # pragma: no cover - they would disagree with the Python walkers
 _compiled_inference = compiled.inference_part if compiled is not None else None
 _compiled_shadow = compiled.shadow_part if compiled is not None else None
 _INFERENCE_HEADER = HEADERS["InferenceEvent"]
 _SHADOW_HEADER = HEADERS["ShadowPrediction"]
 
 
-def _long(data: bytes, pos: int) -> tuple[int, int]:
-    byte = data[pos]
-    if byte < 0x80:
-        return (byte >> 1) ^ -(byte & 1), pos + 1
-    return read_long(data, pos)
-
-
-_VARINT = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]")  # one long, in a single C call
-
-
-def _skip_long(data: bytes, pos: int) -> int:
-    """The position after the long at ``pos`` (times: 6-byte varints, value not needed)."""
-    match = _VARINT.match(data, pos)
-    if match is None:
-        raise _Unusual
-    return match.end()
-
-
 def _positive_time(data: bytes, pos: int) -> int:
     """The position after the event time at ``pos``, which must be a positive epoch-ms."""
-    end = _skip_long(data, pos)
-    if _long(data, pos)[0] <= 0:  # the Codec's validation gives the reason
-        raise _Unusual
+    end = skip_long(data, pos)
+    if read_long(data, pos)[0] <= 0:  # the Codec's validation gives the reason
+        raise WireError("event time not positive")
     return end
 
 
 def _finite(values: Sequence[bytes]) -> None:
     """Non-finite features (NaN is missing, infinity invalid) are the Codec's to judge."""
     if not all(map(isfinite, struct.unpack(f"<{len(values)}d", b"".join(values)))):
-        raise _Unusual
-
-
-def _text(data: bytes, pos: int) -> tuple[str, int]:
-    size = data[pos]
-    if size < 0x80 and not size & 1:  # the usual short string: a one-byte length
-        end = pos + 1 + (size >> 1)
-        return data[pos + 1:end].decode(), end  # truncation fails the final length check
-    size, pos = read_long(data, pos)
-    end = pos + size
-    if size < 0 or end > len(data):
-        raise _Unusual
-    return data[pos:end].decode(), end
+        raise WireError("non-finite feature")
 
 
 def _string(data: bytes, pos: int) -> int:
-    size = data[pos]
-    if size < 0x80 and not size & 1:  # the usual short string: a one-byte length
-        end = pos + 1 + (size >> 1)
-        data[pos + 1:end].decode()  # validates; truncation fails the final length check
-        return end
-    return _text(data, pos)[1]
+    """The position after the string at ``pos``, checked to be UTF-8."""
+    return read_string(data, pos)[1]
 
 
 def _double(data: bytes, pos: int) -> int:
     if pos + 8 > len(data):
-        raise _Unusual
+        raise WireError("double out of bounds")
     return pos + 8
 
 
@@ -161,7 +93,7 @@ def _optional(skip: Callable[[bytes, int], int]) -> Callable[[bytes, int], int]:
         if branch == 0:
             return pos + 1
         if branch != 2:
-            raise _Unusual
+            raise WireError("union branch out of range")
         return skip(data, pos + 1)
 
     return skip_optional
@@ -171,35 +103,28 @@ _opt_string = _optional(_string)
 _opt_double = _optional(_double)
 
 
-def _block(data: bytes, pos: int) -> tuple[int, int]:
-    count, pos = _long(data, pos)
-    if count < 0:  # blocks with byte sizes: legal, rare; left to fastavro
-        raise _Unusual
-    return count, pos
-
-
 def _end(data: bytes, pos: int, count: int) -> int:
-    if count and data[pos] != 0:  # a second block
-        raise _Unusual
+    if count and data[pos] != 0:  # a second block: legal, rare; left to fastavro
+        raise WireError("a second block")
     return pos + 1 if count else pos
 
 
 def _map_string(data: bytes, pos: int) -> int:
-    count, pos = _block(data, pos)
+    count, pos = read_count(data, pos)
     for _ in range(count):
         pos = _string(data, _string(data, pos))
     return _end(data, pos, count)
 
 
 def _map_double(data: bytes, pos: int) -> int:
-    count, pos = _block(data, pos)
+    count, pos = read_count(data, pos)
     for _ in range(count):
         pos = _double(data, _string(data, pos))
     return _end(data, pos, count)
 
 
 def _array_string(data: bytes, pos: int) -> int:
-    count, pos = _block(data, pos)
+    count, pos = read_count(data, pos)
     for _ in range(count):
         pos = _string(data, pos)
     return _end(data, pos, count)
@@ -234,13 +159,13 @@ def _features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[by
 
 def _walk_features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tuple[bytes, int]:
     start = pos
-    count, pos = _block(data, pos)
+    count, pos = read_count(data, pos)
     names, values = [], []
     for _ in range(count):
-        size, name_at = _long(data, pos)
+        size, name_at = read_long(data, pos)
         pos = name_at + size
         if size < 0 or pos + 8 > len(data):
-            raise _Unusual
+            raise WireError("feature out of bounds")
         names.append(data[name_at:pos])
         values.append(data[pos:pos + 8])
         pos += 8
@@ -253,20 +178,20 @@ def _walk_features(data: bytes, pos: int, layouts: FeatureLayouts | None) -> tup
         for name in names:
             name.decode()
         raw = data[start:pos]
-        return b"\x00" + write_long(len(raw)) + raw, pos
+        return b"\x00" + long_bytes(len(raw)) + raw, pos
     if count < 64:
         _remember(data[start:start + 1], tuple(names))
-    return b"".join((b"\x01", lid, write_long(count), *values)), pos
+    return b"".join((b"\x01", lid, long_bytes(count), *values)), pos
 
 
 def _remember(count: bytes, names: tuple[bytes, ...]) -> None:
     """Keep the pattern of a valid (UTF-8 checked, interned) single-block feature map."""
-    key = count + write_long(len(names[0])) + names[0]
+    key = count + long_bytes(len(names[0])) + names[0]
     if key in _KNOWN_MAPS:
         return
     if len(_KNOWN_MAPS) >= _KNOWN_LIMIT:
         _KNOWN_MAPS.clear()
-    body = b"".join(re.escape(write_long(len(n)) + n) + b"(.{8})" for n in names)
+    body = b"".join(re.escape(long_bytes(len(n)) + n) + b"(.{8})" for n in names)
     _KNOWN_MAPS[key] = (re.compile(re.escape(count) + body + b"\x00", re.DOTALL), names)
 
 
@@ -300,7 +225,7 @@ def walk_inference(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
     if data[:10] != HEADERS["InferenceEvent"]:
         return None
     try:
-        request_id, time_at = _text(data, 10)
+        request_id, time_at = read_string(data, 10)
         pos = _positive_time(data, time_at)
         event_time, head_at = data[time_at:pos], pos
         pos = _string(data, _string(data, pos))
@@ -313,13 +238,13 @@ def walk_inference(data: bytes, layouts: FeatureLayouts | None) -> tuple[str, by
         context_at, pos = pos, _map_string(data, pos)
         prob_at, pos = pos, _double(data, pos)
         trace_at, pos = pos, _opt_string(data, pos)
-    except (_Unusual, IndexError, ValueError):
+    except (IndexError, ValueError):  # WireError and UnicodeDecodeError are ValueErrors
         return None
     if pos != len(data):
         return None
     head += data[context_at:prob_at]
     return request_id, b"".join((
-        FORMAT, event_time, data[prob_at:trace_at], data[trace_at:], write_long(len(head)),
+        FORMAT, event_time, data[prob_at:trace_at], data[trace_at:], long_bytes(len(head)),
         head, num_block, data[rest_at:out_at], b"\x02", data[out_at:latency_at], b"\x02",
         data[latency_at:context_at],
     ))
@@ -330,23 +255,23 @@ def walk_shadow(data: bytes) -> tuple[str, str, bool, bytes] | None:
     if data[:10] != HEADERS["ShadowPrediction"]:
         return None
     try:
-        request_id, pos = _text(data, 10)
-        challenger, version_at = _text(data, pos)
+        request_id, pos = read_string(data, 10)
+        challenger, version_at = read_string(data, pos)
         control_at = _string(data, version_at)
         if data[control_at] > 1:
-            raise _Unusual
+            raise WireError("boolean out of range")
         time_at = control_at + 1
         time_end = pos = _positive_time(data, time_at)
-        pos = _skip_long(data, pos)  # scored_at
+        pos = skip_long(data, pos)  # scored_at
         out_at, has_output = pos, data[pos] != 0
         if data[pos] > 2 or data[pos] == 1:
-            raise _Unusual
+            raise WireError("union branch out of range")
         timings_at = _output(data, pos + 1) if has_output else pos + 1
         pos = _double(data, _double(data, timings_at))
         error_at = pos
         has_error = data[pos] != 0
         pos = _opt_string(data, _opt_string(data, pos))
-    except (_Unusual, IndexError, ValueError):
+    except (IndexError, ValueError):  # WireError and UnicodeDecodeError are ValueErrors
         return None
     if pos != len(data):
         return None

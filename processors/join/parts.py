@@ -8,9 +8,11 @@ small header fields plus concatenation, with no decoding of the features.
 
 A stored part is ``FORMAT`` (one byte) + a small *meta* prefix (what the joiner itself needs:
 times, inclusion probability, ...) + the segment(s), written by hand (a few times faster than
-fastavro for these small pieces). ``schemas/JoinedRecord.avsc`` is checked at import against
-:data:`WIRE`, so a schema change that moves or retypes a field fails loudly here instead of
-producing corrupt records (then: update the encoders and bump ``FORMAT``).
+fastavro for these small pieces) from the primitives of :mod:`shadowpipe.schemas.wire`.
+``schemas/JoinedRecord.avsc`` is checked at import against its hand layout
+(``wire.LAYOUTS["JoinedRecord"]``, :func:`~shadowpipe.schemas.wire.require_layout`), so a
+schema change that moves or retypes a field refuses to start instead of producing corrupt
+records (then: update the encoders, the layout and ``FORMAT``).
 
 Numeric feature *names* repeat in every request of a model, so they are interned: the part
 keeps an 8-byte layout id and the raw values; the names live once in a Redis hash
@@ -38,173 +40,67 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import struct
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from typing import Any
 
 import fastavro
-from fastavro.schema import expand_schema
 from shadowpipe.schemas import schema
-from shadowpipe.schemas.wire import long_bytes
+from shadowpipe.schemas.wire import (
+    JOIN_STATES,
+    NULL_BRANCH,
+    VALUE_BRANCH,
+    cached_string_bytes,
+    double_map_bytes,
+    long_bytes,
+    optional_double,
+    optional_long,
+    optional_string,
+    pack_double,
+    read_long,
+    read_optional,
+    read_string,
+    require_layout,
+    skip_long,
+    string_array_bytes,
+    string_bytes,
+    string_dict_bytes,
+    time_bytes,
+    unpack_double,
+    utf8_bytes,
+)
 
 FORMAT = b"\x01"
-_OUTPUT = ("record", (("label", ("null", "string")), ("probabilities", ("map", "double")),
-                      ("value", ("null", "double"))))
-_STATES = ("predicted", "labelled", "orphan_feedback", "orphan_prediction")
-# JoinedRecord's fields in wire order with the types the encoders below write.
-WIRE: tuple[tuple[str, Any], ...] = (
-    ("request_id", "string"), ("challenger", "string"), ("challenger_version", "string"),
-    ("is_control", "boolean"), ("version", "long"), ("state", ("enum", _STATES)),
-    ("event_time", ("null", "long")),
-    # primary segment (stored once per request)
-    ("model", "string"), ("model_version", "string"), ("context", ("map", "string")),
-    ("num_features", ("map", "double")), ("cat_features", ("map", "string")),
-    ("null_features", ("array", "string")), ("primary_output", ("null", _OUTPUT)),
-    ("primary_latency_ms", ("null", "double")),
-    # shadow segment (one per challenger)
-    ("shadow_output", ("null", _OUTPUT)), ("shadow_error", ("null", "string")),
-    ("shadow_error_kind", ("null", "string")), ("model_time_ms", ("null", "double")),
-    ("queue_lag_ms", ("null", "double")),
-    # label segment, computed delay, source segment
-    ("label", ("null", "string")), ("label_value", ("null", "double")),
-    ("label_time", ("null", "long")), ("label_delay_ms", ("null", "long")),
-    ("feedback_source", ("null", "string")), ("feedback_weight", "double"),
-    ("inclusion_prob", "double"), ("joined_at", "long"), ("trace_id", ("null", "string")),
-)
 # Encoded defaults of each segment when its part is missing.
 _NO_PRIMARY = b"\x00" * 8
 _NO_SHADOW = b"\x00" * 5
 _NO_LABEL = b"\x00" * 3
 _NO_VERSION = b"\x00\x00"  # challenger_version "" and is_control false
-_DOUBLE = struct.Struct("<d")
-_VARINT = re.compile(rb"[\x80-\xff]{0,9}[\x00-\x7f]")  # skips one long in a single C call
-_NO_SOURCE = b"\x00" + _DOUBLE.pack(1.0)
+_NO_SOURCE = NULL_BRANCH + pack_double(1.0)
+require_layout("JoinedRecord")  # the segments below follow its field order and types
 _JOINED = schema("JoinedRecord")
 CACHE_SIZE = 20_000  # split primary parts kept per build cache (~0.5 KB each)
 MIN_INTERNED = 4  # fewer numeric features are cheaper inline than behind a layout id
 
 
 class LayoutError(RuntimeError):
-    """JoinedRecord.avsc or a stored part does not match what this joiner writes."""
+    """A stored part does not match what this joiner writes (format, feature layout)."""
 
 
-def _shape(t: Any) -> Any:
-    if isinstance(t, str):
-        return t
-    if isinstance(t, list):
-        return tuple(_shape(x) for x in t)
-    kind = t["type"]
-    if kind == "map":
-        return ("map", _shape(t["values"]))
-    if kind == "array":
-        return ("array", _shape(t["items"]))
-    if kind == "record":
-        return ("record", tuple((f["name"], _shape(f["type"])) for f in t["fields"]))
-    if kind == "enum":
-        return ("enum", tuple(t["symbols"]))
-    return _shape(kind)
+def _name_bytes(name: str | bytes) -> bytes:
+    """Avro string of a challenger name, as str or as the UTF-8 bytes the store returns."""
+    return utf8_bytes(name) if isinstance(name, bytes) else cached_string_bytes(name)
 
 
-def check_layout(parsed: dict[str, Any]) -> None:
-    """Raise :class:`LayoutError` unless ``parsed`` (a JoinedRecord schema) matches :data:`WIRE`.
-
-    >>> check_layout(_JOINED)
-    """
-    actual = tuple((f["name"], _shape(f["type"])) for f in expand_schema(parsed)["fields"])
-    if actual != WIRE:
-        diff = [a for a, w in zip(actual, WIRE, strict=False) if a != w] or actual[len(WIRE):]
-        raise LayoutError(f"JoinedRecord.avsc changed ({diff[:1]}): update join/parts.py")
-
-
-check_layout(_JOINED)
-
-# -- Avro primitives -----------------------------------------------------------------------
-
-
-@lru_cache(maxsize=65536)  # event times recur in a request's parts and records
-def write_long(n: int) -> bytes:
-    """Avro zig-zag varint (the producer library's encoder, memoised).
-
-    >>> write_long(0), write_long(-1), write_long(64)
-    (b'\\x00', b'\\x01', b'\\x80\\x01')
-    """
-    return long_bytes(n)
-
-
-def read_long(data: bytes, pos: int) -> tuple[int, int]:
-    """Inverse of :func:`write_long`: (value, next position).
-
-    >>> read_long(write_long(-123456789), 0)
-    (-123456789, 4)
-    """
-    shift = result = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
-
-
-@lru_cache(maxsize=16384)  # labels, model names, challengers, map keys recur
-def write_string(text: str) -> bytes:
-    raw = text.encode()
-    return write_long(len(raw)) + raw
-
-
-@lru_cache(maxsize=4096)
-def _write_name(name: str | bytes) -> bytes:
-    raw = name.encode() if isinstance(name, str) else name
-    return write_long(len(raw)) + raw
-
-
-def read_string(data: bytes, pos: int) -> tuple[str, int]:
-    size, pos = read_long(data, pos)
-    return data[pos:pos + size].decode(), pos + size
-
-
-def _opt_string(text: str | None) -> bytes:
-    return b"\x00" if text is None else b"\x02" + write_string(text)
-
-
-def _read_opt_string(data: bytes, pos: int) -> tuple[str | None, int]:
-    if data[pos] == 0:
-        return None, pos + 1
-    return read_string(data, pos + 1)
-
-
-def _opt_long(n: int | None) -> bytes:
-    return b"\x00" if n is None else b"\x02" + write_long(n)
-
-
-def _opt_double(x: float | None) -> bytes:
-    return b"\x00" if x is None else b"\x02" + _DOUBLE.pack(x)
-
-
-def _block(count: int, body: bytes) -> bytes:
-    return write_long(count) + body + b"\x00" if count else b"\x00"
-
-
-def _map_string(m: dict[str, str]) -> bytes:
-    return _block(len(m), b"".join(write_string(k) + write_string(v) for k, v in m.items()))
-
-
-def _map_double(m: dict[str, float]) -> bytes:
-    return _block(len(m), b"".join(write_string(k) + _DOUBLE.pack(v) for k, v in m.items()))
-
-
-def _array_string(items: Sequence[str]) -> bytes:
-    return _block(len(items), b"".join(write_string(x) for x in items))
+def _double_map(m: dict[str, float]) -> bytes:
+    return double_map_bytes(tuple(m), tuple(m.values()))
 
 
 def _opt_output(out: dict[str, Any] | None) -> bytes:
     if out is None:
-        return b"\x00"
-    return b"".join((b"\x02", _opt_string(out["label"]), _map_double(out["probabilities"]),
-                     _opt_double(out["value"])))
+        return NULL_BRANCH
+    return b"".join((VALUE_BRANCH, optional_string(out["label"]),
+                     _double_map(out["probabilities"]), optional_double(out["value"])))
 
 
 # -- feature layouts -------------------------------------------------------------------------
@@ -220,7 +116,7 @@ class FeatureLayouts:
     >>> layouts = FeatureLayouts()
     >>> lid = layouts.intern(("a", "b", "c", "d"))
     >>> values = struct.pack("<4d", 1, 2, 3, 4)
-    >>> layouts.map_encoder(lid)(values) == _map_double(dict(zip("abcd", (1.0, 2.0, 3.0, 4.0))))
+    >>> layouts.map_encoder(lid)(values) == _double_map(dict(zip("abcd", (1.0, 2.0, 3.0, 4.0))))
     True
     >>> len(layouts.unsaved)
     1
@@ -249,7 +145,7 @@ class FeatureLayouts:
         payload = json.dumps(names, separators=(",", ":")).encode()
         lid = hashlib.blake2b(payload, digest_size=8).digest()
         self._ids[names] = lid
-        self._names[lid] = [write_string(n) for n in names]
+        self._names[lid] = [string_bytes(n) for n in names]
         self.unsaved[lid] = payload
         return lid
 
@@ -260,8 +156,7 @@ class FeatureLayouts:
             lid = self.intern(tuple(n.decode() for n in names))
             if lid is not None:
                 self._raw_ids[names] = lid
-                self.signatures[write_long(len(names)) + b"".join(
-                    write_long(len(n)) + n for n in names)] = lid
+                self.signatures[long_bytes(len(names)) + b"".join(map(utf8_bytes, names))] = lid
         return lid
 
     def map_encoder(self, lid: bytes) -> Callable[[bytes], bytes]:
@@ -274,7 +169,7 @@ class FeatureLayouts:
                 payload = self._fetch([lid])[0] if self._fetch else None
                 if payload is None:
                     raise LayoutError(f"unknown feature layout {lid.hex()}")
-                names = self._names[lid] = [write_string(n) for n in json.loads(payload)]
+                names = self._names[lid] = [string_bytes(n) for n in json.loads(payload)]
             encoder = self._encoders[lid] = _map_template(names)
         return encoder
 
@@ -287,7 +182,7 @@ class FeatureLayouts:
 
 def _map_template(names: list[bytes]) -> Callable[[bytes], bytes]:
     """The map encoding as a ``bytes %`` template with a hole per value, filled per record."""
-    template = b"".join((write_long(len(names)).replace(b"%", b"%%"),
+    template = b"".join((long_bytes(len(names)).replace(b"%", b"%%"),
                          *(name.replace(b"%", b"%%") + b"%b" for name in names), b"\x00"))
     values = struct.Struct("8s" * len(names))
 
@@ -303,21 +198,22 @@ def _map_template(names: list[bytes]) -> Callable[[bytes], bytes]:
 def encode_inference(event: dict[str, Any], layouts: FeatureLayouts | None = None) -> bytes:
     """Stored part of an InferenceEvent: meta (event_time, inclusion_prob, trace_id) + the
     primary segment (features, context, output) with numeric feature names interned."""
-    head = b"".join((write_string(event["model"]), write_string(event["model_version"]),
-                     _map_string(event["context"])))
+    head = b"".join((cached_string_bytes(event["model"]),
+                     cached_string_bytes(event["model_version"]),
+                     string_dict_bytes(event["context"])))
     num = event["num_features"]
     lid = layouts.intern(tuple(num)) if layouts is not None else None
     if lid is None:
-        enc = _map_double(num)
-        num_block = b"\x00" + write_long(len(enc)) + enc
+        enc = _double_map(num)
+        num_block = b"\x00" + long_bytes(len(enc)) + enc
     else:
-        num_block = b"\x01" + lid + write_long(len(num)) + struct.pack(f"<{len(num)}d",
+        num_block = b"\x01" + lid + long_bytes(len(num)) + struct.pack(f"<{len(num)}d",
                                                                        *num.values())
     return b"".join((
-        FORMAT, write_long(event["event_time"]), _DOUBLE.pack(event["inclusion_prob"]),
-        _opt_string(event["trace_id"]), write_long(len(head)), head, num_block,
-        _map_string(event["cat_features"]), _array_string(event["null_features"]),
-        _opt_output(event["output"]), b"\x02", _DOUBLE.pack(event["latency_ms"]),
+        FORMAT, time_bytes(event["event_time"]), pack_double(event["inclusion_prob"]),
+        optional_string(event["trace_id"]), long_bytes(len(head)), head, num_block,
+        string_dict_bytes(event["cat_features"]), string_array_bytes(event["null_features"]),
+        _opt_output(event["output"]), optional_double(event["latency_ms"]),
     ))
 
 
@@ -325,20 +221,20 @@ def encode_shadow(pred: dict[str, Any]) -> bytes:
     """Stored part of a ShadowPrediction: meta (event_time, challenger_version, is_control) +
     the shadow segment (output or error, timings)."""
     return b"".join((
-        FORMAT, write_long(pred["event_time"]), write_string(pred["challenger_version"]),
+        FORMAT, time_bytes(pred["event_time"]), cached_string_bytes(pred["challenger_version"]),
         b"\x01" if pred["is_control"] else b"\x00", _opt_output(pred["output"]),
-        _opt_string(pred["error"]), _opt_string(pred["error_kind"]),
-        b"\x02", _DOUBLE.pack(pred["model_time_ms"]), b"\x02", _DOUBLE.pack(pred["queue_lag_ms"]),
+        optional_string(pred["error"]), optional_string(pred["error_kind"]),
+        optional_double(pred["model_time_ms"]), optional_double(pred["queue_lag_ms"]),
     ))
 
 
 def encode_feedback(fb: dict[str, Any]) -> bytes:
     """Stored part of a Feedback: meta (label time, inclusion_prob) + label and source segments."""
-    label = b"".join((_opt_string(fb["label"]), _opt_double(fb["value"]),
-                      b"\x02", write_long(fb["event_time"])))
-    return b"".join((FORMAT, write_long(fb["event_time"]), _DOUBLE.pack(fb["inclusion_prob"]),
-                     write_long(len(label)), label, _opt_string(fb["source"]),
-                     _DOUBLE.pack(fb["weight"])))
+    label = b"".join((optional_string(fb["label"]), optional_double(fb["value"]),
+                      VALUE_BRANCH, time_bytes(fb["event_time"])))
+    return b"".join((FORMAT, time_bytes(fb["event_time"]), pack_double(fb["inclusion_prob"]),
+                     long_bytes(len(label)), label, optional_string(fb["source"]),
+                     pack_double(fb["weight"])))
 
 
 def _check_format(part: bytes) -> None:
@@ -350,8 +246,8 @@ def _split_inference(part: bytes, layouts: FeatureLayouts | None
                      ) -> tuple[int, float, str | None, bytes]:
     _check_format(part)
     event_time, pos = read_long(part, 1)
-    (prob,) = _DOUBLE.unpack_from(part, pos)
-    trace_id, pos = _read_opt_string(part, pos + 8)
+    (prob,) = unpack_double(part, pos)
+    trace_id, pos = read_optional(part, pos + 8, read_string)
     size, pos = read_long(part, pos)
     head, pos = part[pos:pos + size], pos + size
     if part[pos] == 0:
@@ -369,7 +265,7 @@ def _split_inference(part: bytes, layouts: FeatureLayouts | None
 def _split_feedback(part: bytes) -> tuple[int, float, bytes, bytes]:
     _check_format(part)
     label_time, pos = read_long(part, 1)
-    (prob,) = _DOUBLE.unpack_from(part, pos)
+    (prob,) = unpack_double(part, pos)
     size, pos = read_long(part, pos + 8)
     return label_time, prob, part[pos:pos + size], part[pos + size:]
 
@@ -387,7 +283,7 @@ def join_state(challenger: str | bytes, primary: bytes | None, feedback: bytes |
     return "labelled" if feedback is not None else "predicted"
 
 
-_STATE_CODES = {state: write_long(n) for n, state in enumerate(_STATES)}
+_STATE_CODES = {state: long_bytes(n) for n, state in enumerate(JOIN_STATES)}
 
 
 def build_body(
@@ -470,16 +366,15 @@ def python_bodies(
     if feedback is not None:
         label_time, fb_prob, label_seg, source_seg = _split_feedback(feedback)
         prob *= fb_prob
-    rid = request_id.encode()
-    head = prefix + write_long(len(rid)) + rid
+    head = prefix + string_bytes(request_id)
     # What follows the segments of the primary and the shadow, given the event time.
-    after = b"".join((_DOUBLE.pack(prob), write_long(joined_at), _opt_string(trace_id)))
+    after = b"".join((pack_double(prob), time_bytes(joined_at), optional_string(trace_id)))
     tail = None
     if event_time is not None:
         delay = label_time - event_time if label_time is not None else None
-        tail = b"".join((label_seg, _opt_long(delay), source_seg, after))
+        tail = b"".join((label_seg, optional_long(delay), source_seg, after))
     out = []
-    primary_at = _opt_long(event_time)
+    primary_at = optional_long(event_time)
     for n in range(0, len(shadows), 3):
         challenger, version, shadow = shadows[n], shadows[n + 1], shadows[n + 2]
         state = _STATE_CODES[join_state(challenger, primary, feedback)]
@@ -488,19 +383,20 @@ def python_bodies(
         own_time = None
         if shadow is not None:
             _check_format(shadow)
-            pos = _VARINT.match(shadow, 1).end()  # type: ignore[union-attr]  # our own part
-            size = shadow[pos]
-            size, start = (size >> 1, pos + 1) if size < 0x80 else read_long(shadow, pos)
+            pos = skip_long(shadow, 1)
+            size, start = read_long(shadow, pos)  # challenger_version; is_control follows
+            if size < 0:
+                raise LayoutError("stored shadow part with a negative string size")
             version_seg, shadow_seg = shadow[pos:start + size + 1], shadow[start + size + 1:]
             if event_time is None:
                 own_time = read_long(shadow, 1)[0]
-                at = _opt_long(own_time)
+                at = optional_long(own_time)
         end = tail
         if end is None:  # no primary: the event time is the shadow prediction's, if any
             delay = label_time - own_time if label_time is not None and own_time is not None \
                 else None
-            end = b"".join((label_seg, _opt_long(delay), source_seg, after))
-        out.append(b"".join((head, _write_name(challenger), version_seg, write_long(version),
+            end = b"".join((label_seg, optional_long(delay), source_seg, after))
+        out.append(b"".join((head, _name_bytes(challenger), version_seg, long_bytes(version),
                              state, at, primary_seg, shadow_seg, end)))
     return out
 
