@@ -19,7 +19,7 @@ blocks it: events that cannot be sent are dropped and counted (:meth:`Emitter.st
     emitter.emit_feedback(request_id, "ok")  # ...and send the outcome when known
 
 Details: :mod:`.emitter` (guarantees, counters), :mod:`.events` (input rules, privacy),
-:mod:`.sampling` (the sampling hash), :mod:`.tracking` (decorator, request ids) and
+:mod:`shadowpipe.sampling` (the sampling hash), :mod:`.tracking` (decorator, request ids) and
 ``docs/producer.md``.
 
 >>> from shadowpipe.producers import is_sampled
@@ -28,13 +28,14 @@ True
 """
 
 from shadowpipe.producers.emitter import Emitter, EmitterStats
-from shadowpipe.producers.sampling import SampleRates, is_sampled
 from shadowpipe.producers.tracking import (
     InferenceCall,
     current_request_id,
     new_request_id,
     use_request_id,
 )
+
+from shadowpipe.sampling import SampleRates, is_sampled
 
 __all__ = [
     "Emitter",

@@ -58,12 +58,12 @@ from shadowpipe.producers.events import (
     reason_of,
     single_object_header,
 )
-from shadowpipe.producers.sampling import SampleRates, threshold
 from shadowpipe.producers.staging import STAGE_WAIT_MS, BurstPolicy, Stage
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.kafka import PRODUCER_DEFAULTS
+from shadowpipe.sampling import SampleRates, threshold
 
 try:  # emit_inference's plain case and the stage in C (producers/_encode.c); optional
     from shadowpipe.producers._encode import fast_emitter
@@ -390,7 +390,7 @@ class Emitter:
 
         ``label`` as in outputs (a float is the regression ``value``); sampled with the
         same hash as the inference, at ``model``'s rate or, without ``model``, the
-        highest configured rate (:class:`~shadowpipe.producers.sampling.SampleRates`).
+        highest configured rate (:class:`~shadowpipe.sampling.SampleRates`).
         """
         try:
             if self._closed:

@@ -19,12 +19,12 @@ from shadowpipe.producers.events import (
     reason_of,
     single_object_header,
 )
-from shadowpipe.producers.sampling import SampleRates, is_sampled
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.schemas.wire import long_bytes, string_bytes, time_bytes
 
 from shadowpipe.config import ConfigError
+from shadowpipe.sampling import SampleRates, is_sampled
 
 CODEC = Codec()
 

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from shadowpipe.processors.shadow import sampling
 from shadowpipe.processors.shadow.challengers import (
     CallableModel,
     InvalidOutput,
@@ -36,6 +35,7 @@ from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
+from shadowpipe import sampling
 from shadowpipe.config import ConfigError, Settings
 
 CODEC = Codec()
@@ -364,7 +364,7 @@ def _closed_port() -> int:
 
 
 def test_sampling_follows_the_producer_rule() -> None:
-    from shadowpipe.producers.sampling import is_sampled
+    from shadowpipe.sampling import is_sampled
 
     ids = [f"req-{i}" for i in range(4000)]
     bound = sampling.threshold(0.3)

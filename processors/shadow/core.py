@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from shadowpipe.processors.dead_letter import dead_letter
-from shadowpipe.processors.shadow import sampling
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder
@@ -39,6 +38,7 @@ from shadowpipe.processors.shadow.stats import Stats
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.wire import long_bytes
 
+from shadowpipe import sampling
 from shadowpipe.config import Settings
 
 WORKER = "shadow"

@@ -1,4 +1,6 @@
-"""Deterministic sampling by request id, reproducible in any language.
+"""Deterministic sampling by request id, reproducible in any language: the one rule the
+producer (which events to send) and the shadow worker (which requests each challenger
+scores) both apply, so sampled sets nest.
 
 A request is sampled at rate ``r`` (0 <= r <= 1) exactly when::
 
@@ -15,6 +17,9 @@ at a rate no lower than the inference's (see :class:`SampleRates`).
 >>> h = int.from_bytes(hashlib.sha256(b"req-1").digest()[:8], "big")
 >>> is_sampled("req-1", 0.5) == (h < 2**63)
 True
+>>> d = digest("req-1")
+>>> sampled(d, threshold(0.5)) == is_sampled("req-1", 0.5), sampled(d, threshold(0.0))
+(True, False)
 >>> rates = SampleRates.parse(("*=0.1", "fraud=0.5"))
 >>> rates.rate("fraud"), rates.rate("churn"), rates.feedback_rate(None)
 (0.5, 0.1, 0.5)
@@ -46,6 +51,16 @@ def sampled_below(request_id: bytes, bound: bytes | None) -> bool:
     Comparing big-endian byte strings of equal length is comparing the integers.
     """
     return bound is None or hashlib.sha256(request_id).digest()[:8] < bound
+
+
+def digest(request_id: str) -> bytes:
+    """The 8 hash bytes a request's sampling decisions compare (hash once, test per rate)."""
+    return hashlib.sha256(request_id.encode()).digest()[:8]
+
+
+def sampled(request_digest: bytes, bound: bytes | None) -> bool:
+    """The decision for a :func:`digest` against a :func:`threshold`."""
+    return bound is None or request_digest < bound
 
 
 def is_sampled(request_id: str, rate: float) -> bool:
