@@ -12,12 +12,14 @@ import uuid
 
 import numpy as np
 from rich.console import Console
-from shadowpipe.processors.monitor import compare, synthetic
+from shadowpipe.processors import read
+from shadowpipe.processors.monitor import compare
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.verdict.stats import asymptotic_cs
 from shadowpipe.schemas.codec import Codec
 from sklearn.metrics import roc_auc_score
 
+from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 
 CODEC = Codec()
@@ -56,7 +58,7 @@ def test_compare_by_attribute_shows_overall_row_difference_and_scores(settings: 
         primary_accuracy=0.85, challenger_accuracy=0.70, timeout_rate=0.05))
     _load(s, records)
 
-    data = compare.gather(s, "c1", 86_400, "region")
+    data = read.gather(s, "c1", 86_400, "region")
     rows = data["arms"]
     assert [r["segment"] for r in rows] == ["", "apac", "eu", "us"]
     overall = rows[0]
@@ -72,7 +74,7 @@ def test_compare_by_attribute_shows_overall_row_difference_and_scores(settings: 
                  for p, y in paired)
     wins = sum(p["shadow_output"]["label"] == y != p["primary_output"]["label"]
                for p, y in paired)
-    cs = asymptotic_cs(len(paired), losses - wins, losses + wins, compare.ALPHA)
+    cs = asymptotic_cs(len(paired), losses - wins, losses + wins, read.ALPHA)
     diff = overall["difference"]
     assert diff["metric"] == "accuracy" and diff["pairs"] == len(paired)
     assert diff["anytime_valid"] and diff["reliable"]

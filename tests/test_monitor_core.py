@@ -5,10 +5,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from shadowpipe.processors.monitor import synthetic
 from shadowpipe.processors.monitor.core import Monitor, pair_key
 from shadowpipe.processors.monitor.stats import LogSketch, psi, wilson
 
+from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 
 WINDOW_MS = 60_000
@@ -160,7 +160,7 @@ def test_stats_helpers() -> None:
 def test_docs_show_the_queries_compare_runs() -> None:
     from pathlib import Path
 
-    from shadowpipe.processors.monitor.queries import QUERIES, render
+    from shadowpipe.processors.read import QUERIES, render
 
     text = (Path(__file__).parents[1] / "docs" / "monitor.md").read_text()
     for name in QUERIES:

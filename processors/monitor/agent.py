@@ -10,9 +10,9 @@ the open ones. ``GET /shadowpipe/monitor/ready`` (200 or 503) and
 process with exit code 1 (see :mod:`.runtime`).
 
 It also serves ``GET /shadowpipe/query/?name=arms&since_ms=...&challenger=...&by=...``:
-the named read queries of :mod:`.queries` as JSON, run on the monitor's own ClickHouse
-client. With the embedded engine only this process may open the data directory, so this is
-how ``shadowpipe compare`` reads while the pipeline runs.
+the named read queries of :mod:`shadowpipe.processors.read` as JSON, run on the
+monitor's own ClickHouse client. With the embedded engine only this process may open the
+data directory, so this is how ``shadowpipe compare`` reads while the pipeline runs.
 
 Run one monitor instance (a second one is a hot standby): window state and detectors are
 per instance, so splitting the joined topic between instances would split the windows.
@@ -26,9 +26,9 @@ from typing import Any
 
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
-from shadowpipe.processors.monitor.queries import QUERIES
-from shadowpipe.processors.monitor.queries import run as run_query
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
+from shadowpipe.processors.read import QUERIES
+from shadowpipe.processors.read import run as run_query
 from shadowpipe.processors.verdict import agent as verdict_agent
 
 from shadowpipe.config import Settings

@@ -48,7 +48,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def compare_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from shadowpipe.processors.monitor.compare import gather, parse_duration, print_table
+    from shadowpipe.processors.monitor.compare import print_table
+    from shadowpipe.processors.read import gather, parse_duration
 
     data = gather(settings, args.challenger, parse_duration(args.since), args.by)
     if args.format == "json":

@@ -1,7 +1,7 @@
 """The demo's results: read back from ClickHouse, printed as tables, drawn as an HTML report.
 
 Every number comes from the demo's ClickHouse tables through the same named queries as
-``shadowpipe compare`` (:mod:`shadowpipe.processors.monitor.queries`), so the summary
+``shadowpipe compare`` (:mod:`shadowpipe.processors.read`), so the summary
 equals a direct query. Plots are matplotlib SVGs inlined into one self-contained file.
 """
 
@@ -21,11 +21,11 @@ SEGMENT_ATTRS = ("clinic", "device")
 
 def summarize(settings: Settings) -> dict[str, Any]:
     """Everything the summary and the report show, from ClickHouse."""
-    from shadowpipe.processors.monitor.compare import fetch, report
+    from shadowpipe.processors.read import fetch, report
+    from shadowpipe.processors.read import rows as as_dicts
 
     def rows(name: str, **params: Any) -> list[dict[str, Any]]:
-        reply = fetch(settings, name, {**ALL_TIME, "by": "", **params})
-        return [dict(zip(reply["columns"], r, strict=True)) for r in reply["rows"]]
+        return as_dicts(fetch(settings, name, {**ALL_TIME, "by": "", **params}))
 
     orphans, alerts = rows("orphans"), rows("alerts")
     data: dict[str, Any] = {
@@ -40,16 +40,16 @@ def summarize(settings: Settings) -> dict[str, Any]:
 
 def _verdicts(settings: Settings) -> list[dict[str, Any]]:
     """The verdict on each challenger, evaluated now (recorded and published if changed)."""
-    from shadowpipe.processors.monitor.compare import _direct_client
+    from shadowpipe.processors.read import client
     from shadowpipe.processors.verdict.service import direct
 
-    return direct(settings, "verdict", "", client=_direct_client(settings))["verdicts"]
+    return direct(settings, "verdict", "", client=client(settings))["verdicts"]
 
 
 def _latency_samples(settings: Settings) -> dict[str, list[float]]:
-    from shadowpipe.processors.monitor.compare import _direct_client
+    from shadowpipe.processors.read import client as read_client
 
-    client = _direct_client(settings)
+    client = read_client(settings)
     # Queue lag is left out: event times run on the demo's compressed simulated clock.
     sql = (f"SELECT challenger, primary_latency_ms, model_time_ms "
            f"FROM {settings.clickhouse_database}.joined_records FINAL "
