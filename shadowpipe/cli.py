@@ -3,7 +3,8 @@
 Each command group lives with the code it drives and registers itself here through a
 ``register(subparsers, common)`` function; ``common`` carries the configuration flags so
 every command accepts them. Command modules import their heavy dependencies lazily, so the
-base install (the producer library) keeps a working CLI.
+base install (the producer library) keeps a working CLI. Benchmarks (``shadowpipe.bench``)
+are named here with their help and imported only when ``shadowpipe bench NAME`` is parsed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from shadowpipe import config
 from shadowpipe.config import ConfigError, Settings
@@ -25,14 +27,32 @@ COMMAND_MODULES = [
     "shadowpipe.processors.verdict.commands",
     "shadowpipe.demo.run",
 ]
-# Modules with a ``register(bench_subparsers, common)`` function: ``shadowpipe bench NAME``.
-BENCH_MODULES: list[str] = [
-    "shadowpipe.producers.bench",
-    "shadowpipe.processors.join.bench",
-    "shadowpipe.processors.monitor.bench",
-    "shadowpipe.processors.shadow.bench",
-    "shadowpipe.processors.verdict.bench",
-]
+# ``shadowpipe bench NAME``: the module (with ``add_arguments(parser)``) and the help line.
+# Written out so that ``--help`` and the other commands import no benchmark.
+BENCHES: dict[str, tuple[str, str]] = {
+    "emit": ("shadowpipe.bench.emit", "cost of emitting to a service's request handler"),
+    "join": ("shadowpipe.bench.join", "joiner throughput, latency, memory"),
+    "monitor": ("shadowpipe.bench.monitor", "monitor JoinedRecords/s"),
+    "shadow": ("shadowpipe.bench.shadow", "shadow worker vs plain-loop ceiling"),
+    "verdict": ("shadowpipe.bench.verdict",
+                "verdict evaluation time vs a plain scan over N records"),
+}
+
+
+class _BenchParser(argparse.ArgumentParser):
+    """One benchmark's parser: imports its module and adds its flags when first parsed."""
+
+    def __init__(self, *args: Any, module: str = "", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._module:
+            importlib.import_module(self._module).add_arguments(self)
+            self._module = ""
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub, common)
     bench = sub.add_parser("bench", help="benchmarks that print JSON (ratios within one run)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    for name in BENCH_MODULES:
-        importlib.import_module(name).register(bench_sub, common)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK",
+                                     parser_class=_BenchParser)
+    for name, (module, help_line) in BENCHES.items():
+        bench_sub.add_parser(name, parents=[common], help=help_line, module=module)
     return parser
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors.monitor import synthetic
 from shadowpipe.processors.monitor.dedup import DAY_MS
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.schemas.codec import Codec
 
+from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 from shadowpipe.kafka import producer
 from shadowpipe.stack import _redis_binary, free_port, port_open

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from shadowpipe.processors.monitor import synthetic
 from shadowpipe.schemas.codec import Codec
 
+from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
 from tests.conftest import spawn_cli

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from shadowpipe.producers import bench
 
+from shadowpipe.bench import emit as bench
 from shadowpipe.config import Settings
 
 

@@ -54,10 +54,8 @@ DOWN_BUFFER_BYTES = 4 << 20
 TARGETS = {"throughput_ratio": 0.97, "added_p99_us": 25.0, "emit_cpu_us_per_event": 25.0}
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    parser = sub.add_parser(
-        "emit", parents=[common], help="cost of emitting to a service's request handler"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowpipe bench emit`` (name and help: ``shadowpipe.cli.BENCHES``)."""
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--broker-down", action="store_true",
                         help="emit to an address where nothing listens")
@@ -162,6 +160,7 @@ def _percentile(values: Sequence[float], pct: float) -> float:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
+
     from shadowpipe.producers.emitter import Emitter
 
     predict = _model()

@@ -42,8 +42,8 @@ from shadowpipe.config import Settings
 from shadowpipe.stack import free_port, reachable_or_embedded
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    bench = sub.add_parser("join", parents=[common], help="joiner throughput, latency, memory")
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowpipe bench join`` (name and help: ``shadowpipe.cli.BENCHES``)."""
     bench.add_argument("--requests", type=int, default=100_000)
     bench.add_argument("--n-challengers", type=int, default=2)
     bench.add_argument("--feedback-ratio", type=float, default=0.3)
@@ -130,12 +130,11 @@ def workload(args: argparse.Namespace, partitions: int) -> list[Any]:
 
 def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark on a live stack; returns the figures."""
+    from shadowpipe.kafka import ensure_topics
     from shadowpipe.processors.join import fastpath
     from shadowpipe.processors.join.core import JoinCore
     from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, produce
     from shadowpipe.processors.publisher import Publisher
-
-    from shadowpipe.kafka import ensure_topics
     from shadowpipe.stores import redis_client
 
     ensure_topics(settings)

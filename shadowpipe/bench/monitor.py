@@ -26,8 +26,8 @@ from shadowpipe.config import Settings
 from shadowpipe.stack import reachable_or_embedded
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    bench = sub.add_parser("monitor", parents=[common], help="monitor JoinedRecords/s")
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowpipe bench monitor`` (name and help: ``shadowpipe.cli.BENCHES``)."""
     bench.add_argument("--records", type=int, default=100_000)
     bench.add_argument("--latency-seconds", type=float, default=5.0)
     bench.add_argument("--json", action="store_true", help="print one JSON object (default)")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def _records(n: int, seed: int, start_ms: int) -> list[bytes]:
-    from shadowpipe.processors.monitor import synthetic
+    from shadowpipe.bench import synthetic
     from shadowpipe.schemas.codec import Codec
 
     codec = Codec()
@@ -70,10 +70,9 @@ class _Drain:
     """Consume ``total`` records through the pipeline, commit after each checkpoint."""
 
     def __init__(self, settings: Settings, pipeline: Any) -> None:
+        from shadowpipe.kafka import consumer
         from shadowpipe.processors.publisher import Publisher
         from shadowpipe.schemas.codec import Codec
-
-        from shadowpipe.kafka import consumer
 
         self.settings, self.pipeline = settings, pipeline
         self.consumer = consumer(settings, f"{settings.topic_prefix}bench-{uuid.uuid4()}")
@@ -122,10 +121,9 @@ def _say(text: str) -> None:
 
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from shadowpipe.kafka import ensure_topics
     from shadowpipe.processors.monitor.pipeline import Pipeline
     from shadowpipe.schemas.codec import Codec
-
-    from shadowpipe.kafka import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="shadowpipe-bench-monitor-"))
     with reachable_or_embedded(settings, "bench monitor", _say) as base:

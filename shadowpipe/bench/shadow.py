@@ -41,8 +41,8 @@ from shadowpipe.stack import free_port, reachable_or_embedded
 FEATURES = tuple(f"x{i}" for i in range(20))
 
 
-def register(bench_sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = bench_sub.add_parser("shadow", parents=[common], help="shadow worker vs plain-loop ceiling")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowpipe bench shadow`` (name and help: ``shadowpipe.cli.BENCHES``)."""
     p.add_argument("--events", type=int, default=100_000, help="pre-produced events")
     p.add_argument("--lag-events", type=int, default=20_000, help="events of the lag phase")
     p.add_argument("--lag-rate", type=int, default=5_000, help="events/s of the lag phase")
@@ -79,9 +79,9 @@ def _event(rid: str, values: Any, now_ms: int) -> dict[str, Any]:
 
 def _produce(settings: Settings, n: int, prefix: str, rate: float | None = None) -> None:
     import numpy as np
-    from shadowpipe.schemas.codec import Codec
 
     from shadowpipe import kafka
+    from shadowpipe.schemas.codec import Codec
 
     codec, producer = Codec(settings.schema_registry_url), kafka.producer(settings)
     topic = settings.topic("inference")
@@ -109,11 +109,11 @@ def _now_ms() -> int:
 def _ceiling(settings: Settings, model: Any, n: int) -> float:
     """Events/s of consume + decode + batched predict_proba, no Faust, no outputs."""
     import numpy as np
+
+    from shadowpipe import kafka
     from shadowpipe.processors.shadow.decode import InferenceDecoder
     from shadowpipe.processors.shadow.service import CONSUMER_OVERRIDES
     from shadowpipe.schemas.codec import Codec
-
-    from shadowpipe import kafka
 
     # The worker's own decoder: the ceiling differs from the worker only by what the
     # worker must add (isolation, outputs, commits, the Faust process).
@@ -194,9 +194,8 @@ def _spawn_worker(settings: Settings, challengers: Path, log: Path) -> subproces
 def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, int] | None,
           stack: ExitStack) -> dict[str, Any]:
     """One pass on fresh topics: ceiling, then the worker (then the lag phase if asked)."""
-    from shadowpipe.schemas.codec import Codec
-
     from shadowpipe.kafka import ensure_topics
+    from shadowpipe.schemas.codec import Codec
 
     settings = base.replace(
         topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", partitions=4, web_port=free_port()

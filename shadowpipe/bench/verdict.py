@@ -135,9 +135,8 @@ def _rss_mb() -> tuple[float, float]:
 
 def _generate(settings: Settings, first: int, count: int, step_ms: int, start_ms: int) -> float:
     """Child process: insert ``count`` more rows, merge; seconds taken."""
-    from shadowpipe.processors.monitor.sink import migrate
-
     from shadowpipe.stores import clickhouse_client
+    from shadowpipe.tables import migrate
 
     client = clickhouse_client(settings)
     migrate(client, settings)
@@ -155,7 +154,6 @@ def _measure(settings: Settings, repeat: int) -> dict[str, Any]:
     """Child process: best-of-``repeat`` verdict and scan times, and this process's RSS."""
     from shadowpipe.processors.verdict.policy import Policy
     from shadowpipe.processors.verdict.store import run_verdicts
-
     from shadowpipe.stores import clickhouse_client
 
     client = clickhouse_client(settings)
@@ -186,9 +184,8 @@ def _measure(settings: Settings, repeat: int) -> dict[str, Any]:
             "verdicts": {v.challenger: v.verdict for v in verdicts or []}}
 
 
-def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    bench = sub.add_parser("verdict", parents=[common],
-                           help="verdict evaluation time vs a plain scan over N records")
+def add_arguments(bench: argparse.ArgumentParser) -> None:
+    """The flags of ``shadowpipe bench verdict`` (name and help: ``shadowpipe.cli.BENCHES``)."""
     bench.add_argument("--records", type=int, default=10_000_000)
     bench.add_argument("--repeat", type=int, default=3, help="best of this many runs")
     bench.add_argument("--json", action="store_true", help="print one JSON object (default)")
