@@ -75,9 +75,9 @@ def init_cmd(args: argparse.Namespace, settings: Settings) -> int:
     check_reachable(settings, "init")
     created = ensure_topics(settings)
     print(f"topics: {len(created)} created ({', '.join(created) or 'all existed'})")
-    from shadowpipe.processors.monitor.commands import migrate
+    from shadowpipe.tables import ensure
 
-    done = migrate(settings, "init")
+    done = ensure(settings, "init")
     print(f"clickhouse {settings.clickhouse_database}: {'; '.join(done) or 'up to date'}")
     return 0
 

@@ -35,6 +35,7 @@ from shadowpipe.processors.verdict.engine import (
 from shadowpipe.processors.verdict.policy import ChallengerPolicy, Policy
 from shadowpipe.schemas.codec import Codec
 
+from shadowpipe import tables
 from shadowpipe.config import Settings
 from shadowpipe.stores import clickhouse_client
 
@@ -320,7 +321,7 @@ def test_aggregate_and_evaluate_on_clickhouse_match_a_direct_computation(
         ch_settings: Settings) -> None:
     s = ch_settings
     client = clickhouse_client(s)
-    sink.migrate(client, s)
+    tables.migrate(client, s)
     now_ms = (int(time.time()) // 60) * 60_000
     records = _records(now_ms)
     codec = Codec()

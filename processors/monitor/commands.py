@@ -107,17 +107,10 @@ def reference_cmd(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def migrate(settings: Settings, service: str) -> list[str]:
-    """Create or migrate the monitor's tables; what was done (empty when up to date)."""
-    from shadowpipe.processors.monitor.sink import migrate as run
-
-    from shadowpipe.stores import check_clickhouse
-
-    return run(check_clickhouse(settings, service), settings)
-
-
 def migrate_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    done = migrate(settings, "clickhouse migrate")
+    from shadowpipe.tables import ensure
+
+    done = ensure(settings, "clickhouse migrate")
     print(f"clickhouse {settings.clickhouse_database}: "
           f"{'; '.join(done) if done else 'up to date'}", file=sys.stdout)
     return 0

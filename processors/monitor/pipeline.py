@@ -54,6 +54,7 @@ from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
 from shadowpipe.schemas.validate import check
 
 from shadowpipe.config import Settings
+from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS, migrate
 
 log = logging.getLogger(__name__)
 ORPHAN_STATES = ("orphan_feedback", "orphan_prediction")
@@ -207,7 +208,7 @@ class Pipeline:
         return pickle.loads(blob) if blob else None
 
     def migrate(self) -> list[str]:
-        return sink_mod.migrate(self.sink.connect(), self.settings)
+        return migrate(self.sink.connect(), self.settings)
 
     def decode(self, messages: list[Message]) -> tuple[list[dict[str, Any]], list[dict]]:
         """Records and dead letters (decode errors, records missing their identity).
@@ -382,7 +383,7 @@ class Pipeline:
     def _window_columns(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
         version = int(time.time() * 1000)
         return sink_mod.rows_to_columns([{**row, "version": version} for row in rows],
-                                        sink_mod.WINDOW_COLUMNS)
+                                        WINDOW_COLUMNS)
 
     def windows_open(self) -> int:
         """Open (challenger, window) pairs, all segments together."""
@@ -403,10 +404,10 @@ class Pipeline:
         return {
             "joined_records": sink_mod.joined_columns(joined),
             "orphans": sink_mod.orphan_columns(orphans),
-            "windows": sink_mod.rows_to_columns(windows, sink_mod.WINDOW_COLUMNS),
-            "alerts": sink_mod.rows_to_columns(result.alerts, sink_mod.ALERT_COLUMNS),
+            "windows": sink_mod.rows_to_columns(windows, WINDOW_COLUMNS),
+            "alerts": sink_mod.rows_to_columns(result.alerts, ALERT_COLUMNS),
             "drift_stats": sink_mod.rows_to_columns(self.monitor.drain_drift_stats(),
-                                                    sink_mod.DRIFT_COLUMNS),
+                                                    DRIFT_COLUMNS),
         }
 
     def checkpoint(self) -> None:

@@ -254,9 +254,8 @@ def set_reference(settings: Settings, path: str | Path, model: str = "",
     if settings.clickhouse.startswith("chdb:") and _post_to_monitor(settings, rows):
         via = "monitor"
     else:
-        from shadowpipe.processors.monitor.sink import database, migrate
-
         from shadowpipe.stores import check_clickhouse
+        from shadowpipe.tables import database, migrate
 
         client = check_clickhouse(settings, "reference set")
         migrate(client, settings)

@@ -37,11 +37,11 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from shadowpipe.processors.monitor.sink import database
 from shadowpipe.processors.verdict import stats
 from shadowpipe.processors.verdict.policy import CRITERIA, ChallengerPolicy, Policy
 
 from shadowpipe.config import Settings
+from shadowpipe.tables import database
 
 AGE_BINS = 80  # bin 0: under 1 s; bin k: [2^((k-1)/3), 2^(k/3)) s; the last one is open
 _BINS_PER_OCTAVE = 3

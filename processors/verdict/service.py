@@ -122,12 +122,12 @@ def direct(settings: Settings, action: str, challenger: str,
     """Evaluate here (no monitor answers): open ClickHouse (or use ``client``), migrate,
     evaluate, publish and record the changes when the broker is reachable (else warn and
     record nothing)."""
-    from shadowpipe.processors.monitor.sink import migrate
     from shadowpipe.processors.publisher import Publisher
 
     from shadowpipe.config import ConfigError
     from shadowpipe.kafka import check_reachable
     from shadowpipe.stores import check_clickhouse
+    from shadowpipe.tables import migrate
 
     client = client or check_clickhouse(settings, "verdict")
     migrate(client, settings)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from shadowpipe.processors.monitor.sink import database
 from shadowpipe.processors.verdict.aggregate import aggregate
 from shadowpipe.processors.verdict.engine import RESET, Verdict, changed, evaluate, latch
 from shadowpipe.processors.verdict.policy import Policy
 
 from shadowpipe.config import Settings
+from shadowpipe.tables import database
 
 COLUMNS = ["time", "challenger", "verdict", "previous", "latched", "policy_hash", "reasons",
            "warnings", "flagged", "suspects", "criterion", "decision", "estimate", "lo", "hi",
