@@ -124,19 +124,3 @@ def check(fixtures: Path | None = DEFAULT_FIXTURES, seed: int = 0) -> list[str]:
                     )
     return problems + layout_problems()
 
-
-def write_fixtures(version: str, fixtures: Path = DEFAULT_FIXTURES, seed: int = 0) -> list[Path]:
-    """Encode sample records with the released ``version`` schemas into ``fixtures``."""
-    rng = random.Random(seed)
-    out = fixtures / version
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in NAMES:
-        writer = released(version, name)
-        if writer is None:
-            continue
-        path = out / f"{name}.avro"
-        with path.open("wb") as fo:
-            fastavro.writer(fo, writer, [sample(writer, rng) for _ in range(SAMPLES)])
-        paths.append(path)
-    return paths

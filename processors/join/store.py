@@ -348,9 +348,6 @@ class JoinStore:
     def state_key(self, request_id: str) -> str:
         return f"{self.prefix}s:{request_id}"
 
-    def tombstone_key(self, request_id: str) -> str:
-        return f"{self.prefix}t:{request_id}"
-
     def merge(self, parts: list[Part], now_ms: int) -> list[tuple[int, list[Emission]]]:
         """Apply ``parts`` in order (one script call per chunk); per part (code, emissions).
 
