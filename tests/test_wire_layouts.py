@@ -107,28 +107,58 @@ def test_current_schemas_match_every_layout() -> None:
     assert set(wire.LAYOUTS) <= set(schemas_pkg.NAMES)
 
 
-# The CLI of an install whose schemas changed under its fast paths (``schemas.HERE`` points
-# at the scratch copy before anything else is imported).
-_RUN_CLI = """
+# A process whose schemas changed under its fast paths (``schemas.HERE`` points at the
+# scratch copy before anything else is imported): it imports one module and prints the
+# ConfigError that module raised, or runs the CLI.
+_RUN = """
 import sys
 from pathlib import Path
 import shadowpipe.schemas
 shadowpipe.schemas.HERE = Path(sys.argv[1])
-from shadowpipe import cli
-sys.exit(cli.main(sys.argv[2:]))
+from shadowpipe.config import ConfigError
+if sys.argv[2] == "cli":
+    from shadowpipe import cli
+    sys.exit(cli.main(sys.argv[3:]))
+try:
+    __import__(sys.argv[2])
+except ConfigError as exc:
+    print(exc)
+    sys.exit(2)
 """
+FEEDBACK_WEIGHT = ("schemas/Feedback.avsc: field 'weight' is float, the hand layout has double:"
+                   " update producers/events.py and LAYOUTS in schemas/wire.py")
 
 
-def test_cli_refuses_to_start_with_one_line_exit_2(tmp_path) -> None:
+def _run(copy: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _RUN, str(copy), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def feedback_weight_float(tmp_path_factory) -> Path:
     def retype(doc: Doc) -> None:
         _field(doc, "weight")["type"] = "float"
 
-    copy = _scratch(tmp_path, "Feedback", retype)
-    proc = subprocess.run([sys.executable, "-c", _RUN_CLI, str(copy), "schemas", "check"],
-                          capture_output=True, text=True, timeout=120)
-    print(proc.stderr)
-    assert proc.returncode == 2
-    assert proc.stderr.splitlines() == [
-        "shadowpipe: error: schemas/Feedback.avsc: field 'weight' is float, the hand layout has"
-        " double: update producers/events.py, processors/join/parts.py and LAYOUTS in"
-        " schemas/wire.py"]
+    return _scratch(tmp_path_factory.mktemp("weight"), "Feedback", retype)
+
+
+def test_producer_refuses_to_import_with_one_line(feedback_weight_float) -> None:
+    proc = _run(feedback_weight_float, "shadowpipe.producers")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout.splitlines() == [FEEDBACK_WEIGHT]
+
+
+@pytest.mark.parametrize("module", ["shadowpipe.processors.shadow.encode",
+                                    "shadowpipe.processors.join.fastpath"])
+def test_workers_refuse_to_import_with_one_line(tmp_path, module) -> None:
+    proc = _run(_scratch(tmp_path, "ShadowPrediction", _retype), module)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stdout.splitlines()
+    assert line.startswith("schemas/ShadowPrediction.avsc: field 'model_time_ms' is float")
+
+
+def test_schemas_check_command_names_the_field(feedback_weight_float) -> None:
+    proc = _run(feedback_weight_float, "cli", "schemas", "check")
+    print(proc.stderr)  # the failure message, for the record (pytest -s shows it)
+    assert proc.returncode == 1
+    assert FEEDBACK_WEIGHT in proc.stderr.splitlines()
