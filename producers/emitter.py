@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import hashlib
 import itertools
 import logging
 import math
@@ -63,7 +62,7 @@ from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.kafka import PRODUCER_DEFAULTS
-from shadowpipe.sampling import SampleRates, threshold
+from shadowpipe.sampling import SampleRates, sampled_below, threshold
 
 try:  # emit_inference's plain case and the stage in C (producers/_encode.c); optional
     from shadowpipe.producers._encode import fast_emitter
@@ -357,7 +356,7 @@ class Emitter:
                 key = _key(request_id)
             rate, bound, model_version = (
                 self._models.get((model, version)) or self._model(model, version))
-            if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
+            if bound is not None and not sampled_below(key, bound):
                 return self._skip()
             if not self._block_s and self._queue_full():
                 return self._drop("queue_full")  # full: spend neither encoding nor a raise
@@ -398,7 +397,7 @@ class Emitter:
             key = _key(request_id)
             rate = self._rates.feedback_rate(model)
             bound = threshold(rate)
-            if bound is not None and hashlib.sha256(key).digest()[:8] >= bound:
+            if bound is not None and not sampled_below(key, bound):
                 return self._skip()
             if not self._block_s and self._queue_full():
                 return self._drop("queue_full")  # the staged events have their places
