@@ -42,6 +42,7 @@ import io
 import json
 import struct
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
 import fastavro
@@ -65,7 +66,6 @@ from shadowpipe.schemas.wire import (
     string_array_bytes,
     string_bytes,
     string_dict_bytes,
-    time_bytes,
     unpack_double,
     utf8_bytes,
 )
@@ -81,6 +81,11 @@ require_layout("JoinedRecord")  # the segments below follow its field order and 
 _JOINED = schema("JoinedRecord")
 CACHE_SIZE = 20_000  # split primary parts kept per build cache (~0.5 KB each)
 MIN_INTERNED = 4  # fewer numeric features are cheaper inline than behind a layout id
+
+
+# Event times recur in a request's parts and records, lengths and counts everywhere: the
+# wire encoding memoised (a C-level lookup, ~5x quicker than encoding again).
+_long = lru_cache(maxsize=65536)(long_bytes)
 
 
 class LayoutError(RuntimeError):
@@ -156,7 +161,7 @@ class FeatureLayouts:
             lid = self.intern(tuple(n.decode() for n in names))
             if lid is not None:
                 self._raw_ids[names] = lid
-                self.signatures[long_bytes(len(names)) + b"".join(map(utf8_bytes, names))] = lid
+                self.signatures[_long(len(names)) + b"".join(map(utf8_bytes, names))] = lid
         return lid
 
     def map_encoder(self, lid: bytes) -> Callable[[bytes], bytes]:
@@ -182,7 +187,7 @@ class FeatureLayouts:
 
 def _map_template(names: list[bytes]) -> Callable[[bytes], bytes]:
     """The map encoding as a ``bytes %`` template with a hole per value, filled per record."""
-    template = b"".join((long_bytes(len(names)).replace(b"%", b"%%"),
+    template = b"".join((_long(len(names)).replace(b"%", b"%%"),
                          *(name.replace(b"%", b"%%") + b"%b" for name in names), b"\x00"))
     values = struct.Struct("8s" * len(names))
 
@@ -205,13 +210,13 @@ def encode_inference(event: dict[str, Any], layouts: FeatureLayouts | None = Non
     lid = layouts.intern(tuple(num)) if layouts is not None else None
     if lid is None:
         enc = _double_map(num)
-        num_block = b"\x00" + long_bytes(len(enc)) + enc
+        num_block = b"\x00" + _long(len(enc)) + enc
     else:
-        num_block = b"\x01" + lid + long_bytes(len(num)) + struct.pack(f"<{len(num)}d",
+        num_block = b"\x01" + lid + _long(len(num)) + struct.pack(f"<{len(num)}d",
                                                                        *num.values())
     return b"".join((
-        FORMAT, time_bytes(event["event_time"]), pack_double(event["inclusion_prob"]),
-        optional_string(event["trace_id"]), long_bytes(len(head)), head, num_block,
+        FORMAT, _long(event["event_time"]), pack_double(event["inclusion_prob"]),
+        optional_string(event["trace_id"]), _long(len(head)), head, num_block,
         string_dict_bytes(event["cat_features"]), string_array_bytes(event["null_features"]),
         _opt_output(event["output"]), optional_double(event["latency_ms"]),
     ))
@@ -221,7 +226,7 @@ def encode_shadow(pred: dict[str, Any]) -> bytes:
     """Stored part of a ShadowPrediction: meta (event_time, challenger_version, is_control) +
     the shadow segment (output or error, timings)."""
     return b"".join((
-        FORMAT, time_bytes(pred["event_time"]), cached_string_bytes(pred["challenger_version"]),
+        FORMAT, _long(pred["event_time"]), cached_string_bytes(pred["challenger_version"]),
         b"\x01" if pred["is_control"] else b"\x00", _opt_output(pred["output"]),
         optional_string(pred["error"]), optional_string(pred["error_kind"]),
         optional_double(pred["model_time_ms"]), optional_double(pred["queue_lag_ms"]),
@@ -231,9 +236,9 @@ def encode_shadow(pred: dict[str, Any]) -> bytes:
 def encode_feedback(fb: dict[str, Any]) -> bytes:
     """Stored part of a Feedback: meta (label time, inclusion_prob) + label and source segments."""
     label = b"".join((optional_string(fb["label"]), optional_double(fb["value"]),
-                      VALUE_BRANCH, time_bytes(fb["event_time"])))
-    return b"".join((FORMAT, time_bytes(fb["event_time"]), pack_double(fb["inclusion_prob"]),
-                     long_bytes(len(label)), label, optional_string(fb["source"]),
+                      VALUE_BRANCH, _long(fb["event_time"])))
+    return b"".join((FORMAT, _long(fb["event_time"]), pack_double(fb["inclusion_prob"]),
+                     _long(len(label)), label, optional_string(fb["source"]),
                      pack_double(fb["weight"])))
 
 
@@ -283,7 +288,7 @@ def join_state(challenger: str | bytes, primary: bytes | None, feedback: bytes |
     return "labelled" if feedback is not None else "predicted"
 
 
-_STATE_CODES = {state: long_bytes(n) for n, state in enumerate(JOIN_STATES)}
+_STATE_CODES = {state: _long(n) for n, state in enumerate(JOIN_STATES)}
 
 
 def build_body(
@@ -368,7 +373,7 @@ def python_bodies(
         prob *= fb_prob
     head = prefix + string_bytes(request_id)
     # What follows the segments of the primary and the shadow, given the event time.
-    after = b"".join((pack_double(prob), time_bytes(joined_at), optional_string(trace_id)))
+    after = b"".join((pack_double(prob), _long(joined_at), optional_string(trace_id)))
     tail = None
     if event_time is not None:
         delay = label_time - event_time if label_time is not None else None
@@ -396,7 +401,7 @@ def python_bodies(
             delay = label_time - own_time if label_time is not None and own_time is not None \
                 else None
             end = b"".join((label_seg, optional_long(delay), source_seg, after))
-        out.append(b"".join((head, _name_bytes(challenger), version_seg, long_bytes(version),
+        out.append(b"".join((head, _name_bytes(challenger), version_seg, _long(version),
                              state, at, primary_seg, shadow_seg, end)))
     return out
 
