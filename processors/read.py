@@ -218,7 +218,7 @@ def parse_duration(text: str) -> int:
 def fetch(settings: Settings, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Rows of query ``name``: through the monitor's endpoint, or ClickHouse directly."""
     if settings.clickhouse.startswith("chdb:"):
-        reply = _from_monitor(settings, name, params)
+        reply = from_monitor(settings, name, params)
         if reply is not None:
             return reply
     return run(client(settings), name, settings.clickhouse_database, params)
@@ -237,12 +237,15 @@ def client(settings: Settings) -> Any:
     return _clients[settings.clickhouse]
 
 
-def _from_monitor(settings: Settings, name: str, params: dict[str, Any]) -> dict | None:
-    """The endpoint's answer, or None when no monitor listens there."""
+def from_monitor(settings: Settings, name: str, params: dict[str, Any],
+                 timeout_s: float = 30) -> dict | None:
+    """The running monitor's answer to query ``name`` (its ``/shadowpipe/query/`` endpoint),
+    or None when nothing, or a worker without the monitor, listens on the web port; any
+    other HTTP error is a :class:`ConfigError` naming the ClickHouse URL."""
     query = urllib.parse.urlencode({"name": name, **params})
     url = f"http://{settings.web_host}:{settings.web_port}/shadowpipe/query/?{query}"
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 404 and b"unknown query" not in exc.read():

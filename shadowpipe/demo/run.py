@@ -242,18 +242,15 @@ def _wait_stored(settings: Settings, expected: dict[str, int], worker: Worker,
 def _stored(settings: Settings) -> int | None:
     """Records stored so far, from the running monitor's endpoint (never ClickHouse directly:
     the worker owns the embedded engine's directory); None when it does not answer in time."""
-    import urllib.parse
-    import urllib.request
+    from shadowpipe.processors.read import from_monitor, rows
 
-    query = urllib.parse.urlencode({"name": "arms", "since_ms": 0, "challenger": "", "by": ""})
-    url = f"http://{settings.web_host}:{settings.web_port}/shadowpipe/query/?{query}"
+    params = {"since_ms": 0, "challenger": "", "by": ""}
     try:
-        with urllib.request.urlopen(url, timeout=120) as resp:
-            reply = json.loads(resp.read())
-        rows = [dict(zip(reply["columns"], r, strict=True)) for r in reply["rows"]]
-    except (OSError, ValueError, KeyError):  # busy, restarting, or not serving queries yet
+        reply = from_monitor(settings, "arms", params, timeout_s=120)
+        found = rows(reply) if reply is not None else None
+    except (ConfigError, ValueError, KeyError):  # busy, restarting, or not serving queries yet
         return None
-    return sum(r["published"] + r["labelled"] for r in rows)
+    return None if found is None else sum(r["published"] + r["labelled"] for r in found)
 
 
 class _AlertCollector:
