@@ -55,7 +55,6 @@ from shadowpipe.producers.events import (
     Invalid,
     Privacy,
     reason_of,
-    single_object_header,
 )
 from shadowpipe.producers.staging import STAGE_WAIT_MS, BurstPolicy, Stage
 from shadowpipe.schemas.codec import Codec
@@ -153,26 +152,16 @@ def _privacy(settings: Settings) -> Privacy:
     return Privacy(frozenset(drop), frozenset(hashed), settings.producer_hash_key.encode())
 
 
-_MINIMAL = {
-    "InferenceEvent": {"request_id": "", "event_time": 0, "model": "", "model_version": "",
-                       "output": {}, "latency_ms": 0.0},
-    "Feedback": {"request_id": "", "event_time": 0},
-}
-
-
 def wire_headers(settings: Settings) -> tuple[bytes, bytes]:
     """Framing prefixes (inference, feedback): single-object, or Confluent with the
     registry ids resolved once here (registration is idempotent for the same schema)."""
-    if not settings.schema_registry_url:
-        return single_object_header("InferenceEvent"), single_object_header("Feedback")
     codec = Codec(settings.schema_registry_url)
     try:
-        inference, feedback = (codec.encode(name, rec)[:5] for name, rec in _MINIMAL.items())
+        return codec.header("InferenceEvent"), codec.header("Feedback")
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(
             env_name("schema_registry_url"), f"cannot register the schemas: {exc}"
         ) from None
-    return inference, feedback
 
 
 def max_messages(settings: Settings) -> int:

@@ -18,11 +18,12 @@ context; one named in ``hash`` is replaced by ``HMAC-SHA256(key, text)``, first 
 ``repr(float(x))`` (``"42.0"``); a hashed feature is therefore categorical.
 
 >>> from shadowpipe.schemas.codec import Codec
->>> enc = EventEncoder(single_object_header("InferenceEvent"), single_object_header("Feedback"))
+>>> codec = Codec()
+>>> enc = EventEncoder(codec.header("InferenceEvent"), codec.header("Feedback"))
 >>> data = enc.inference(b"r1", {"amount": 12.5, "country": "DE", "ref": None}, "ok",
 ...                      model="m", version="1", latency_ms=0.5, context=None,
 ...                      event_time=1700000000000, inclusion_prob=1.0, trace_id=None)
->>> record = Codec().decode(data, "InferenceEvent")
+>>> record = codec.decode(data, "InferenceEvent")
 >>> record["num_features"], record["cat_features"], record["null_features"]
 ({'amount': 12.5}, {'country': 'DE'}, ['ref'])
 >>> enc.inference(b"r1", {"x": float("inf")}, "ok", model="m", version="1", latency_ms=0.5,
@@ -43,7 +44,6 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
-from shadowpipe.schemas import schema
 from shadowpipe.schemas.wire import (
     CACHE_LIMIT,
     EMPTY,
@@ -56,7 +56,6 @@ from shadowpipe.schemas.wire import (
     double_map_plan,
     pack_double,
     require_layout,
-    single_object_prefix,
     string_array_bytes,
     string_bytes,
     string_map_bytes,
@@ -104,12 +103,6 @@ def reason_of(exc: Exception) -> str:
     if isinstance(exc, TypeError | ValueError | AttributeError | ArithmeticError | struct.error):
         return "unsupported_type"
     return "internal_error"
-
-
-def single_object_header(name: str) -> bytes:
-    """Avro single-object prefix of the current schema ``name`` (marker + fingerprint),
-    for a producer without a :class:`~shadowpipe.schemas.codec.Codec`."""
-    return single_object_prefix(schema(name))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from shadowpipe.producers.events import (
     Privacy,
     compiled_inference,
     reason_of,
-    single_object_header,
 )
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
@@ -49,7 +48,7 @@ outputs = st.one_of(
 
 
 def encoder(privacy: Privacy | None = None, compiled: bool = True) -> EventEncoder:
-    return EventEncoder(single_object_header("InferenceEvent"), single_object_header("Feedback"),
+    return EventEncoder(CODEC.header("InferenceEvent"), CODEC.header("Feedback"),
                         privacy, compiled=compiled)
 
 
@@ -97,7 +96,7 @@ def test_inference_bytes_equal_fastavro_and_decode(
         assert reason_of(exc) == "invalid_string"
         return
     record = read(data, "InferenceEvent")
-    assert data == single_object_header("InferenceEvent") + fastavro_body("InferenceEvent", record)
+    assert data == CODEC.header("InferenceEvent") + fastavro_body("InferenceEvent", record)
     numbers = {k: float(v) for k, v in features.items()
                if v is not None and not isinstance(v, str)}
     assert record["num_features"] == numbers
@@ -126,7 +125,7 @@ def test_feedback_bytes_equal_fastavro(label, value, source, weight, event_time)
         assert reason_of(exc) in ("missing_outcome", "invalid_string")
         return
     record = read(data, "Feedback")
-    assert data == single_object_header("Feedback") + fastavro_body("Feedback", record)
+    assert data == CODEC.header("Feedback") + fastavro_body("Feedback", record)
     assert (record["value"], record["source"], record["weight"]) == (value, source, weight)
 
 
@@ -170,7 +169,7 @@ def test_nan_feature_is_missing_and_oversize_is_refused() -> None:
                                trace_id=None)
     record = read(data, "InferenceEvent")
     assert record["num_features"] == {"b": 2.0} and record["null_features"] == ["a"]
-    small = EventEncoder(single_object_header("InferenceEvent"), b"", max_bytes=300)
+    small = EventEncoder(CODEC.header("InferenceEvent"), b"", max_bytes=300)
     with pytest.raises(Invalid, match="too_large"):
         small.inference(b"r", {f"f{i}": 1.0 for i in range(40)}, "ok", model="m", version="1",
                         latency_ms=1.0, context=None, event_time=0, inclusion_prob=1.0,
@@ -234,7 +233,7 @@ def test_classifier_outputs_reuse_plans_and_equal_fastavro(outputs) -> None:
             continue
         record = read(data, "InferenceEvent")
         assert record["output"] == {"label": label, "probabilities": probs, "value": None}
-        assert data == single_object_header("InferenceEvent") + fastavro_body(
+        assert data == CODEC.header("InferenceEvent") + fastavro_body(
             "InferenceEvent", record)
 
 
@@ -281,7 +280,7 @@ def test_compiled_encoder_writes_pythons_bytes_or_defers(
         expected = encoder(compiled=False).inference(key, features, output, **args)
     except Exception:
         expected = None
-    got = compiled_inference(single_object_header("InferenceEvent"), key, features, output,
+    got = compiled_inference(CODEC.header("InferenceEvent"), key, features, output,
                              string_bytes("m") + string_bytes("1"), latency, context,
                              event_time, 0.25, trace_id)
     assert got is None or got == expected
@@ -293,7 +292,7 @@ def test_compiled_encoder_takes_the_plain_case() -> None:
     outputs_ = ["ok", 0.5, {"label": "1", "probabilities": {"0": 0.25, "1": 0.75}},
                 {"value": 2.0}, {"label": None, "probabilities": {}}]
     for output in outputs_:
-        got = compiled_inference(single_object_header("InferenceEvent"), b"r1", features,
+        got = compiled_inference(CODEC.header("InferenceEvent"), b"r1", features,
                                  output, string_bytes("m") + string_bytes("1"), 0.5,
                                  {"country": "DE"}, 1_700_000_000_000, 1.0, "t")
         assert got is not None and got == encoder(compiled=False).inference(

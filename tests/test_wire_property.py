@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import random
+import socket
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,12 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder
+from shadowpipe.producers.emitter import wire_headers
 from shadowpipe.producers.events import EventEncoder
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import CONFLUENT, SINGLE_OBJECT, Codec
 from shadowpipe.schemas.evolution import sample
 from shadowpipe.schemas.validate import check
 from shadowpipe.schemas.wire import LAYOUTS, long_bytes
+
+from shadowpipe.config import ConfigError, Settings
 
 IDS = {11: "InferenceEvent", 12: "Feedback", 13: "ShadowPrediction", 14: "JoinedRecord"}
 FRAMINGS = (SINGLE_OBJECT, CONFLUENT)
@@ -151,3 +155,16 @@ def test_shadow_prediction(framing, request_id, challenger, version, control, ev
                               [lag], long_bytes(scored_at))
     assert one == many == expected
     assert CODEC.decode(one, "ShadowPrediction") == record
+
+
+def test_registry_framing_asks_the_registry_once_and_names_the_setting() -> None:
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(OSError):
+        Codec(url).header("Feedback")  # Confluent by default with a registry
+    settings_ = Settings.load(env={"SHADOWPIPE_SCHEMA_REGISTRY_URL": url})
+    with pytest.raises(ConfigError, match="SHADOWPIPE_SCHEMA_REGISTRY_URL"):
+        wire_headers(settings_)
+    assert wire_headers(Settings.load(env={})) == (CODEC.header("InferenceEvent", SINGLE_OBJECT),
+                                                   CODEC.header("Feedback", SINGLE_OBJECT))
