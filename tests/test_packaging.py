@@ -4,6 +4,7 @@ a benchmark only when ``shadowpipe bench NAME`` is run."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -124,3 +125,20 @@ def test_every_benchmark_module_gives_its_flags_and_command(name: str) -> None:
     args = cli.build_parser().parse_args(["bench", name, "--json"])
     assert args.json is True
     assert args.func.__module__ == BENCHES[name][0]
+
+
+def test_no_product_module_imports_the_bench_package() -> None:
+    """Read from the sources, lazy imports included: only ``shadowpipe/bench/`` itself
+    imports ``shadowpipe.bench`` (the CLI names its modules as strings)."""
+    found = []
+    for folder in ("producers", "processors", "schemas", "shadowpipe"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            if (REPO / "shadowpipe" / "bench") in path.parents:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [])
+                found += [f"{path.relative_to(REPO)}:{node.lineno}" for name in names
+                          if name == BENCH or name.startswith(BENCH + ".")]
+    assert found == []
