@@ -47,15 +47,11 @@ def _verdicts(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _latency_samples(settings: Settings) -> dict[str, list[float]]:
-    from shadowpipe.processors.read import client as read_client
+    from shadowpipe.processors.read import latency_samples
 
-    client = read_client(settings)
     # Queue lag is left out: event times run on the demo's compressed simulated clock.
-    sql = (f"SELECT challenger, primary_latency_ms, model_time_ms "
-           f"FROM {settings.clickhouse_database}.joined_records FINAL "
-           f"WHERE model_time_ms IS NOT NULL ORDER BY request_id LIMIT 20000")
     samples: dict[str, list[float]] = {}
-    for challenger, primary, model in client.query(sql).result_rows:
+    for challenger, primary, model in latency_samples(settings):
         samples.setdefault("primary latency (in the service)", []).append(primary)
         samples.setdefault(f"{challenger} model time (per record)", []).append(model)
     return samples
