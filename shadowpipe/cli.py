@@ -10,10 +10,11 @@ are named here with their help and imported only when ``shadowpipe bench NAME`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from shadowpipe import config
@@ -51,8 +52,26 @@ class _BenchParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         if self._module:
             importlib.import_module(self._module).add_arguments(self)
+            self.set_defaults(func=_needs_bench_extra(self.prog, self.get_default("func")))
             self._module = ""
         return super().parse_known_args(args, namespace)
+
+
+def _needs_bench_extra(prog: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func``, with a third-party module missing at run time (numpy, scikit-learn...: the
+    benchmarks import them when they start) said in one line, exit 2."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace, settings: Settings) -> Any:
+        try:
+            return func(args, settings)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "shadowpipe").split(".")[0] == "shadowpipe":
+                raise  # our own module missing is a bug, not an install choice
+            raise ConfigError(prog, f"needs {exc.name}, which the bench extra installs: "
+                                    "pip install 'shadowpipe[bench]'") from exc
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -105,6 +105,15 @@ def test_base_install_cli_help_lists_the_benchmarks(base_python: Path) -> None:
     assert _heavy_after(base_python, code) == []
 
 
+def test_a_benchmark_without_the_bench_extra_says_so_in_one_line(base_python: Path) -> None:
+    out = subprocess.run([str(base_python), "-I", "-m", "shadowpipe.cli", "bench", "emit",
+                          "--requests", "10"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert "shadowpipe bench emit: needs numpy," in out.stderr
+    assert "pip install 'shadowpipe[bench]'" in out.stderr
+
+
 def test_cli_imports_no_benchmark_until_one_is_run() -> None:
     """Building the whole parser (what ``--help`` and every command do) loads no bench
     module; parsing ``bench join`` loads that one only, with its flags."""
