@@ -237,22 +237,35 @@ def client(settings: Settings) -> Any:
     return _clients[settings.clickhouse]
 
 
+def ask_monitor(settings: Settings, path: str, params: dict[str, Any], *, method: str = "GET",
+                timeout_s: float = 30) -> dict[str, Any] | None:
+    """The JSON answer of the running monitor's endpoint ``path`` on the web port, or None
+    when nothing listens there; an HTTP error status raises ``urllib.error.HTTPError`` for
+    the caller to read (a 404 may be a worker without the monitor)."""
+    query = urllib.parse.urlencode(params)
+    url = f"http://{settings.web_host}:{settings.web_port}{path}?{query}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method),
+                                    timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError:
+        raise
+    except OSError:
+        return None
+
+
 def from_monitor(settings: Settings, name: str, params: dict[str, Any],
                  timeout_s: float = 30) -> dict | None:
     """The running monitor's answer to query ``name`` (its ``/shadowpipe/query/`` endpoint),
     or None when nothing, or a worker without the monitor, listens on the web port; any
     other HTTP error is a :class:`ConfigError` naming the ClickHouse URL."""
-    query = urllib.parse.urlencode({"name": name, **params})
-    url = f"http://{settings.web_host}:{settings.web_port}/shadowpipe/query/?{query}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
+        return ask_monitor(settings, "/shadowpipe/query/", {"name": name, **params},
+                           timeout_s=timeout_s)
     except urllib.error.HTTPError as exc:
         if exc.code == 404 and b"unknown query" not in exc.read():
             return None  # a worker without the monitor answers on that port
         raise ConfigError("clickhouse_url", f"monitor query {name} failed: {exc}") from None
-    except OSError:
-        return None
 
 
 def latency_samples(settings: Settings, limit: int = 20_000) -> list[tuple[str, float, float]]:

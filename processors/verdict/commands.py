@@ -21,8 +21,6 @@ import argparse
 import json
 import sys
 import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from shadowpipe.config import ConfigError, Settings
@@ -98,15 +96,14 @@ def request(settings: Settings, action: str, challenger: str) -> dict[str, Any]:
 
 def _from_monitor(settings: Settings, action: str, challenger: str) -> dict[str, Any] | None:
     """The monitor's answer, or None when no monitor listens on the web port."""
+    from shadowpipe.processors.read import ask_monitor
     from shadowpipe.processors.verdict.agent import RESET_PATH, VERDICT_PATH
 
     path = RESET_PATH if action == "reset" else VERDICT_PATH
-    query = urllib.parse.urlencode({"challenger": challenger, "policy": settings.policy})
-    url = f"http://{settings.web_host}:{settings.web_port}{path}?{query}"
-    req = urllib.request.Request(url, method="POST" if action == "reset" else "GET")
+    params = {"challenger": challenger, "policy": settings.policy}
     try:
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return json.loads(resp.read())
+        return ask_monitor(settings, path, params, timeout_s=120,
+                           method="POST" if action == "reset" else "GET")
     except urllib.error.HTTPError as exc:
         body = exc.read()
         if exc.code == 404 and b"verdict" not in body:
@@ -116,5 +113,3 @@ def _from_monitor(settings: Settings, action: str, challenger: str) -> dict[str,
         if exc.code == 400 and setting:  # the monitor could not read the policy file
             raise ConfigError(setting, error.removeprefix(f"{setting}: ")) from None
         raise RuntimeError(f"monitor {path}: HTTP {exc.code}: {error}") from None
-    except OSError:
-        return None
