@@ -64,29 +64,35 @@ class BurstPolicy:
         last one's request carried the burst when ``carried`` (else the emitter's thread
         or close did). Returns (serve reports now, the new ``carry_ms``)."""
         with self._lock:
-            for latency in latencies[:-1]:
-                self._track(latency)
-            last = latencies[-1]
+            if self._mean_ms is None:
+                self._mean_ms = self._quick_ms = latencies[0]
+                latencies = latencies[1:]
+                fresh = True
+            else:
+                fresh = False
+            mean, quick, weight = self._mean_ms, self._quick_ms, self.weight
             # Serving can cost ~250-650 us (a whole delivery batch once a second): only
-            # the quickest requests carry it.
-            serve = not carried or (self._mean_ms is not None and last <= self._quick_ms)
-            self._track(last)
+            # the quickest requests carry it (compared before the carrier's own latency
+            # counts). One loop with locals: it runs on the carrying request.
+            serve = not carried
+            last = len(latencies) - 1
+            for n, latency in enumerate(latencies):
+                if n == last and carried:
+                    serve = latency <= quick
+                # Running mean, and running 20th percentile (a stochastic approximation
+                # whose step is a fraction of the estimate, so it works at any scale).
+                mean += (latency - mean) * weight
+                step = abs(quick) * weight
+                quick += -0.8 * step if latency <= quick else 0.2 * step
+            if fresh and last < 0:
+                serve = not carried  # the very first latency: nothing to compare with
+            self._mean_ms, self._quick_ms = mean, quick
             self._unserved += 1
             if serve or self._unserved >= self.serve_after:
                 self._unserved = 0
                 serve = True
-            self.carry_ms = self._mean_ms
-            return serve, self.carry_ms
-
-    def _track(self, latency: float) -> None:
-        """Running mean, and running 20th percentile (a stochastic approximation whose
-        step is a fraction of the estimate, so that it works at any scale)."""
-        if self._mean_ms is None:
-            self._mean_ms = self._quick_ms = latency
-            return
-        self._mean_ms += (latency - self._mean_ms) * self.weight
-        step = abs(self._quick_ms) * self.weight
-        self._quick_ms += -0.8 * step if latency <= self._quick_ms else 0.2 * step
+            self.carry_ms = mean
+            return serve, mean
 
 
 class Stage:
