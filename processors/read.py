@@ -238,14 +238,17 @@ def client(settings: Settings) -> Any:
 
 
 def ask_monitor(settings: Settings, path: str, params: dict[str, Any], *, method: str = "GET",
-                timeout_s: float = 30) -> dict[str, Any] | None:
-    """The JSON answer of the running monitor's endpoint ``path`` on the web port, or None
-    when nothing listens there; an HTTP error status raises ``urllib.error.HTTPError`` for
-    the caller to read (a 404 may be a worker without the monitor)."""
-    query = urllib.parse.urlencode(params)
-    url = f"http://{settings.web_host}:{settings.web_port}{path}?{query}"
+                body: Any = None, timeout_s: float = 30) -> dict[str, Any] | None:
+    """The JSON answer of the running monitor's endpoint ``path`` on the web port (``body``:
+    sent as JSON), or None when nothing listens there; an HTTP error status raises
+    ``urllib.error.HTTPError`` for the caller to read (a 404 may be a worker without the
+    monitor)."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    url = f"http://{settings.web_host}:{settings.web_port}{path}{query}"
+    data = None if body is None else json.dumps(body).encode()
+    headers = {} if body is None else {"Content-Type": "application/json"}
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, method=method),
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers, method=method),
                                     timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError:

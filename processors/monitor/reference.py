@@ -269,24 +269,17 @@ REFERENCE_PATH = "/shadowpipe/reference/"
 
 def _post_to_monitor(settings: Settings, rows: list[dict[str, Any]]) -> bool:
     """Hand the rows to the running monitor's endpoint; False when no monitor listens."""
-    import json
     import urllib.error
-    import urllib.request
 
-    url = f"http://{settings.web_host}:{settings.web_port}{REFERENCE_PATH}"
-    body = json.dumps({"rows": rows}).encode()
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    from shadowpipe.processors.read import ask_monitor
+
     try:
-        with urllib.request.urlopen(request, timeout=60) as resp:
-            resp.read()
-            return True
+        return ask_monitor(settings, REFERENCE_PATH, {}, method="POST", body={"rows": rows},
+                           timeout_s=60) is not None
     except urllib.error.HTTPError as exc:
         if exc.code == 404:
             return False  # a worker without the monitor answers on that port
         raise ConfigError("web_port", f"monitor refused the reference: {exc}") from None
-    except OSError:
-        return False
 
 
 def attach(app: Any, settings: Settings, pipeline: Any, executor: Any,
