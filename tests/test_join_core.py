@@ -11,8 +11,9 @@ import uuid
 from typing import Any
 
 import pytest
-from shadowpipe.processors.join.core import JoinCore, Message
+from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.store import StoreError
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import Settings
@@ -116,6 +117,11 @@ def join_settings(stack_settings: Settings) -> Settings:
     return stack_settings.replace(topic_prefix=f"j{uuid.uuid4().hex[:10]}.")
 
 
+def msg(kind: str, partition: int, offset: int, key: bytes | None, value: bytes) -> Message:
+    """A consumed message of input ``kind`` (the core takes a kind for a topic)."""
+    return Message(value, key, kind, partition, offset)
+
+
 def run(core: JoinCore, msgs: list[Message], now_ms: int = T0, batch: int = 7) -> list[dict]:
     out = []
     for start in range(0, len(msgs), batch):
@@ -132,7 +138,7 @@ def shuffled_messages(rng: random.Random, reqs: list[dict], dup_rate: float) -> 
     msgs = []
     for kind, value in raw:
         offsets[kind] = offsets.get(kind, -1) + 1
-        msgs.append(Message(kind, 0, offsets[kind], None, value))
+        msgs.append(msg(kind, 0, offsets[kind], None, value))
     return msgs
 
 
@@ -160,8 +166,8 @@ def test_duplicate_that_changes_nothing_emits_nothing(join_settings: Settings) -
     req = make_requests(random.Random(1), 1)[0]
     core = JoinCore(join_settings)
     kinds = messages_of(req)
-    first = run(core, [Message(k, 0, n, None, v) for n, (k, v) in enumerate(kinds)])
-    again = run(core, [Message(k, 1, n, None, v) for n, (k, v) in enumerate(kinds)])
+    first = run(core, [msg(k, 0, n, None, v) for n, (k, v) in enumerate(kinds)])
+    again = run(core, [msg(k, 1, n, None, v) for n, (k, v) in enumerate(kinds)])
     assert first and again == []
 
 
@@ -170,7 +176,7 @@ def test_redelivered_message_reemits_same_version(join_settings: Settings) -> No
     req = make_requests(random.Random(2), 1)[0]
     req["feedback"] = []
     core = JoinCore(join_settings)
-    msgs = [Message(k, 0, n, None, v) for n, (k, v) in enumerate(messages_of(req))]
+    msgs = [msg(k, 0, n, None, v) for n, (k, v) in enumerate(messages_of(req))]
     first = run(core, msgs)
     replay = run(core, msgs[-1:])  # the shadow that completed the last join, same offset
     assert len(replay) == 1
@@ -186,10 +192,10 @@ def test_later_feedback_replaces_label_and_bumps_version(join_settings: Settings
     early = {**late, "label": "a", "event_time": inf["event_time"] + 100}
     core = JoinCore(join_settings)
     recs = run(core, [
-        Message("inference", 0, 0, None, CODEC.encode("InferenceEvent", inf)),
-        Message("feedback", 0, 0, None, CODEC.encode("Feedback", late)),
-        Message("predictions", 0, 0, None, CODEC.encode("ShadowPrediction", pred)),
-        Message("feedback", 0, 1, None, CODEC.encode("Feedback", early)),  # older: ignored
+        msg("inference", 0, 0, None, CODEC.encode("InferenceEvent", inf)),
+        msg("feedback", 0, 0, None, CODEC.encode("Feedback", late)),
+        msg("predictions", 0, 0, None, CODEC.encode("ShadowPrediction", pred)),
+        msg("feedback", 0, 1, None, CODEC.encode("Feedback", early)),  # older: ignored
     ], batch=1)
     assert [(r["version"], r["state"], r["label"], r["label_delay_ms"]) for r in recs] == [
         (1, "labelled", "b", 9000)]
@@ -203,12 +209,12 @@ def test_horizon_orphans_late_feedback_and_tombstones(join_settings: Settings) -
     fb = {"request_id": joined["id"], "label": "b", "event_time": T0 + 50_000}
     stray_fb = {"request_id": unknown["id"], "label": "a", "event_time": T0 + 1}
     run(core, [
-        Message("inference", 0, 0, None, CODEC.encode("InferenceEvent", joined["inference"])),
-        Message("predictions", 0, 0, None,
+        msg("inference", 0, 0, None, CODEC.encode("InferenceEvent", joined["inference"])),
+        msg("predictions", 0, 0, None,
                 CODEC.encode("ShadowPrediction", joined["predictions"][0])),
-        Message("predictions", 0, 1, None,
+        msg("predictions", 0, 1, None,
                 CODEC.encode("ShadowPrediction", no_primary["predictions"][0])),
-        Message("feedback", 0, 0, None, CODEC.encode("Feedback", stray_fb)),
+        msg("feedback", 0, 0, None, CODEC.encode("Feedback", stray_fb)),
     ])
     claim, early = core.sweep(now_ms=T0 + 1000)
     assert early.joined == [] and claim.handled == 0  # nothing is due before the horizon
@@ -224,8 +230,8 @@ def test_horizon_orphans_late_feedback_and_tombstones(join_settings: Settings) -
     assert core.finish(claim) == 2
     assert core.store.pending() == 0
 
-    late = run(core, [Message("feedback", 0, 5, None, CODEC.encode("Feedback", fb)),
-                      Message("feedback", 0, 6, None, CODEC.encode("Feedback", fb))],
+    late = run(core, [msg("feedback", 0, 5, None, CODEC.encode("Feedback", fb)),
+                      msg("feedback", 0, 6, None, CODEC.encode("Feedback", fb))],
                now_ms=T0 + 3000)
     assert [(r["request_id"], r["challenger"], r["state"], r["version"]) for r in late] == [
         (joined["id"], "", "orphan_feedback", 1)]
@@ -241,7 +247,7 @@ def test_claimed_orphans_are_reissued_until_finished(join_settings: Settings) ->
     core = JoinCore(join_settings.replace(feedback_horizon_s=1), lease_s=1)
     req = make_requests(random.Random(5), 1, challengers=1)[0]
     pred = CODEC.encode("ShadowPrediction", req["predictions"][0])
-    run(core, [Message("predictions", 0, 0, None, pred)])
+    run(core, [msg("predictions", 0, 0, None, pred)])
     _, first = core.sweep(now_ms=T0 + 1001)
     claim, again = core.sweep(now_ms=T0 + 2002)  # lease of the first claim expired
     assert first.joined and [CODEC.decode(v, "JoinedRecord")["version"] for _, v in again.joined] \
@@ -253,8 +259,8 @@ def test_bad_messages_are_dead_lettered(join_settings: Settings) -> None:
     core = JoinCore(join_settings)
     bad_pred = {**make_requests(random.Random(6), 1)[0]["predictions"][0], "challenger": ""}
     result = core.process([
-        Message("inference", 0, 0, b"k", b"\x99garbage"),
-        Message("predictions", 0, 0, b"k", CODEC.encode("ShadowPrediction", bad_pred)),
+        msg("inference", 0, 0, b"k", b"\x99garbage"),
+        msg("predictions", 0, 0, b"k", CODEC.encode("ShadowPrediction", bad_pred)),
     ])
     letters = [CODEC.decode(v, "DeadLetter") for _, v in result.dead]
     assert [(d["error_kind"], d["source_topic"]) for d in letters] == [
@@ -267,7 +273,7 @@ def test_redis_out_of_memory_is_an_error_and_a_counter(join_settings: Settings) 
     core = JoinCore(join_settings)
     client = core.store.client
     reqs = make_requests(random.Random(7), 20)
-    msgs = [Message(k, 0, n, None, v)
+    msgs = [msg(k, 0, n, None, v)
             for n, (k, v) in enumerate(m for r in reqs for m in messages_of(r))]
     client.config_set("maxmemory", 1)  # the stack runs noeviction: every write is refused
     try:

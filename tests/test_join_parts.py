@@ -7,7 +7,8 @@ import random
 
 import pytest
 from shadowpipe.processors.join import fastpath, parts
-from shadowpipe.processors.join.core import InvalidInput, Message, decode_part
+from shadowpipe.processors.join.core import InvalidInput, decode_part
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas import schema, wire
 from shadowpipe.schemas.codec import Codec, DecodeError
 
@@ -98,7 +99,7 @@ def test_invalid_inputs_are_rejected() -> None:
     ]
     for kind, record, name in cases:
         with pytest.raises(InvalidInput):
-            decode_part(CODEC, Message(kind, 0, 0, None, CODEC.encode(name, record)))
+            decode_part(CODEC, kind, Message(CODEC.encode(name, record)))
 
 
 def test_fast_path_is_enabled_for_the_current_schemas() -> None:

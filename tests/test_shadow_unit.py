@@ -20,6 +20,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.challengers import (
     CallableModel,
     InvalidOutput,
@@ -28,7 +29,7 @@ from shadowpipe.processors.shadow.challengers import (
     parse_specs,
     to_output,
 )
-from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
+from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
 from shadowpipe.processors.shadow.runner import Result, Runner
 from shadowpipe.schemas import schema
@@ -376,16 +377,16 @@ def test_sampling_follows_the_producer_rule() -> None:
 def test_score_routes_samples_and_dead_letters() -> None:
     specs = parse_specs([spec("all"), spec("tenth", sample_rate=0.1)], 1000)
     proc = ShadowProcessor(Settings.load(env={}), specs)
-    good = [Raw("in", 1, i, f"r{i}".encode(),
-                CODEC.encode("InferenceEvent", event(f"r{i}", x0=0.5, x1=0.7)), None)
+    good = [Message(CODEC.encode("InferenceEvent", event(f"r{i}", x0=0.5, x1=0.7)),
+                    f"r{i}".encode(), "in", 1, i)
             for i in range(300)]
     poison = [
-        Raw("in", 2, 1, b"k", b"\x07random", 5),
-        Raw("in", 2, 2, b"k", CODEC.encode("Feedback", {"request_id": "r", "label": "x",
-                                                         "event_time": 1}), None),
-        Raw("in", 2, 3, None, CODEC.encode("InferenceEvent", event(" ", x0=1.0)), None),
-        Raw("in", 2, 4, None, b'{"event_time": 1, "model": "m"}', None),
-        Raw("in", 2, 5, None, None, None),
+        Message(b"\x07random", b"k", "in", 2, 1, 5),
+        Message(CODEC.encode("Feedback", {"request_id": "r", "label": "x", "event_time": 1}),
+                b"k", "in", 2, 2),
+        Message(CODEC.encode("InferenceEvent", event(" ", x0=1.0)), None, "in", 2, 3),
+        Message(b'{"event_time": 1, "model": "m"}', None, "in", 2, 4),
+        Message(None, None, "in", 2, 5),
     ]
     out = proc.score(poison[:2] + good + poison[2:], consumed_at_ms=1_700_000_000_500)
     preds = [CODEC.decode(v, "ShadowPrediction") for _, v in out.predictions]

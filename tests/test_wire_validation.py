@@ -14,11 +14,11 @@ from typing import Any
 import fastavro
 import pytest
 from shadowpipe.processors.join import fastpath, parts
-from shadowpipe.processors.join.core import Message, decode_part
-from shadowpipe.processors.monitor.pipeline import Message as JoinedMessage
+from shadowpipe.processors.join.core import decode_part
 from shadowpipe.processors.monitor.pipeline import Pipeline
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.challengers import parse_specs
-from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
+from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, Codec, DecodeError, schema_fingerprint
@@ -52,7 +52,7 @@ def _shadow_verdict(data: bytes) -> tuple[str, str] | dict[str, Any]:
         "name": "echo", "version": "1", "kind": "callable",
         "location": "shadowpipe.processors.shadow.challengers:echo_label"}], 1000))
     try:
-        out = proc.score([Raw("inference", 0, 1, b"r1", data, None)], 1_700_000_000_500)
+        out = proc.score([Message(data, b"r1", "inference", 0, 1)], 1_700_000_000_500)
     finally:
         proc.close()
     if out.dead_letters:
@@ -64,7 +64,7 @@ def _shadow_verdict(data: bytes) -> tuple[str, str] | dict[str, Any]:
 def _join_verdict(kind: str, data: bytes, layouts: parts.FeatureLayouts | None
                   ) -> tuple[str, str] | bytes:
     try:
-        return decode_part(CODEC, Message(kind, 0, 1, b"r1", data), layouts).blob
+        return decode_part(CODEC, kind, Message(data, b"r1", kind, 0, 1), layouts).blob
     except DecodeError as exc:
         return exc.kind, exc.reason
 
@@ -110,7 +110,7 @@ def test_the_monitor_refuses_a_negative_time_with_the_same_reason(settings: Sett
               "event_time": -5, "joined_at": 1_700_000_000_000}
     good = {**joined, "request_id": "r2", "event_time": 1_700_000_000_000}
     pipeline = Pipeline(settings.replace(clickhouse_database=f"m{uuid.uuid4().hex[:10]}"))
-    records, dead = pipeline.decode([JoinedMessage(CODEC.encode("JoinedRecord", r))
+    records, dead = pipeline.decode([Message(CODEC.encode("JoinedRecord", r))
                                      for r in (joined, good)])
     assert [r["request_id"] for r in records] == ["r2"]
     assert [(d["error_kind"], d["reason"]) for d in dead] == [

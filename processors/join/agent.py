@@ -3,12 +3,14 @@
 ``install`` checks Redis (a ConfigError naming ``SHADOWPIPE_REDIS_URL`` before anything
 starts), then adds to the app:
 
-* a service running :class:`~shadowpipe.processors.join.service.JoinLoop` on its own
+* a service running the workers' batch loop (:func:`~.service.join_loop`) on its own
   thread: micro-batches of the inference, predictions and feedback topics are merged into
   Redis, the JoinedRecords published, then the offsets committed (see ``service.py`` for
   why this is a librdkafka loop rather than a Faust stream);
 * a timer sweeping requests past the feedback horizon (claim, publish orphans, bury);
-* ``GET /join/stats/``: the counters as JSON (also logged every 30 s).
+* ``GET /shadowpipe/join/ready`` and ``GET /shadowpipe/join/stats`` (also at the older
+  ``/join/stats/``; :mod:`~shadowpipe.processors.runtime.health`): the counters as JSON
+  (also logged every 30 s).
 
 >>> sweep_interval_s(7 * 86400), sweep_interval_s(2)
 (5.0, 0.5)
@@ -22,14 +24,16 @@ import time
 from typing import Any
 
 from shadowpipe.processors.join.core import JoinCore
-from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, JoinLoop, sweep_once
+from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, join_loop, sweep_once
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.runtime.health import add_health, loop_readiness
+from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.threaded import add_loop_service
 
 from shadowpipe.config import Settings
 
-STATS_PATH = "/join/stats/"
+OLD_STATS_PATH = "/join/stats/"  # before the paths were the same on every worker
 STATS_LOG_S = 30.0
 log = logging.getLogger("shadowpipe.join")
 
@@ -39,13 +43,14 @@ def sweep_interval_s(horizon_s: float) -> float:
     return min(5.0, max(0.25, horizon_s / 4))
 
 
-def install(app: Any, settings: Settings) -> JoinLoop:
-    """Check Redis, then register the consumer service, the sweep timer and the stats view."""
+def install(app: Any, settings: Settings) -> BatchLoop:
+    """Check Redis, then register the consumer service, the sweep timer and the health
+    views."""
     from shadowpipe.stores import check_redis
 
     check_redis(settings, "worker join")
     core = JoinCore(settings)
-    loop = JoinLoop(settings, core)
+    loop = join_loop(settings, core)
     sweeper = Publisher(settings, **PRODUCER_OVERRIDES)
     last_log = [time.monotonic()]
 
@@ -63,8 +68,7 @@ def install(app: Any, settings: Settings) -> JoinLoop:
             last_log[0] = time.monotonic()
             log.info("join counters: %s", core.stats())
 
-    @app.page(STATS_PATH)
-    async def join_stats(web: Any, request: Any) -> Any:
-        return web.json({"pending": core.store.pending(), **core.stats()})
+    add_health(app, "join", lambda: {"pending": core.store.pending(), **core.stats()},
+               lambda: loop_readiness(loop), stats_aliases=(OLD_STATS_PATH,))
 
     return loop

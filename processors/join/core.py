@@ -3,9 +3,9 @@
 Both the Faust agent and ``shadowpipe bench join`` drive this class, so what the benchmark
 measures is what the worker runs. It is synchronous (the agent calls it in a thread).
 
->>> msg = Message("feedback", 0, 7, b"r1", b"\\x99")
+>>> msg = Message(b"\\x99", b"r1", "shadowpipe.feedback", 0, 7)
 >>> try:
-...     decode_part(Codec(), msg)
+...     decode_part(Codec(), "feedback", msg)
 ... except DecodeError as exc:
 ...     exc.reason
 'unrecognised framing: first byte 0x99 is not Avro or JSON'
@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.join.fastpath import inference_part, shadow_part
@@ -44,6 +44,7 @@ from shadowpipe.processors.join.store import (
     StoreError,
     message_id,
 )
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.validate import InvalidRecord, check_answer, check_request_id
 
@@ -58,17 +59,6 @@ CHUNK = 100  # messages per script call: Redis merges one while Python decodes t
 
 # A message that decodes but cannot be joined (e.g. no request id): the wire layer's verdict.
 InvalidInput = InvalidRecord
-
-
-class Message(NamedTuple):  # a tuple: built for every consumed message
-    """One consumed Kafka message; ``kind`` is the topic kind (inference/predictions/feedback)."""
-
-    kind: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int | None = None
 
 
 @dataclass
@@ -88,15 +78,17 @@ def key_prefix(settings: Settings) -> str:
     return f"{settings.topic_prefix}join:"
 
 
-def decode_part(codec: Codec, msg: Message, layouts: FeatureLayouts | None = None) -> Part:
-    """Decode and validate ``msg`` into a :class:`Part`; raises DecodeError or InvalidInput.
+def decode_part(codec: Codec, topic_kind: str, msg: Message,
+                layouts: FeatureLayouts | None = None) -> Part:
+    """Decode and validate ``msg`` of input ``topic_kind`` (inference, predictions,
+    feedback) into a :class:`Part`; raises DecodeError or InvalidInput.
 
     Current-schema single-object messages take the allocation-free :mod:`fastpath`; the rest
     (and anything it finds unusual, or would have to judge: a time that is not a positive
     epoch-ms, a non-finite feature) go through the Codec, whose validation
     (:mod:`shadowpipe.schemas.validate`) the shadow worker and the monitor share.
     """
-    schema_name, kind = INPUTS[msg.kind]
+    schema_name, kind = INPUTS[topic_kind]
     msg_id = message_id(msg.partition, msg.offset)
     value = msg.value or b""
     if kind == "s":
@@ -129,6 +121,9 @@ class JoinCore:
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._cache: dict[bytes, Any] = {}  # used by process() only: one batch at a time
+        # A message's topic -> its kind; the kind itself is taken too (the tests and the
+        # benchmark feed the core without topics).
+        self.kinds = {**{k: k for k in INPUTS}, **{settings.topic(k): k for k in INPUTS}}
         # Framing (single-object header or Confluent id) of every JoinedRecord we write.
         probe = {"request_id": "", "challenger": "", "version": 0, "joined_at": 0,
                  "state": "orphan_feedback"}
@@ -188,11 +183,13 @@ class JoinCore:
         for start in range(0, len(messages), CHUNK):
             parts = []
             for msg in messages[start:start + CHUNK]:
+                kind = self.kinds[msg.topic]
                 try:
-                    parts.append(decode_part(self.codec, msg, self.store.layouts))
+                    parts.append(decode_part(self.codec, kind, msg, self.store.layouts))
                 except DecodeError as exc:  # kind: decode, or invalid (InvalidRecord)
                     codes[f"deadletter_{exc.kind}"] += 1
-                    result.dead.append((msg.key, self._dead_letter(exc.kind, exc.reason, msg)))
+                    dead = self._dead_letter(exc.kind, exc.reason, kind, msg)
+                    result.dead.append((msg.key, dead))
             yield parts
 
     def sweep(self, now_ms: int | None = None, limit: int = 500) -> tuple[Claim, BatchResult]:
@@ -232,9 +229,9 @@ class JoinCore:
                           e.feedback, joined_at=now_ms, layouts=self.store.layouts, cache=cache)
         return e.request_id.encode(), self._header + body
 
-    def _dead_letter(self, kind: str, reason: str, msg: Message) -> bytes:
-        record = dead_letter(kind, reason, WORKER, self.settings.topic(msg.kind), msg.partition,
-                             msg.offset, msg.key, msg.value, msg.timestamp_ms)
+    def _dead_letter(self, kind: str, reason: str, topic_kind: str, msg: Message) -> bytes:
+        record = dead_letter(kind, reason, WORKER, self.settings.topic(topic_kind),
+                             msg.partition, msg.offset, msg.key, msg.value, msg.timestamp)
         return self.codec.encode("DeadLetter", record)
 
 

@@ -6,8 +6,9 @@ Redis calls block; the event loop keeps heartbeating and serving the web endpoin
 publishes alerts (Avro, keyed by challenger) and dead letters, and checkpoints; only then
 is the batch acked. A timer closes the windows of an idle stream; a stop closes or stores
 the open ones. ``GET /shadowpipe/monitor/ready`` (200 or 503) and
-``GET /shadowpipe/monitor/stats`` (JSON counters) report on it; a dead agent ends the
-process with exit code 1 (see :mod:`.runtime`).
+``GET /shadowpipe/monitor/stats`` (JSON counters) report on it, as on every worker
+(:mod:`~shadowpipe.processors.runtime.health`); a dead agent ends the process with exit
+code 1 (see :mod:`.runtime`).
 
 It also serves ``GET /shadowpipe/query/?name=arms&since_ms=...&challenger=...&by=...``:
 the named read queries of :mod:`shadowpipe.processors.read` as JSON, run on the
@@ -25,10 +26,12 @@ import logging
 from typing import Any
 
 from shadowpipe.processors.monitor import reference
-from shadowpipe.processors.monitor.pipeline import Message, Pipeline
+from shadowpipe.processors.monitor.pipeline import Pipeline
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
 from shadowpipe.processors.read import QUERIES
 from shadowpipe.processors.read import run as run_query
+from shadowpipe.processors.runtime.health import add_health
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.verdict import agent as verdict_agent
 
 from shadowpipe.config import Settings
@@ -36,8 +39,6 @@ from shadowpipe.stores import check_clickhouse, check_redis, clickhouse_client
 
 log = logging.getLogger(__name__)
 QUERY_PATH = "/shadowpipe/query/"
-READY_PATH = "/shadowpipe/monitor/ready"
-STATS_PATH = "/shadowpipe/monitor/stats"
 
 
 def _client_factory(settings: Settings, first: Any) -> Any:
@@ -101,15 +102,8 @@ def install(app: Any, settings: Settings) -> None:
     async def monitor_stop(sender: Any, **kwargs: Any) -> None:
         await runtime.stop()
 
-    @app.page(READY_PATH)
-    async def ready(web: Any, request: Any) -> Any:
-        state, reason = runtime.readiness()
-        return web.json({"ready": state == "ready", "state": state, "reason": reason},
-                        status=200 if state == "ready" else 503)
-
-    @app.page(STATS_PATH)
-    async def stats(web: Any, request: Any) -> Any:
-        return web.json(runtime.stats(lambda t, p: _highwater(app, t, p)))
+    add_health(app, "monitor", lambda: runtime.stats(lambda t, p: _highwater(app, t, p)),
+               runtime.readiness)
 
     @app.page(QUERY_PATH)
     async def query(web: Any, request: Any) -> Any:

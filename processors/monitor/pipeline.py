@@ -25,18 +25,18 @@ import contextlib
 import gc
 import io
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import urlparse
 
 import fastavro
 import redis as redis_lib
 from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.monitor import checkpoint as checkpoint_fmt
 from shadowpipe.processors.monitor import sink as sink_mod
 from shadowpipe.processors.monitor.bulk import BulkDecoder
 from shadowpipe.processors.monitor.core import (
@@ -48,6 +48,8 @@ from shadowpipe.processors.monitor.core import (
     window_row,
 )
 from shadowpipe.processors.monitor.dedup import Deduper
+from shadowpipe.processors.runtime.message import Message
+from shadowpipe.processors.runtime.retry import Stopped, retry
 from shadowpipe.processors.state_marker import monitor_holds_state, monitor_marker
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
@@ -72,10 +74,6 @@ BULK_FIELDS = frozenset((
 TRANSIENT = (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError)
 # Without a socket timeout a paused Redis blocks a call forever, with nothing logged.
 REDIS_TIMEOUT_S = 5.0
-
-
-class Stopped(Exception):
-    """The worker is stopping: a retry loop gave up (nothing of its batch is acked)."""
 
 
 @contextlib.contextmanager
@@ -114,17 +112,6 @@ def due_watermark(starts: list[int], held_ms: int, now_ms: int) -> int | None:
     """
     due = [start + held_ms for start in starts if start + held_ms <= now_ms]
     return max(due) if due else None
-
-
-class Message(NamedTuple):
-    """What the pipeline needs of one consumed message (a tuple: cheap to build per record)."""
-
-    value: bytes | None
-    key: bytes | None = None
-    topic: str = ""
-    partition: int = 0
-    offset: int = 0
-    timestamp: int | None = None
 
 
 @dataclass
@@ -195,7 +182,7 @@ class Pipeline:
         self.retrying: str | None = None  # what a retry loop is waiting for, if any
         self._abort = threading.Event()
         self.last_record_ms = clock()  # a restart with open windows and no traffic closes them
-        self.sink = sink_mod.Sink(settings, client_factory, sleep=self._pause)
+        self.sink = sink_mod.Sink(settings, client_factory, sleep=self.pause)
         self.bulk = (BulkDecoder(self.sink.connect, self._schema, BULK_FIELDS)
                      if urlparse(settings.clickhouse).scheme == "chdb" else None)
         self.marker = monitor_marker(self.redis, settings, self.state_key)  # .lost: losses seen
@@ -205,7 +192,7 @@ class Pipeline:
     def _load(self) -> MonitorState | None:
         blob = self._retry("load checkpoint", lambda: self.redis.get(self.state_key))
         self.marker.check(monitor_holds_state(self.settings))  # a lost checkpoint is logged once
-        return pickle.loads(blob) if blob else None
+        return checkpoint_fmt.load(blob, self.state_key) if blob else None
 
     def migrate(self) -> list[str]:
         return migrate(self.sink.connect(), self.settings)
@@ -413,7 +400,7 @@ class Pipeline:
     def checkpoint(self) -> None:
         """Step 3: state and counted bits in one Redis transaction (retried until done)."""
         with paused_gc():
-            blob = pickle.dumps(self.monitor.state, protocol=pickle.HIGHEST_PROTOCOL)
+            blob = checkpoint_fmt.dump(self.monitor.state)
 
         def write() -> None:
             pipe = self.redis.pipeline(transaction=True)
@@ -426,26 +413,22 @@ class Pipeline:
         self.dedup.committed()
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, retried on transient errors with the joiner's backoff (0.2 s doubling
-        to 10 s); nothing of the batch is acked meanwhile."""
-        backoff = 0.2
-        while True:
-            try:
-                value = fn()
-                self.retrying = None
-                return value
-            except TRANSIENT as exc:
-                self.retrying = f"Redis {what}"
-                self.note_error(f"Redis {what}: {type(exc).__name__}: {exc}")
-                log.warning("Redis %s failed (retry in %.1fs): %s", what, backoff, exc)
-                self._pause(backoff)
-                backoff = min(backoff * 2, 10.0)
+        """``fn()``, retried on transient errors (:func:`~..runtime.retry.retry`); nothing
+        of the batch is acked meanwhile."""
+        def failed(exc: BaseException) -> None:
+            self.retrying = f"Redis {what}"
+            self.note_error(f"Redis {what}: {type(exc).__name__}: {exc}")
+
+        value = retry(fn, f"Redis {what}", errors=TRANSIENT, pause=self.pause,
+                      on_error=failed, logger=log)
+        self.retrying = None
+        return value
 
     def note_error(self, text: str) -> None:
         self.totals.retries += 1
         self.totals.last_error, self.totals.last_error_ms = text, self.clock()
 
-    def _pause(self, seconds: float) -> None:
+    def pause(self, seconds: float) -> None:
         """Back off between retries; raise :class:`Stopped` once the worker must stop."""
         if self.sleep is time.sleep:
             self._abort.wait(seconds)

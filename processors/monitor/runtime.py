@@ -1,27 +1,28 @@
 """The monitor worker's life around :class:`.pipeline.Pipeline`: one batch at a time,
 readiness, stats, idle closing, a bounded graceful stop, and exit on a dead agent.
 
-**Serialised.** A batch (process, publish alerts and dead letters, checkpoint) and a window
-close (idle timer or stop) each run whole under one lock, on one executor thread: a
-checkpoint never saves the counts of a batch whose alerts are not yet published.
+**Serialised.** A batch and a window close (idle timer or stop) each run whole under one
+lock, on one executor thread: a checkpoint never saves the counts of a batch whose alerts
+are not yet published. A batch goes through the workers' one batch loop
+(:class:`~shadowpipe.processors.runtime.loop.BatchLoop`, without overlap): process, publish
+alerts and dead letters, flush (again until the broker has them all), checkpoint
+(:meth:`MonitorHandler.settled`); then the agent acks it.
 
 **Never alive while dead.** Transient Redis and ClickHouse errors are retried inside the
 batch (0.2 s doubling to 10 s, as the joiner); readiness says ``retrying`` meanwhile. Any
 other error ends the process at once with exit code 1 (:meth:`Runtime.die`): a process
 manager restarts it and the uncommitted batch is replayed against the last checkpoint.
 
-**Readiness** (``GET /shadowpipe/monitor/ready``): 200 ``ready``; 503 ``starting``,
-``retrying``, ``stalled`` (a batch running longer than :data:`STALL_S`) or ``stopping``.
+**Readiness** (``GET /shadowpipe/monitor/ready``, :mod:`~shadowpipe.processors.runtime.health`):
+200 ``ready``; 503 ``starting``, ``retrying``, ``stalled`` (a batch running longer than
+``STALL_S``) or ``stopping``.
 
 **Graceful stop** (SIGINT/SIGTERM): new batches are skipped (they stay uncommitted), the
 batch in flight gets :data:`STOP_BATCH_S`, then due windows are closed and open ones stored
 (``monitor_close_on_stop``) within :data:`STOP_FLUSH_S`; retries are abandoned past that.
 
->>> Runtime.state_of(started=True, stopping=False, retrying=None, batch_s=None)
-('ready', '')
->>> Runtime.state_of(started=True, stopping=False, retrying="Redis dedup lookup",
-...                  batch_s=3.0)
-('retrying', 'Redis dedup lookup')
+>>> outputs(Settings.load(env={}), BatchResult())
+[('shadowpipe.alerts', []), ('shadowpipe.deadletter', [])]
 """
 
 from __future__ import annotations
@@ -34,17 +35,50 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from shadowpipe.processors.monitor.pipeline import BatchResult, Message, Pipeline, Stopped
-from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.monitor.pipeline import BatchResult, Message, Pipeline
+from shadowpipe.processors.publisher import Publisher
+from shadowpipe.processors.runtime.health import Readiness, state_of
+from shadowpipe.processors.runtime.loop import BatchLoop, Handler, Outputs
+from shadowpipe.processors.runtime.retry import Stopped
 from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.monitor")
-STALL_S = 60.0  # a batch running longer than this (without a retry logged) is stalled
 STOP_BATCH_S = 10.0  # a stop waits this long for the batch in flight
 STOP_FLUSH_S = 10.0  # then this long for closing and storing windows
 EXIT_DEAD = 1
+
+
+def outputs(settings: Settings, result: BatchResult, codec: Codec | None = None) -> Outputs:
+    """Alerts (Avro, keyed by challenger) and dead letters of a batch or a close, by topic
+    (a repeated alert carries the same ``alert_id``)."""
+    codec = codec or Codec(settings.schema_registry_url)
+    return [(settings.topic("alerts"), [(a["challenger"], codec.encode("Alert", a))
+                                        for a in result.alerts]),
+            (settings.topic("deadletter"), [(d["key"], codec.encode("DeadLetter", d))
+                                            for d in result.dead_letters])]
+
+
+class MonitorHandler(Handler):
+    """The monitor in the batch loop: the pipeline, then its checkpoint once the broker has
+    the batch's alerts and dead letters."""
+
+    name = "monitor"
+
+    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self.codec = Codec(settings.schema_registry_url)
+
+    def process(self, batch: list[Message]) -> Outputs:
+        return outputs(self.settings, self.pipeline.process(batch), self.codec)
+
+    def settled(self, batch: list[Message]) -> None:
+        self.pipeline.checkpoint()
+
+    def retried(self, what: str, exc: BaseException) -> None:
+        self.pipeline.note_error(f"{what}: {exc}")
 
 
 class Runtime:
@@ -54,16 +88,29 @@ class Runtime:
         self.settings = settings
         self.pipeline = pipeline
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="monitor")
-        self.publisher = Publisher(settings)
-        self.codec = Codec(settings.schema_registry_url)
+        self.handler = MonitorHandler(settings, pipeline)
+        # No source: the Faust agent consumes, and acks a batch once step() returned.
+        self.loop = BatchLoop(self.handler, lambda: Publisher(settings), overlap=False,
+                              pause=pipeline.pause)
         self.lock = asyncio.Lock()
-        self.started = False  # the agent is consuming
         self.stopping = False
         self.inflight: asyncio.Task | None = None
-        self.batch_started: float | None = None
-        self.offsets: dict[tuple[str, int], int] = {}  # next offset per partition processed
         self.measured: dict[str, Any] = {"windows_open": 0, "detectors": 0, "watermark_ms": None}
         self.start_time = time.monotonic()
+
+    @property
+    def started(self) -> bool:
+        """The agent is consuming."""
+        return self.loop.started
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self.loop.started = value
+
+    @property
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """Next offset per partition processed."""
+        return self.loop.positions
 
     # -- batches and closes ----------------------------------------------------------------
 
@@ -74,26 +121,20 @@ class Runtime:
 
     async def _batch(self, messages: list[Message]) -> None:
         async with self.lock:
-            self.batch_started = time.monotonic()
-            try:
-                result = await self._run(self.pipeline.process, messages)
-                await self._publish(result)
-                await self._run(self.pipeline.checkpoint)
-            finally:
-                self.batch_started = None
-        for m in messages:
-            key = (m.topic, m.partition)
-            self.offsets[key] = max(self.offsets.get(key, 0), m.offset + 1)
+            await self._run(self.loop.step, messages)
 
     async def close(self, close: Callable[[], BatchResult]) -> BatchResult:
         """Close windows (``pipeline.close_idle`` or ``close_on_stop``), publish their
         alerts, checkpoint; nothing is checkpointed when nothing closed."""
-        async with self.lock:
-            result = await self._run(close)
+        def run() -> BatchResult:
+            result = close()
             if result.windows or result.rows:
-                await self._publish(result)
-                await self._run(self.pipeline.checkpoint)
+                self.loop.deliver(outputs(self.settings, result, self.handler.codec))
+                self.pipeline.checkpoint()
             return result
+
+        async with self.lock:
+            return await self._run(run)
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn`` on the pipeline thread, then the figures that must not be read while it
@@ -108,34 +149,6 @@ class Runtime:
             return value
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, call)
-
-    async def _publish(self, result: BatchResult) -> None:
-        """Produce alerts and dead letters, re-producing until the broker acked them all
-        (a repeated alert carries the same ``alert_id``; nothing is acked before)."""
-        s, codec = self.settings, self.codec
-        outputs = [(s.topic("alerts"), a["challenger"], codec.encode("Alert", a))
-                   for a in result.alerts]
-        outputs += [(s.topic("deadletter"), d["key"], codec.encode("DeadLetter", d))
-                    for d in result.dead_letters]
-        if not outputs:
-            return
-        backoff = 0.2
-        while True:
-            for topic, key, value in outputs:
-                self.publisher.produce(topic, key, value)
-            try:
-                await self.publisher.flush()
-                self.pipeline.retrying = None
-                return
-            except DeliveryError as exc:
-                self.pipeline.retrying = "Kafka delivery of alerts/dead letters"
-                self.pipeline.note_error(f"Kafka delivery: {exc}")
-                log.warning("alert/dead-letter delivery failed (retry in %.1fs): %s",
-                            backoff, exc)
-                if self.pipeline.aborted():
-                    raise Stopped("stopping during a delivery retry") from exc
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
 
     # -- dying and stopping -----------------------------------------------------------------
 
@@ -179,33 +192,20 @@ class Runtime:
 
     # -- readiness and stats ------------------------------------------------------------------
 
-    @staticmethod
-    def state_of(*, started: bool, stopping: bool, retrying: str | None,
-                 batch_s: float | None) -> tuple[str, str]:
-        """(state, reason): the readiness verdict of the module doc."""
-        if stopping:
-            return "stopping", "the worker is stopping"
-        if retrying:
-            return "retrying", retrying
-        if batch_s is not None and batch_s > STALL_S:
-            return "stalled", f"a batch has been running for {batch_s:.0f} s"
-        if not started:
-            return "starting", "the agent has not started consuming"
-        return "ready", ""
-
-    def readiness(self) -> tuple[str, str]:
+    def readiness(self) -> Readiness:
         sink = self.pipeline.sink
-        retrying = self.pipeline.retrying or (sink.last_error if sink.retrying else None)
-        batch_s = (time.monotonic() - self.batch_started
-                   if self.batch_started is not None else None)
-        return self.state_of(started=self.started, stopping=self.stopping, retrying=retrying,
-                             batch_s=batch_s)
+        retrying = (self.loop.retrying or self.pipeline.retrying
+                    or (sink.last_error if sink.retrying else None))
+        started = self.loop.batch_started
+        return state_of(started=self.started, stopping=self.stopping, retrying=retrying,
+                        batch_s=time.monotonic() - started if started is not None else None)
 
     def stats(self, highwater: Callable[[str, int], int | None]) -> dict[str, Any]:
         """Counters, window and detector figures, last write, lag, readiness."""
         totals = self.pipeline.totals
         state, reason = self.readiness()
-        lag = [highwater(topic, partition) for topic, partition in self.offsets]
+        offsets = dict(self.offsets)  # one copy: the pipeline thread updates it
+        lag = [highwater(topic, partition) for topic, partition in offsets]
         watermark = self.measured["watermark_ms"]
         now = int(time.time() * 1000)
         return {
@@ -223,8 +223,7 @@ class Runtime:
                            "last_write_rows": totals.last_write_rows,
                            "retrying": self.pipeline.sink.retrying},
             "lag": {
-                "records": (sum(h - self.offsets[k] for h, k in zip(lag, self.offsets,
-                                                                     strict=True))
+                "records": (sum(h - offsets[k] for h, k in zip(lag, offsets, strict=True))
                             if lag and None not in lag else None),
                 "watermark_ms": watermark,
                 "event_time_ms": now - watermark if watermark is not None else None,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
+from shadowpipe.processors.runtime.retry import retry
+
 from shadowpipe.config import Settings
 from shadowpipe.tables import JOINED_COLUMNS, database
 
@@ -133,30 +135,30 @@ class Sink:
         A partial success is harmless: rows are idempotent (ReplacingMergeTree keys).
         """
         batches = {t: cols for t, cols in tables.items() if cols and next(iter(cols.values()))}
-        backoff = 0.2
-        while True:
-            try:
-                client = self.connect()
-                for table, cols in batches.items():
-                    client.insert(table, list(cols.values()), column_names=list(cols),
-                                  database=self.db, column_oriented=True)
-                for sql, _rows in statements:
-                    client.command(sql)
-                rows = sum(len(next(iter(c.values()))) for c in batches.values())
-                rows += sum(n for _sql, n in statements)
-                self.rows_written += rows
-                self.retrying = False
-                return rows
-            except Exception as exc:  # any failure: nothing is acked until this succeeds
-                self.failures += 1
-                self.retrying = True
-                self.last_error = f"ClickHouse insert: {type(exc).__name__}: " + (
-                    str(exc).splitlines()[0] if str(exc) else "")
-                log.warning("ClickHouse insert failed (retry in %.1fs): %s", backoff,
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-                self.client = None
-                self.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
+
+        def insert() -> int:
+            client = self.connect()
+            for table, cols in batches.items():
+                client.insert(table, list(cols.values()), column_names=list(cols),
+                              database=self.db, column_oriented=True)
+            for sql, _rows in statements:
+                client.command(sql)
+            rows = sum(len(next(iter(c.values()))) for c in batches.values())
+            return rows + sum(n for _sql, n in statements)
+
+        def failed(exc: BaseException) -> None:
+            self.failures += 1
+            self.retrying = True
+            self.last_error = f"ClickHouse insert: {type(exc).__name__}: " + (
+                str(exc).splitlines()[0] if str(exc) else "")
+            self.client = None
+
+        # Any failure: nothing is acked until this succeeds.
+        rows = retry(insert, "ClickHouse insert", errors=(Exception,), pause=self.sleep,
+                     on_error=failed, logger=log, most_s=self.max_backoff_s)
+        self.rows_written += rows
+        self.retrying = False
+        return rows
 
     def query(self, sql: str, parameters: dict[str, Any]) -> tuple[list[str], list[tuple]]:
         """Run a read query on the sink's client (the one allowed to open the engine)."""

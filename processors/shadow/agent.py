@@ -3,10 +3,11 @@
 ``install`` loads every challenger first (a broken one stops start-up with one line naming
 it), then adds to the app:
 
-* a service running the scoring loop (:class:`~.service.ShadowLoop`) on its own thread,
-  started and stopped with the worker;
-* the JSON view ``GET /shadowpipe/shadow/stats`` on the worker's web port: per-challenger
-  counters (scored, errors, timeouts, skipped), dead letters, batch sizes, queue lag.
+* a service running the scoring loop (:func:`~.service.shadow_loop`, the workers' batch
+  loop) on its own thread, started and stopped with the worker;
+* ``GET /shadowpipe/shadow/ready`` and ``GET /shadowpipe/shadow/stats`` on the worker's web
+  port (:mod:`~shadowpipe.processors.runtime.health`): per-challenger counters (scored,
+  errors, timeouts, skipped), dead letters, batch sizes, queue lag.
 """
 
 from __future__ import annotations
@@ -14,29 +15,27 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from shadowpipe.processors.runtime.health import add_health, loop_readiness
+from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.shadow.challengers import load_specs
 from shadowpipe.processors.shadow.core import ShadowProcessor
-from shadowpipe.processors.shadow.service import ShadowLoop
+from shadowpipe.processors.shadow.service import shadow_loop
 from shadowpipe.processors.threaded import add_loop_service
 
 from shadowpipe.config import Settings
 
-STATS_PATH = "/shadowpipe/shadow/stats"
 log = logging.getLogger("shadowpipe.shadow")
 
 
-def install(app: Any, settings: Settings) -> ShadowLoop:
-    """Check the challengers, then register the scoring service and the stats view."""
+def install(app: Any, settings: Settings) -> BatchLoop:
+    """Check the challengers, then register the scoring service and the health views."""
     specs = load_specs(settings)
-    loop = ShadowLoop(settings, ShadowProcessor(settings, specs))
+    processor = ShadowProcessor(settings, specs)
+    loop = shadow_loop(settings, processor)
     names = ", ".join(f"{s.name}@{s.version}" + (" (control)" if s.is_control else "")
                       for s in specs)
     log.info("shadow: challengers %s", names)
 
     add_loop_service(app, loop, "shadow-loop")
-
-    @app.page(STATS_PATH)
-    async def shadow_stats(web: Any, request: Any) -> Any:
-        return web.json(loop.stats.snapshot())
-
+    add_health(app, "shadow", processor.stats.snapshot, lambda: loop_readiness(loop))
     return loop

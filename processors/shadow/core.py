@@ -12,8 +12,8 @@ to publish (ShadowPredictions and DeadLetters). The consumer loop
 >>> proc = ShadowProcessor(Settings.load(env={}), specs)
 >>> event = {"request_id": "r1", "event_time": 1000, "model": "m", "model_version": "1",
 ...          "cat_features": {"label": "yes"}, "output": {}, "latency_ms": 1.0}
->>> raw = Raw("t", 0, 7, b"r1", Codec().encode("InferenceEvent", event), None)
->>> out = proc.score([raw, Raw("t", 0, 8, b"x", b"garbage", None)], consumed_at_ms=1500)
+>>> raw = Message(Codec().encode("InferenceEvent", event), b"r1", "t", 0, 7)
+>>> out = proc.score([raw, Message(b"garbage", b"x", "t", 0, 8)], consumed_at_ms=1500)
 >>> [(k, Codec().decode(v, "ShadowPrediction")["output"]["label"]) for k, v in out.predictions]
 [(b'r1', 'yes')]
 >>> Codec().decode(out.dead_letters[0][1], "DeadLetter")["source_offset"]
@@ -27,9 +27,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder
@@ -42,17 +43,6 @@ from shadowpipe import sampling
 from shadowpipe.config import Settings
 
 WORKER = "shadow"
-
-
-class Raw(NamedTuple):
-    """One consumed message."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int | None
 
 
 @dataclass
@@ -95,7 +85,7 @@ class ShadowProcessor:
         self._hash = any(c.bound is not None for c in self.challengers)
         self.stats = Stats(s.name for s in specs)
 
-    def score(self, batch: Sequence[Raw], consumed_at_ms: int) -> Scored:
+    def score(self, batch: Sequence[Message], consumed_at_ms: int) -> Scored:
         """Score ``batch``; undecodable or invalid messages become dead letters."""
         out = Scored()
         records, lags = self._decode(batch, consumed_at_ms, out)
@@ -115,7 +105,7 @@ class ShadowProcessor:
         return out
 
     def _decode(
-        self, batch: Sequence[Raw], consumed_at_ms: int, out: Scored
+        self, batch: Sequence[Message], consumed_at_ms: int, out: Scored
     ) -> tuple[list[dict[str, Any]], list[float]]:
         records, lags = [], []
         decode = self.decoder.decode
@@ -129,7 +119,7 @@ class ShadowProcessor:
             lags.append(float(consumed_at_ms - record["event_time"]))
         return records, lags
 
-    def _dead(self, raw: Raw, kind: str, reason: str, out: Scored) -> None:
+    def _dead(self, raw: Message, kind: str, reason: str, out: Scored) -> None:
         rec = dead_letter(kind, reason, WORKER, raw.topic, raw.partition, raw.offset,
                           raw.key, raw.value, raw.timestamp)
         out.dead_letters.append((raw.key, self.codec.encode("DeadLetter", rec)))

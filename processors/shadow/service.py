@@ -10,25 +10,26 @@ At-least-once: a batch's offsets are committed only after all its outputs (predi
 and dead letters) are acknowledged by the broker. Batch k is flushed and committed after
 batch k+1 is scored (its acknowledgements arrive meanwhile), before k+1 is published.
 When a rebalance revokes partitions (inside ``consume``) the revoke callback flushes and
-commits the batch in flight. A failed delivery rewinds the batches' partitions, so they
-are scored again (duplicates, never gaps). Consumers share the
-group ``<topic_prefix>shadow``, so ``worker shadow`` replicas split the partitions.
+commits the batch in flight. A failed delivery publishes the batch's outputs again
+(duplicates, never gaps). That order is the workers' one batch loop
+(:class:`~shadowpipe.processors.runtime.loop.BatchLoop`); this module plugs the scoring
+into it. Consumers share the group ``<topic_prefix>shadow``, so ``worker shadow`` replicas
+split the partitions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
-import threading
 import time
 from typing import Any
 
-from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.publisher import Publisher
+from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
+from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.affinity import LoopPin, thread_ids
-from shadowpipe.processors.shadow.core import Raw, ShadowProcessor
+from shadowpipe.processors.shadow.core import ShadowProcessor
 
-from shadowpipe import kafka
 from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.shadow")
@@ -68,135 +69,61 @@ def group_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}shadow"
 
 
-class ShadowLoop:
-    """Consume ``settings.topic("inference")`` and score it until :meth:`stop`."""
+class ShadowHandler(Handler):
+    """The shadow worker in the batch loop: score, and pin the loop to its CPU."""
+
+    name = "shadow"
 
     def __init__(self, settings: Settings, processor: ShadowProcessor) -> None:
         self.settings = settings
         self.processor = processor
         self.stats = processor.stats
-        self._stop = threading.Event()
-        self._published: dict[tuple[str, int], int] = {}  # next offset, flushed outputs
-        self._consumer: Any = None
-        self._publisher: Publisher | None = None
-        self._inflight: list[Raw] = []  # published, not yet flushed nor committed
-        self._produced_at = 0.0
-        self.pin: LoopPin | None = None
+        self.topics = (settings.topic("predictions"), settings.topic("deadletter"))
+        self.pin = LoopPin(enabled=settings.shadow_cpu_pinning == "auto")
+        self._threads: set[int] = set()
+        self._last_log = time.monotonic()
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        """The loop; returns after :meth:`stop`, having committed what was published."""
-        s = self.settings
-        pin = self.pin = LoopPin(enabled=s.shadow_cpu_pinning == "auto")
-        pin.pin()  # before the clients: their threads inherit the CPU
-        before = thread_ids()
-        consumer = self._consumer = kafka.consumer(s, group_id(s), **CONSUMER_OVERRIDES)
-        self._publisher = Publisher(s, **PRODUCER_OVERRIDES)
-        pin.adopt(thread_ids() - before)
-        consumer.subscribe(
-            [s.topic("inference")], on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
-        last_log = time.monotonic()
-        tune_gc()
-        try:
-            while not self._stop.is_set():
-                pin.tick()
-                waited = time.perf_counter()
-                msgs = consumer.consume(s.shadow_batch_size, s.shadow_batch_ms / 1000)
-                if msgs:
-                    self.stats.record_timing("consume_ms", (time.perf_counter() - waited) * 1000)
-                self._handle(consumer, msgs)
-                if time.monotonic() - last_log >= LOG_EVERY_S:
-                    log.info("shadow: %s", self.stats.summary())
-                    last_log = time.monotonic()
-        finally:
-            pin.release()
-            self._settle(consumer, [], asynchronous=False)
-            consumer.close()
-            self.processor.close()
-            log.info("shadow stopped: %s", self.stats.summary())
-
-    def _handle(self, consumer: Any, msgs: list[Any]) -> None:
-        """Score this batch, settle the previous one, then publish this one.
-
-        The previous batch's acknowledgements arrive while this one is consumed and
-        scored, so the flush in :meth:`_settle` rarely waits.
-        """
+    def process(self, batch: list[Message]) -> Outputs:
         consumed_at = int(time.time() * 1000)
-        batch = []
-        for m in msgs:
-            if m.error() is not None:
-                log.warning("consumer: %s", m.error())
-                continue
-            ts_type, ts = m.timestamp()
-            batch.append(Raw(m.topic(), m.partition(), m.offset(), m.key(), m.value(),
-                             ts if ts_type else None))
-        scored = None
-        if batch:
-            started = time.perf_counter()
-            scored = self.processor.score(batch, consumed_at)
-            self.stats.record_timing("score_ms", (time.perf_counter() - started) * 1000)
-        if not self._settle(consumer, batch, asynchronous=True) or scored is None:
-            return
-        self._publisher.produce_many(self.settings.topic("predictions"), scored.predictions)
-        self._publisher.produce_many(self.settings.topic("deadletter"), scored.dead_letters)
-        self._inflight = batch
-        self._produced_at = time.perf_counter()
+        started = time.perf_counter()
+        scored = self.processor.score(batch, consumed_at)
+        self.stats.record_timing("score_ms", (time.perf_counter() - started) * 1000)
+        return ((self.topics[0], scored.predictions), (self.topics[1], scored.dead_letters))
 
-    def _settle(self, consumer: Any, upcoming: list[Raw], asynchronous: bool) -> bool:
-        """Flush the batch in flight and commit its offsets. False if its delivery failed:
-        then it and ``upcoming`` (scored, not yet published) are rewound to be scored again.
-        """
-        from confluent_kafka import KafkaException
-
-        inflight, self._inflight = self._inflight, []
-        if inflight:
-            try:
-                self._publisher.flush_sync()
-            except DeliveryError as exc:
-                self._rewind(consumer, inflight + upcoming, exc)
-                return False
-            self.stats.record_timing("publish_ms", (time.perf_counter() - self._produced_at) * 1000)
-            for raw in inflight:
-                self._published[(raw.topic, raw.partition)] = raw.offset + 1
-        try:
-            self._commit(consumer, asynchronous)
-        except KafkaException as exc:  # the next owner replays from the last commit
-            log.warning("commit failed (those events will be scored again): %s", exc)
-        return True
-
-    def _rewind(self, consumer: Any, batch: list[Raw], exc: Exception) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
-
-        self.stats.delivery_retries += 1
-        log.error("publishing a batch failed, scoring it again: %s", exc)
-        first: dict[tuple[str, int], int] = {}
-        for raw in batch:
-            key = (raw.topic, raw.partition)
-            first[key] = min(first.get(key, raw.offset), raw.offset)
-        for (topic, partition), offset in first.items():
-            # A partition no longer ours is skipped: its next owner starts at the commit.
-            with contextlib.suppress(KafkaException):
-                consumer.seek(TopicPartition(topic, partition, offset))
-        time.sleep(1.0)
-
-    def _commit(self, consumer: Any, asynchronous: bool) -> None:
-        from confluent_kafka import TopicPartition
-
-        if not self._published:
-            return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._published.items()]
-        consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        self._published.clear()
+    def settled(self, batch: list[Message]) -> None:
         self.stats.commits += 1
 
-    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        self.stats.assigned = sorted(self.stats.assigned + [p.partition for p in partitions])
+    def retried(self, what: str, exc: BaseException) -> None:
+        self.stats.delivery_retries += 1
+
+    def starting(self) -> None:
+        self.pin.pin()  # before the clients: their threads inherit the CPU
+        self._threads = thread_ids()
+
+    def started(self) -> None:
+        self.pin.adopt(thread_ids() - self._threads)
+        tune_gc()
+
+    def tick(self) -> None:
+        self.pin.tick()
+        if time.monotonic() - self._last_log >= LOG_EVERY_S:
+            log.info("shadow: %s", self.stats.summary())
+            self._last_log = time.monotonic()
+
+    def stopped(self) -> None:
+        self.pin.release()
+        self.processor.close()
+        log.info("shadow stopped: %s", self.stats.summary())
+
+    def assigned(self, partitions: list[tuple[str, int]]) -> None:
+        self.stats.assigned = sorted(p for _t, p in partitions)
         log.info("shadow: assigned partitions %s", self.stats.assigned)
 
-    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        gone = {p.partition for p in partitions}
-        self.stats.assigned = [p for p in self.stats.assigned if p not in gone]
-        self._settle(consumer, [], asynchronous=False)
+
+def shadow_loop(settings: Settings, processor: ShadowProcessor) -> BatchLoop:
+    """The scoring loop over ``settings.topic("inference")`` (run it on a thread)."""
+    s = settings
+    source = KafkaSource(s, group_id(s), [s.topic("inference")], s.shadow_batch_size,
+                         s.shadow_batch_ms / 1000, **CONSUMER_OVERRIDES)
+    return BatchLoop(ShadowHandler(s, processor), lambda: Publisher(s, **PRODUCER_OVERRIDES),
+                     source, timing=processor.stats.record_timing)

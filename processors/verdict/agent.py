@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.publisher import Publisher
+from shadowpipe.processors.runtime.loop import deliver
 
 from shadowpipe.config import ConfigError, Settings
 
@@ -54,7 +56,8 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
             outcome = await loop.run_in_executor(
                 executor, evaluator.evaluate, challenger, policy, reset)
             if outcome.events:
-                await _publish(publisher, outcome.events)
+                await loop.run_in_executor(executor, _publish, publisher, outcome.events,
+                                           pipeline.pause)
                 await loop.run_in_executor(executor, evaluator.record, outcome)
         return outcome.reply
 
@@ -119,17 +122,10 @@ async def _metadata_challenger(request: Any) -> str:
     return str(meta.get("challenger", "")) if isinstance(meta, dict) else ""
 
 
-async def _publish(publisher: Publisher, events: list[tuple[str, str, bytes]]) -> None:
-    """Produce and flush until the broker has every event (a repeat is the same decision);
-    the verdicts are recorded only after this returns."""
-    backoff = 0.2
-    while True:
-        for topic, key, value in events:
-            publisher.produce(topic, key, value)
-        try:
-            await publisher.flush()
-            return
-        except DeliveryError as exc:
-            log.warning("verdict delivery failed (retry in %.1fs): %s", backoff, exc)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 10.0)
+def _publish(publisher: Publisher, events: list[tuple[str, str, bytes]],
+             pause: Callable[[float], None]) -> None:
+    """Produce and flush until the broker has every event (a repeat is the same decision),
+    with the workers' one delivery retry; the verdicts are recorded only after this
+    returns. A stop (``pause`` raises) gives up: nothing is recorded."""
+    deliver(publisher, [(topic, [(key, value)]) for topic, key, value in events], pause,
+            what="verdict delivery")

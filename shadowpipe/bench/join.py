@@ -80,7 +80,7 @@ def _progress(text: str) -> None:
 
 def workload(args: argparse.Namespace, partitions: int) -> list[Any]:
     """Encoded input messages in arrival order."""
-    from shadowpipe.processors.join.core import Message
+    from shadowpipe.processors.runtime.message import Message
     from shadowpipe.schemas.codec import Codec
 
     codec, rng = Codec(), random.Random(args.seed)
@@ -124,7 +124,7 @@ def workload(args: argparse.Namespace, partitions: int) -> list[Any]:
     for _, kind, rid, value in timed:
         partition = zlib.crc32(rid.encode()) % partitions
         offset = offsets[(kind, partition)] = offsets.get((kind, partition), -1) + 1
-        messages.append(Message(kind, partition, offset, rid.encode(), value))
+        messages.append(Message(value, rid.encode(), kind, partition, offset))
     return messages
 
 

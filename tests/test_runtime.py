@@ -1,0 +1,164 @@
+"""The workers' shared runtime on the real embedded stack: the batch loop commits nothing
+whose outputs the broker has not acknowledged, retries transient processing errors, the
+monitor's checkpoint carries a format version (an unknown one refuses to start with one
+line, an unversioned one is migrated), and every worker answers on the same health paths."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from shadowpipe.processors.monitor import checkpoint
+from shadowpipe.processors.monitor.core import MonitorState
+from shadowpipe.processors.monitor.pipeline import Pipeline
+from shadowpipe.processors.publisher import DeliveryError, Publisher
+from shadowpipe.processors.runtime.loop import BatchLoop, Handler
+from shadowpipe.processors.runtime.message import Message
+from shadowpipe.processors.runtime.retry import Stopped
+
+from shadowpipe.config import Settings
+from shadowpipe.stores import redis_client
+from tests.conftest import assign_from_start, spawn_cli
+
+
+class Echo(Handler):
+    """Outputs each value to ``topic``; fails ``failures`` times first with OSError."""
+
+    name = "echo"
+    transient = (OSError,)
+
+    def __init__(self, topic: str, failures: int = 0) -> None:
+        self.topic, self.failures = topic, failures
+        self.processed = self.settled_batches = 0
+        self.retries: list[type[BaseException]] = []
+
+    def process(self, batch: list[Message]) -> Any:
+        self.processed += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError("store away")
+        return [(self.topic, [(m.key, m.value) for m in batch])]
+
+    def settled(self, batch: list[Message]) -> None:
+        self.settled_batches += 1
+
+    def retried(self, what: str, exc: BaseException) -> None:
+        self.retries.append(type(exc))
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_failed_delivery_is_retried_and_never_committed() -> None:
+    closed = Settings.load(env={}).replace(kafka_bootstrap=f"127.0.0.1:{_closed_port()}")
+    handler = Echo("out")
+    waits: list[float] = []
+
+    def pause(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 3:
+            raise Stopped("test stop")
+
+    loop = BatchLoop(handler, lambda: Publisher(closed, **{"message.timeout.ms": 300,
+                                                           "log_level": 0}),
+                     overlap=False, pause=pause)
+    with pytest.raises(Stopped):
+        loop.step([Message(b"v", b"k", "in", 0, 5)])
+    assert waits == [0.2, 0.4, 0.8]
+    assert handler.retries == [DeliveryError] * 3
+    assert loop.retrying == "Kafka delivery"
+    assert handler.settled_batches == 0 and loop.positions == {}
+
+
+def test_transient_processing_errors_retry_the_batch_then_commit(settings: Settings) -> None:
+    from confluent_kafka import Consumer
+
+    out = settings.topic("joined")
+    handler = Echo(out, failures=2)
+    loop = BatchLoop(handler, lambda: Publisher(settings), overlap=True,
+                     pause=lambda seconds: None)
+    batch = [Message(f"v{i}".encode(), b"k", "in", 1, 10 + i) for i in range(3)]
+    loop.step(batch)
+    assert (handler.processed, handler.retries) == (3, [OSError, OSError])
+    assert loop.positions == {}  # overlapped: settled at the next step
+    loop.step([])
+    assert handler.settled_batches == 1 and loop.positions == {("in", 1): 13}
+    reader = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "t",
+                       "enable.auto.commit": False})
+    assign_from_start(reader, settings, out)
+    values: list[bytes] = []
+    for _ in range(40):
+        values += [m.value() for m in reader.consume(10, 0.5) if m.error() is None]
+        if len(values) >= 3:
+            break
+    reader.close()
+    assert sorted(values) == [b"v0", b"v1", b"v2"]
+
+
+def test_checkpoint_is_versioned_and_migrates_an_unversioned_one(settings: Settings) -> None:
+    redis = redis_client(settings)
+    key = f"{settings.topic_prefix}monitor:state"
+    redis.set(key, pickle.dumps(MonitorState(watermark=1234), protocol=5))  # format 0
+    pipeline = Pipeline(settings)
+    assert pipeline.monitor.state.watermark == 1234
+    pipeline.checkpoint()
+    blob = redis.get(key)
+    assert blob.startswith(b"shadowpipe-monitor-state/1\n")
+    assert checkpoint.load(blob, key).watermark == 1234
+
+
+def test_unknown_checkpoint_format_refuses_to_start(settings: Settings, tmp_path: Path) -> None:
+    key = f"{settings.topic_prefix}monitor:state"
+    redis_client(settings).set(key, b"shadowpipe-monitor-state/7\n" + pickle.dumps({"x": 1}))
+    with pytest.raises(checkpoint.CheckpointError, match="format 7"):
+        Pipeline(settings)
+    err = tmp_path / "err.log"
+    worker = spawn_cli(settings, "worker", "monitor", log=err)
+    try:
+        assert worker.wait(120) == 2
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    lines = err.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "SHADOWPIPE_REDIS_URL" in lines[0] and key in lines[0] and "format 7" in lines[0]
+
+
+def _get(settings: Settings, path: str) -> tuple[int, dict[str, Any]] | None:
+    url = f"http://{settings.web_host}:{settings.web_port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return None
+
+
+def test_joiner_answers_on_the_shared_health_paths(settings: Settings, tmp_path: Path) -> None:
+    import time
+
+    worker = spawn_cli(settings, "worker", "join", log=tmp_path / "join.log")
+    try:
+        deadline = time.monotonic() + 180
+        while (reply := _get(settings, "/shadowpipe/join/ready")) is None or reply[0] != 200:
+            assert worker.poll() is None, (tmp_path / "join.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.2)
+        assert reply[1] == {"ready": True, "state": "ready", "reason": ""}
+        status, stats = _get(settings, "/shadowpipe/join/stats") or (0, {})
+        assert status == 200 and stats["ready"] and stats["pending"] == 0
+        assert "redis_state_lost" in stats
+        assert (_get(settings, "/join/stats/") or (0, {}))[1]["pending"] == 0  # older path
+    finally:
+        worker.terminate()
+        worker.wait(60)
