@@ -42,7 +42,7 @@ from shadowpipe.processors.verdict.aggregate import (
     Cell,
     ChallengerData,
 )
-from shadowpipe.processors.verdict.policy import ChallengerPolicy, Guardrail, Policy
+from shadowpipe.processors.verdict.policy import ChallengerPolicy, Guardrail
 
 PROMOTE, HOLD, INCONCLUSIVE, REJECT = "PROMOTE", "HOLD", "INCONCLUSIVE", "REJECT"
 RESET = "RESET"  # a user's reset row in the verdicts table: the next verdict starts afresh
@@ -160,15 +160,6 @@ def _finite(x: Any) -> Any:
 
 
 # -- the evaluation ---------------------------------------------------------------------------
-
-def evaluate_all(agg: Aggregates, policy: Policy, previous: dict[str, Verdict] | None = None,
-                 now_ms: int | None = None) -> list[Verdict]:
-    """A verdict per challenger in ``agg`` (and per one that only has a previous verdict)."""
-    previous = previous or {}
-    names = sorted(set(agg.challengers) | set(previous))
-    return [evaluate(agg, name, policy.for_challenger(name), previous.get(name), now_ms)
-            for name in names]
-
 
 def evaluate(agg: Aggregates, challenger: str, policy: ChallengerPolicy,
              previous: Verdict | None = None, now_ms: int | None = None) -> Verdict:
