@@ -245,7 +245,7 @@ def _memory(client: Any, core: Any) -> dict[str, Any]:
 def _baseline_set(client: Any, messages: list[Any], core: Any) -> float:
     from shadowpipe.processors.join.core import decode_part
 
-    parts = [decode_part(core.codec, m, core.store.layouts) for m in messages]
+    parts = [decode_part(core.codec, core.kinds[m.topic], m, core.store.layouts) for m in messages]
     started = time.perf_counter()
     for start in range(0, len(parts), 2000):
         pipe = client.pipeline(transaction=False)
@@ -285,7 +285,7 @@ def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, An
     for m in messages:
         while True:
             try:
-                prod.produce(settings.topic(m.kind), m.value, m.key)
+                prod.produce(settings.topic(m.topic), m.value, m.key)
                 break
             except BufferError:
                 prod.poll(0.05)
