@@ -29,7 +29,7 @@ from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import DeliveryError, Publisher
 from shadowpipe.processors.runtime.health import add_health, loop_readiness
 from shadowpipe.processors.runtime.loop import BatchLoop
-from shadowpipe.processors.threaded import add_loop_service
+from shadowpipe.processors.runtime.thread import add_loop_service
 
 from shadowpipe.config import Settings
 

@@ -12,7 +12,7 @@ processor's own after-flush step (:meth:`Handler.settled`, the monitor's checkpo
   and flushes, with :func:`~.retry.retry`'s backoff, never committing meanwhile; a stop ends
   the retrying, the batch stays uncommitted and is replayed after the restart.
 * **Transient processing errors** (``Handler.transient``: the joiner's Redis) retry the
-  batch the same way; any other error propagates (the worker stops: see :mod:`..threaded`).
+  batch the same way; any other error propagates (the worker stops: see :mod:`.thread`).
 * **Revoke**: a rebalance (inside ``consume``, on the loop's thread) first settles and
   commits the batch in flight, so the partitions' next owner starts after it.
 
