@@ -5,11 +5,8 @@ line, an unversioned one is migrated), and every worker answers on the same heal
 
 from __future__ import annotations
 
-import json
 import pickle
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from shadowpipe.processors.runtime.retry import Stopped
 from shadowpipe.config import Settings
 from shadowpipe.stores import redis_client
 from tests.conftest import assign_from_start, spawn_cli
+from tests.test_monitor_runtime import _get
 
 
 class Echo(Handler):
@@ -131,17 +129,6 @@ def test_unknown_checkpoint_format_refuses_to_start(settings: Settings, tmp_path
     lines = err.read_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert "SHADOWPIPE_REDIS_URL" in lines[0] and key in lines[0] and "format 7" in lines[0]
-
-
-def _get(settings: Settings, path: str) -> tuple[int, dict[str, Any]] | None:
-    url = f"http://{settings.web_host}:{settings.web_port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-    except OSError:
-        return None
 
 
 def test_joiner_answers_on_the_shared_health_paths(settings: Settings, tmp_path: Path) -> None:
