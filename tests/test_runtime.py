@@ -23,6 +23,7 @@ from shadowpipe.config import Settings
 from shadowpipe.stores import redis_client
 from tests.conftest import assign_from_start, spawn_cli
 from tests.test_monitor_runtime import _get
+from tests.test_shadow_worker import CHALLENGERS, REPO
 
 
 class Echo(Handler):
@@ -146,6 +147,29 @@ def test_joiner_answers_on_the_shared_health_paths(settings: Settings, tmp_path:
         assert status == 200 and stats["ready"] and stats["pending"] == 0
         assert "redis_state_lost" in stats
         assert (_get(settings, "/join/stats/") or (0, {}))[1]["pending"] == 0  # older path
+    finally:
+        worker.terminate()
+        worker.wait(60)
+
+
+def test_worker_all_serves_every_worker_on_the_same_scheme(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the worker imports the test challengers
+    (tmp_path / "challengers.toml").write_text(CHALLENGERS)
+    s = settings.replace(challengers=str(tmp_path / "challengers.toml"),
+                         clickhouse_url=f"chdb://{tmp_path / 'ch'}")
+    worker = spawn_cli(s, "worker", "all", log=tmp_path / "all.log")
+    try:
+        deadline = time.monotonic() + 240
+        for name in ("shadow", "join", "monitor"):
+            while (reply := _get(s, f"/shadowpipe/{name}/ready")) is None or reply[0] != 200:
+                assert worker.poll() is None, (tmp_path / "all.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, (name, reply)
+                time.sleep(0.2)
+            status, stats = _get(s, f"/shadowpipe/{name}/stats") or (0, {})
+            assert status == 200 and stats["state"] == "ready", (name, stats)
     finally:
         worker.terminate()
         worker.wait(60)
