@@ -259,6 +259,10 @@ class _AlertCollector:
     def __init__(self, settings: Settings) -> None:
         from shadowpipe.processors.monitor.alerts import follow
 
+        # follow() imports the codec lazily; importing fastavro on the thread while the
+        # main thread imports it for the producer can see a half-initialised module.
+        from shadowpipe.schemas import codec  # noqa: F401
+
         self.received: list[dict[str, Any]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(
