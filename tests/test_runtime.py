@@ -121,7 +121,9 @@ def test_unknown_checkpoint_format_refuses_to_start(settings: Settings, tmp_path
     with pytest.raises(checkpoint.CheckpointError, match="format 7"):
         Pipeline(settings)
     err = tmp_path / "err.log"
-    worker = spawn_cli(settings, "worker", "monitor", log=err)
+    # its own ClickHouse directory: this process may already hold the session's open
+    own_ch = settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}")
+    worker = spawn_cli(own_ch, "worker", "monitor", log=err)
     try:
         assert worker.wait(120) == 2
     finally:
