@@ -144,24 +144,33 @@ def log_capitals(
     >>> up > math.log(2 / 0.05), down < 0
     (True, True)
     """
-    counts = np.asarray(hist, dtype=float)
-    bins = counts.shape[-1]
-    m = min(max(m, 1e-12), 1 - 1e-12)
-    # Histograms are sparse (a loss difference rarely spreads over many bins): only the
-    # bins that hold data in some histogram enter the tables.
-    used = np.flatnonzero(counts.reshape(-1, bins).any(axis=0))
-    counts = counts[..., used]
-    lower, upper = used / bins, (used + 1) / bins
-    up_lams = (_BET_C / m) * _BET_GRID
-    down_lams = (_BET_C / (1 - m)) * _BET_GRID
-    # Tables of log-factors (bets x bins); a matrix product sums them over the bins.
-    up_table = np.log1p(up_lams[:, None] * (lower[None, :] - m))
-    down_table = np.log1p(-down_lams[:, None] * (upper[None, :] - m))
-    up = _log_mean_exp(counts @ up_table.T)
-    down = _log_mean_exp(counts @ down_table.T)
+    counts, used, bins = _sparse(hist)
+    up, down = _capital(counts, used, bins, m, True), _capital(counts, used, bins, m, False)
     if counts.ndim == 1:
         return float(up), float(down)
     return up, down
+
+
+def _sparse(hist: np.ndarray | Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    # Histograms are sparse (a loss difference rarely spreads over many bins): only the
+    # bins that hold data in some histogram enter the tables.
+    counts = np.asarray(hist, dtype=float)
+    bins = counts.shape[-1]
+    used = np.flatnonzero(counts.reshape(-1, bins).any(axis=0))
+    return counts[..., used], used, bins
+
+
+def _capital(counts: np.ndarray, used: np.ndarray, bins: int, m: float,
+             up: bool) -> np.ndarray:
+    """One side of :func:`log_capitals` on the used bins."""
+    m = min(max(m, 1e-12), 1 - 1e-12)
+    if up:
+        lams, x, sign = (_BET_C / m) * _BET_GRID, used / bins, 1.0
+    else:
+        lams, x, sign = (_BET_C / (1 - m)) * _BET_GRID, (used + 1) / bins, -1.0
+    # A table of log-factors (bets x bins); a matrix product sums it over the bins.
+    table = np.log1p(sign * lams[:, None] * (x[None, :] - m))
+    return _log_mean_exp(counts @ table.T)
 
 
 def _log_mean_exp(x: np.ndarray) -> np.ndarray:
@@ -211,21 +220,22 @@ def betting_cs(hist: Sequence[int], lo: float, hi: float, alpha: float) -> Betti
     centres = (np.arange(bins) + 0.5) / bins
     mean_x = float(np.dot(counts, centres) / total)
     threshold = math.log(2 / alpha)
-    arr = np.asarray(counts, dtype=float)
+    arr, used, _ = _sparse(counts)
     # Evidence for "mean > m" falls as m grows: the lower bound is where it drops below the
     # threshold; evidence for "mean < m" grows with m: the upper bound is where it reaches it.
-    lo_x = _crossing(lambda m: log_capitals(arr, m)[0] >= threshold, 0.0, 1.0)
-    hi_x = _crossing(lambda m: log_capitals(arr, m)[1] < threshold, 0.0, 1.0)
+    lo_x = _crossing(lambda m: _capital(arr, used, bins, m, True) >= threshold, 0.0, 1.0)
+    hi_x = _crossing(lambda m: _capital(arr, used, bins, m, False) < threshold, 0.0, 1.0)
     scale = hi - lo
     return BettingResult(
         Interval(lo + scale * mean_x, lo + scale * lo_x, lo + scale * hi_x), counts, lo, hi
     )
 
 
-def _crossing(test, a: float, b: float, iterations: int = 60) -> float:
+def _crossing(test, a: float, b: float, iterations: int = 34) -> float:
     """Where ``test``, True near ``a`` and False near ``b`` (monotone), flips to False.
 
-    Returns ``a`` when it is False already at a, ``b`` when it is still True at b.
+    Returns ``a`` when it is False already at a, ``b`` when it is still True at b; else
+    within (b - a) / 2**iterations of the flip (6e-11 of the range: far below a bin).
     """
     if not test(a):
         return a
