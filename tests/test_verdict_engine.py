@@ -472,3 +472,33 @@ def test_criteria_no_request_has_outputs_for_are_skipped_until_such_requests_arr
     assert cell.abs_error_p == pytest.approx(30 * 0.25)
     assert sum(cell.abs_error_h) == 30
     assert aggregate_module._absent(client, s.clickhouse_database) == frozenset()
+
+
+def test_policy_labels_human_counts_only_human_review_labels(ch_settings: Settings) -> None:
+    s = ch_settings
+    client = clickhouse_client(s)
+    tables.migrate(client, s)
+    now_ms = (int(time.time()) // 60) * 60_000
+    records = _records(now_ms)
+    for r in records:
+        if r.get("label"):
+            r["feedback_source"] = "human" if int(r["request_id"][1:]) % 3 == 0 else "explicit"
+    codec = Codec()
+    full = [codec.decode(codec.encode("JoinedRecord", r), "JoinedRecord") for r in records]
+    cols = sink.joined_columns(full)
+    client.insert("joined_records", list(cols.values()), column_names=list(cols),
+                  database=s.clickhouse_database, column_oriented=True)
+    gates = '[defaults.gates]\nmin_duration = "1d"\nmin_pairs = 500\n'
+    every = aggregate(client, s, Policy.parse(gates))
+    human_policy = Policy.parse('[defaults]\nlabels = "human"\n' + gates)
+    human = aggregate(client, s, human_policy)
+    for name in ("c-bad", "c-eq"):
+        mine = [r for r in records if r["challenger"] == name]
+        assert every.challengers[name].overall().labelled == sum(1 for r in mine if r.get("label"))
+        assert human.challengers[name].overall().labelled == sum(
+            1 for r in mine if r.get("feedback_source") == "human")
+    v = evaluate(human, "c-bad", human_policy.for_challenger("c-bad"), None, now_ms)
+    assert any("only human review labels" in w for w in v.warnings)
+    assert 0 < _criterion(v, "error").pairs < _criterion(
+        evaluate(every, "c-bad", Policy.parse(gates).for_challenger("c-bad"), None, now_ms),
+        "error").pairs

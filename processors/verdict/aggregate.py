@@ -91,6 +91,7 @@ class Spec:
     allowed: tuple[str, ...] | None
     value_range: tuple[float, float] | None
     criteria: tuple[str, ...] = CRITERIA  # the bounded ones not listed are not computed
+    labels: str = "all"
 
     @classmethod
     def of(cls, p: ChallengerPolicy) -> Spec:
@@ -101,7 +102,7 @@ class Spec:
             wanted.discard("cost")  # without a matrix cost is the error rate again
         return cls(p.bins, p.log_loss_clip, p.abs_error_cap, p.cost_matrix, p.cost_default,
                    lo, hi, p.limits.latency_slo_ms, p.limits.allowed_labels,
-                   p.limits.value_range, tuple(c for c in CRITERIA if c in wanted))
+                   p.limits.value_range, tuple(c for c in CRITERIA if c in wanted), p.labels)
 
     def ranges(self, cap: float) -> dict[str, tuple[float, float]]:
         """The [lo, hi] range of each bounded difference (challenger - primary)."""
@@ -297,6 +298,11 @@ _FAILED = ("(shadow_error IS NOT NULL OR shadow_error_kind IS NOT NULL OR (shado
 _LAB = "(label IS NOT NULL OR label_value IS NOT NULL)"
 _CLS = "(primary_label IS NOT NULL AND label IS NOT NULL)"
 _REG = "(primary_value IS NOT NULL AND label_value IS NOT NULL)"
+
+
+def _counted(condition: str, labels: str) -> str:
+    """``condition`` on the labels, restricted to those the policy counts."""
+    return f"({condition} AND feedback_source = 'human')" if labels == "human" else condition
 # Null checks first, then compare the unwrapped values: Nullable comparisons are slower.
 _DIFF = ("(NOT x_failed AND ((isNotNull(primary_label) AND isNotNull(shadow_label) AND "
          "assumeNotNull(primary_label) != assumeNotNull(shadow_label)) OR "
@@ -320,7 +326,7 @@ def _where(challengers: tuple[str, ...], exclude: tuple[str, ...]) -> str:
 
 
 def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...],
-                 now_ms: int) -> str:
+                 now_ms: int, labels: str = "all") -> str:
     """The label-delay histograms per challenger (the first evaluation's horizon).
 
     >>> "countResampleIf(0, 80, 1)" in maturity_sql("db", (), (), 0)
@@ -333,20 +339,21 @@ def maturity_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...]
             f"{res}(delay, x_lab AND x_differ) AS disc_events, "
             f"{res}(age, NOT x_lab AND x_differ) AS disc_censored "
             f"FROM (SELECT challenger, {age} AS age, {_sql_bin(_DELAY)} AS delay, "
-            f"{_LAB} AS x_lab, {_DIFF_CHEAP} AS x_differ "
+            f"{_counted(_LAB, labels)} AS x_lab, {_DIFF_CHEAP} AS x_differ "
             f"FROM {db}.joined_records FINAL{_where(challengers, exclude)}) "
             "GROUP BY challenger" + SETTINGS)
 
 
 def decisions_sql(db: str, challengers: tuple[str, ...], exclude: tuple[str, ...],
-                  cutoffs: dict[str, int]) -> str:
+                  cutoffs: dict[str, int], labels: str = "all") -> str:
     """Mature requests and labelled ones per challenger and primary decision (a narrow
     query: labels, decisions and times only) for the selective-labels warning.
 
     >>> "GROUP BY challenger, decision" in decisions_sql("db", (), (), {"c": 0})
     True
     """
-    return (f"SELECT challenger, primary_label AS decision, count() AS n, countIf({_LAB}) AS k "
+    return (f"SELECT challenger, primary_label AS decision, count() AS n, "
+            f"countIf({_counted(_LAB, labels)}) AS k "
             f"FROM {db}.joined_records FINAL{_where(challengers, exclude)} "
             f"{'AND' if challengers or exclude else 'WHERE'} primary_label IS NOT NULL AND "
             f"toUnixTimestamp64Milli(event_time) <= {_cutoff(cutoffs)} "
@@ -450,7 +457,7 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         "(primary_value IS NOT NULL AND shadow_value IS NOT NULL))) AS compared",
         "countIf(x_differ) AS disagree", "countIf(x_lab) AS labelled",
         "countIf(x_mature) AS mature", "countIf(x_mature AND x_lab) AS mature_labelled",
-        "countIf(x_cls0) AS cls_rows", f"countIf({_REG}) AS reg_rows",
+        "countIf(x_cls0) AS cls_rows", "countIf(x_reg0) AS reg_rows",
         "countIf(x_cls0 AND notEmpty(primary_probabilities)) AS prob_rows",
         "countIf(x_cls) AS err_n", "countIf(x_cls AND x_ec AND NOT x_ep) AS err_l",
         "countIf(x_cls AND x_ep AND NOT x_ec) AS err_w", "countIf(x_cls AND x_ep) AS err_p",
@@ -490,10 +497,12 @@ def query_sql(db: str, spec: Spec, segments: tuple[str, ...], challengers: tuple
         "primary_label", "primary_probabilities", "primary_value", "shadow_label",
         "shadow_probabilities", "shadow_value", "shadow_error_kind", "model_time_ms",
         *[f"context[{_q(attr)}] AS s{i}" for i, attr in enumerate(segments)],
-        f"{_FAILED} AS x_failed", f"{_LAB} AS x_lab", f"{_CLS} AS x_cls0",
+        f"{_FAILED} AS x_failed", f"{_counted(_LAB, spec.labels)} AS x_lab",
+        f"{_counted(_CLS, spec.labels)} AS x_cls0",
         f"toUnixTimestamp64Milli(event_time) <= {cut} AS x_mature",
         "x_cls0 AND x_mature AND NOT x_failed AND shadow_label IS NOT NULL AS x_cls",
-        f"{_REG} AND x_mature AND NOT x_failed AND shadow_value IS NOT NULL AS x_reg",
+        f"{_counted(_REG, spec.labels)} AS x_reg0",
+        "x_reg0 AND x_mature AND NOT x_failed AND shadow_value IS NOT NULL AS x_reg",
         f"{_DIFF} AS x_differ",
         "x_cls AND notEmpty(primary_probabilities) AND notEmpty(shadow_probabilities) AS x_prob",
         "x_cls0 AND assumeNotNull(primary_label) != assumeNotNull(label) AS x_ep0",
@@ -568,7 +577,7 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
 
         used = {n: h for (c, d, n), h in _HORIZONS.items() if (c, d) == place and member(n)}
         if not used:
-            delays = _delays(client, maturity_sql(db, only, exclude, now_ms))
+            delays = _delays(client, maturity_sql(db, only, exclude, now_ms, spec.labels))
             used = {n: h for n, d in delays.items()
                     if (h := horizon(d, quantile(n))) is not None}
         for attempt in range(2):
@@ -581,7 +590,8 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
                 break
             used = {n: h for n, h in fresh.items() if h is not None}
         _decisions(client, db, place, only, exclude, found, {
-            n: int(now_ms - h) for n, h in used.items() if n in found and fresh[n] is not None})
+            n: int(now_ms - h) for n, h in used.items() if n in found and fresh[n] is not None},
+            spec.labels)
         for name, data in found.items():
             if fresh[name] is None or name not in used:
                 data.maturity_ms = None  # not (or no longer) known: nothing counts as mature
@@ -599,7 +609,7 @@ def aggregate(client: Any, settings: Settings, policy: Policy,
 
 def _decisions(client: Any, db: str, place: tuple[str, str], only: tuple[str, ...],
                exclude: tuple[str, ...], found: dict[str, ChallengerData],
-               cutoffs: dict[str, int]) -> None:
+               cutoffs: dict[str, int], labels: str) -> None:
     """Label rates by primary decision, refreshed at most every DECISIONS_TTL_S per process
     (they feed a warning, not the decision, and cost a pass of their own)."""
     now = time.monotonic()
@@ -608,7 +618,7 @@ def _decisions(client: Any, db: str, place: tuple[str, str], only: tuple[str, ..
     if cutoffs and len(fresh) < len(found):
         got: dict[str, dict[str, tuple[int, int]]] = {n: {} for n in found}
         for name, decision, n, k in client.query(
-                decisions_sql(db, only, exclude, cutoffs)).result_rows:
+                decisions_sql(db, only, exclude, cutoffs, labels)).result_rows:
             if name in got:
                 got[name][decision] = (int(n), int(k))
         fresh = {n: (now, got[n]) for n in found}

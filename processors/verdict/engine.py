@@ -257,6 +257,9 @@ class _Judge:
         self._agreement(everything)
         self.maturity_ms = v.maturity_ms = data.maturity_ms
         self._selective_labels(data, everything)
+        if self.p.labels == "human":
+            self.warnings.append(f"only human review labels count (policy labels = \"human\"): "
+                                 f"{everything.labelled} of {everything.rows} requests labelled")
         results = self._guardrails(data, everything, everything)
         if self.maturity_ms is not None:
             self._segments(data, results)

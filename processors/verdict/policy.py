@@ -6,6 +6,7 @@ that override it key by key::
 
     [defaults]
     alpha = 0.05
+    labels = "all"                         # or "human": count only human reviewers' labels
     success = "error"                      # optional: must show an improvement to PROMOTE
     [defaults.guardrails]
     error = {margin = 0.01}                # 0/1 loss: 0.01 = one accuracy point
@@ -50,6 +51,7 @@ from typing import Any
 from shadowpipe.config import ConfigError, Settings, env_name
 
 CRITERIA = ("error", "brier", "log_loss", "abs_error", "cost")
+LABELS = ("all", "human")  # which labels count: every one, or human reviewers' only
 LABEL_CRITERIA = CRITERIA
 # Default non-inferiority margins, in loss units (absolute unless relative).
 DEFAULT_MARGINS = {"error": 0.01, "brier": 0.01, "log_loss": 0.02, "abs_error": 0.05,
@@ -118,6 +120,7 @@ class ChallengerPolicy:
     log_loss_clip: float = 1e-4
     abs_error_cap: float | None = None  # None: 2 x the primary's p99 absolute error
     bins: int = 2000  # histogram bins of bounded differences
+    labels: str = "all"  # "human": only labels from human review (Feedback source "human")
 
     def guardrail(self, name: str) -> Guardrail | None:
         return next((g for g in self.guardrails if g.name == name), None)
@@ -249,7 +252,7 @@ def _number(table: dict[str, Any], key: str, where: str, default: float, *,
 
 def _build(raw: dict[str, Any], where: str) -> ChallengerPolicy:
     _check_keys(raw, {"alpha", "n_tune", "success", "guardrails", "gates", "limits", "cost",
-                      "bins"}, where)
+                      "bins", "labels"}, where)
     guardrails, declared, clip, cap = _guardrails(raw, where)
     matrix, default_cost = _cost(raw.get("cost", {}), f"{where}.cost")
     policy = ChallengerPolicy(
@@ -261,10 +264,18 @@ def _build(raw: dict[str, Any], where: str) -> ChallengerPolicy:
         limits=_limits(raw.get("limits", {}), f"{where}.limits"),
         cost_matrix=matrix, cost_default=default_cost, log_loss_clip=clip, abs_error_cap=cap,
         bins=_number(raw, "bins", where, 2000, lo=16, hi=100_000, integer=True),
+        labels=_choice(raw, "labels", where, LABELS),
     )
     if any(g.name == "cost" for g in guardrails) and declared and not matrix:
         raise ConfigError(SETTING, f"[{where}.guardrails] cost needs a [{where}.cost] matrix")
     return policy
+
+
+def _choice(table: dict[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise _bad(f"{where}.{key}", value, f"is not one of {', '.join(choices)}")
+    return value
 
 
 def _guardrails(raw: dict[str, Any], where: str
