@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "shadowpipe.processors.worker",
     "shadowpipe.processors.monitor.commands",
     "shadowpipe.processors.verdict.commands",
+    "shadowpipe.processors.replay.commands",
     "shadowpipe.demo.run",
 ]
 # ``shadowpipe bench NAME``: the module (with ``add_arguments(parser)``) and the help line.
@@ -34,6 +35,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "emit": ("shadowpipe.bench.emit", "cost of emitting to a service's request handler"),
     "join": ("shadowpipe.bench.join", "joiner throughput, latency, memory"),
     "monitor": ("shadowpipe.bench.monitor", "monitor JoinedRecords/s"),
+    "replay": ("shadowpipe.bench.replay",
+               "replay of stored requests vs the live shadow worker's rate"),
     "shadow": ("shadowpipe.bench.shadow", "shadow worker vs plain-loop ceiling"),
     "verdict": ("shadowpipe.bench.verdict",
                 "verdict evaluation time vs a plain scan over N records"),

@@ -78,6 +78,8 @@ class Settings:
     )
     clickhouse_database: str = _opt("shadowpipe", "ClickHouse database")
     clickhouse_ttl_days: int = _opt(90, "TTL of joined records in ClickHouse", min=1)
+    run: str = _opt("", "replay run id: results are read from and written to the ClickHouse "
+                   "database <clickhouse_database>_replay_<run>; empty = the live results")
     # Embedded stack
     home: str = _opt("~/.shadowpipe", "state directory of the embedded stack (pids, logs, data)")
     # Workers

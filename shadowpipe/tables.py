@@ -28,6 +28,7 @@ from typing import Any
 from shadowpipe.config import ConfigError, Settings, env_name
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_RUN_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 
 JOINED_COLUMNS = """
     request_id String,
@@ -150,10 +151,21 @@ _TTL_TABLES = {"joined_records": "toDateTime(event_time)", "orphans": "toDateTim
 
 
 def database(settings: Settings) -> str:
-    """The validated database name (it is spliced into DDL, so it must be an identifier)."""
+    """The validated database name (it is spliced into DDL, so it must be an identifier):
+    ``clickhouse_database``, or its replay run's database when ``run`` is set (a replay's
+    results never mix with the live ones, and every reader follows ``--run``).
+
+    >>> database(Settings.load(env={"SHADOWPIPE_RUN": "june"}))
+    'shadowpipe_replay_june'
+    """
     name = settings.clickhouse_database
     if not _IDENTIFIER.match(name):
         raise ConfigError(env_name("clickhouse_database"), f"{name!r} is not an identifier")
+    if settings.run:
+        if not _RUN_ID.match(settings.run):
+            raise ConfigError(env_name("run"), f"{settings.run!r} is not a run id "
+                              "(letters, digits and _)")
+        return f"{name}_replay_{settings.run}"
     return name
 
 

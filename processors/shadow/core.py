@@ -27,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.runtime.message import Message
@@ -63,6 +63,15 @@ class Challenger:
     bound: bytes | None
 
 
+class Scoring(NamedTuple):
+    """One challenger's outcome on a batch (see :meth:`ShadowProcessor.run_challengers`)."""
+
+    challenger: Challenger
+    picked: list[int]
+    pending: Pending
+    results: list[Result]
+
+
 class ShadowProcessor:
     """Scores micro-batches of InferenceEvents with every challenger."""
 
@@ -92,17 +101,24 @@ class ShadowProcessor:
         self.stats.record_batch(len(batch), lags)
         if not records:
             return out
+        collected = self.run_challengers(records)
+        scored_at = long_bytes(int(time.time() * 1000))
+        for ch, picked, pending, results in collected:
+            self._encode(ch, picked, pending, results, records, lags, scored_at, out)
+        return out
+
+    def run_challengers(self, records: Sequence[dict[str, Any]]) -> list[Scoring]:
+        """Every challenger's outcome on decoded ``records``: (challenger, indices of the
+        records in its sample, its call, one Result per picked record). All calls are
+        started before any is awaited, each under its own deadline. The worker encodes
+        these; ``shadowpipe replay`` stores them (same sampling, isolation and outputs)."""
         digests = [sampling.digest(r["request_id"]) for r in records] if self._hash else None
         running = []
         for ch in self.challengers:
             picked = self._pick(ch, digests, len(records))
             running.append((ch, picked, ch.runner.submit([records[i] for i in picked])))
-        collected = [(ch, picked, pending, ch.runner.collect(pending))
-                     for ch, picked, pending in running]
-        scored_at = long_bytes(int(time.time() * 1000))
-        for ch, picked, pending, results in collected:
-            self._encode(ch, picked, pending, results, records, lags, scored_at, out)
-        return out
+        return [Scoring(ch, picked, pending, ch.runner.collect(pending))
+                for ch, picked, pending in running]
 
     def _decode(
         self, batch: Sequence[Message], consumed_at_ms: int, out: Scored
