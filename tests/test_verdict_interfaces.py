@@ -34,7 +34,8 @@ def test_bench_verdict_small(tmp_path: Path) -> None:
     out = json.loads(proc.stdout)
     assert out["records"] == 20000
     assert out["verdict_s"] > 0 and out["scan_s"] > 0
-    assert out["efficiency"] == pytest.approx(out["scan_s"] / out["verdict_s"], abs=0.002)
+    # the printed times are rounded: a scan of a few ms moves the ratio by a few per cent
+    assert out["efficiency"] == pytest.approx(out["scan_s"] / out["verdict_s"], rel=0.03)
     assert set(out["peak_rss_mb"]) == {"20000"} and out["peak_rss_mb"]["20000"] > 0
     assert 0 < out["peak_rss_scan_mb"]["20000"] <= out["peak_rss_mb"]["20000"]
     assert set(out["verdicts"]) == {"c1", "c2"}
