@@ -1,10 +1,12 @@
 """The read side: the named queries over the pipeline's ClickHouse tables, where their rows
-come from, and the comparison built from them. ``shadowpipe compare``, the demo's summary and
-report, and the monitor's query endpoint (``/shadowpipe/query/``) all read through here.
+come from, and the comparison built from them. ``shadowpipe compare``, ``shadowpipe report``
+(:mod:`shadowpipe.processors.report`), the demo's summary and the monitor's query endpoint
+(``/shadowpipe/query/``) all read through here.
 
 Queries: the same SQL is documented in ``docs/monitor.md`` so users can run it in ClickHouse
 directly; ``{db}`` is the database, ``{name:Type}`` are server-side parameters: ``since_ms``
-(epoch ms), ``challenger`` ('' = all) and ``by`` (a context attribute, '' = overall).
+(epoch ms), ``challenger`` ('' = all), ``by`` (a context attribute, '' = overall) and
+``mature_ms`` (the latest mature event time, epoch ms; the funnel's last stage).
 
 Where the rows come from (:func:`fetch`): with a ClickHouse server, straight from it. With
 the embedded engine only one process may open the data directory; while a monitor runs, that
@@ -21,8 +23,9 @@ verdict engine's confidence sequence (``asymptotic_cs`` of
 unlike a fixed-n interval. It is flagged as not yet reliable until the engine's guard holds
 (1,000 pairs, 10 discordant).
 
->>> sorted(QUERIES)
-['alerts', 'arms', 'orphans', 'windows']
+>>> sorted(QUERIES)  # doctest: +NORMALIZE_WHITESPACE
+['alert_timeline', 'alerts', 'arms', 'challengers', 'disagreements', 'funnel',
+ 'label_delays', 'latency', 'orphans', 'over_time', 'windows']
 >>> "FINAL" in render("arms", "shadowpipe")
 True
 >>> parse_duration("90m"), parse_duration("2d"), parse_duration("45")
@@ -156,8 +159,145 @@ SELECT * EXCEPT (window_start, window_end, version),
 FROM {db}.windows FINAL
 WHERE window_start >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
 ORDER BY challenger, segment, window_start""",
+    # -- what ``shadowpipe report`` draws (processors/report/) --------------------------
+    # Every challenger with stored records and the event times they span (all time).
+    "challengers": """
+SELECT challenger, toUnixTimestamp64Milli(min(event_time)) AS first_ms,
+       toUnixTimestamp64Milli(max(event_time)) AS last_ms
+FROM {db}.joined_records
+GROUP BY challenger
+ORDER BY challenger""",
+    # Per challenger and event-time bucket (about 40 buckets over the selection, whole
+    # minutes): agreement and each arm's accuracy / MAE inputs, for intervals per bucket.
+    # Buckets are event-time cohorts: recent ones have fewer labels yet.
+    "over_time": """
+WITH (SELECT greatest(1, intDiv(toUnixTimestamp64Milli(max(event_time))
+                                - toUnixTimestamp64Milli(min(event_time)), 40 * 60000) + 1)
+             * 60000
+      FROM {db}.joined_records
+      WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """)
+    AS step_ms
+SELECT challenger,
+    intDiv(toUnixTimestamp64Milli(event_time), step_ms) * step_ms AS bucket_ms,
+    any(step_ms) AS width_ms,
+    count() AS published,
+    countIf(primary_label IS NOT NULL AND shadow_label IS NOT NULL) AS compared,
+    countIf(primary_label = shadow_label) AS agreed,
+    countIf(label IS NOT NULL AND primary_label IS NOT NULL) AS primary_labelled,
+    countIf(label IS NOT NULL AND primary_label = label) AS primary_correct,
+    countIf(label IS NOT NULL AND shadow_label IS NOT NULL) AS challenger_labelled,
+    countIf(label IS NOT NULL AND shadow_label = label) AS challenger_correct,
+    countIf(label_value IS NOT NULL AND primary_value IS NOT NULL) AS primary_regressed,
+    avgIf(abs(primary_value - label_value),
+          label_value IS NOT NULL AND primary_value IS NOT NULL) AS primary_mae,
+    stddevSampIf(abs(primary_value - label_value),
+                 label_value IS NOT NULL AND primary_value IS NOT NULL) AS primary_mae_sd,
+    countIf(label_value IS NOT NULL AND shadow_value IS NOT NULL) AS challenger_regressed,
+    avgIf(abs(shadow_value - label_value),
+          label_value IS NOT NULL AND shadow_value IS NOT NULL) AS challenger_mae,
+    stddevSampIf(abs(shadow_value - label_value),
+                 label_value IS NOT NULL AND shadow_value IS NOT NULL) AS challenger_mae_sd
+FROM {db}.joined_records FINAL
+WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+GROUP BY challenger, bucket_ms
+ORDER BY challenger, bucket_ms""",
+    # The coverage funnel per challenger, each stage within the previous one: published
+    # (requests sampled for the challenger), scored (it answered, no error), joined (with
+    # the primary's output), labelled, mature (event time at or before ``mature_ms``, the
+    # verdict's cutoff). Errors and timeouts, every label and the human review labels.
+    "funnel": """
+SELECT challenger,
+    count() AS published,
+    countIf(x_scored) AS scored,
+    countIf(x_joined) AS joined,
+    countIf(x_joined AND x_labelled) AS labelled,
+    countIf(x_joined AND x_labelled
+            AND toUnixTimestamp64Milli(event_time) <= {mature_ms:Int64}) AS mature,
+    countIf(shadow_error_kind = 'exception'
+            OR (shadow_error IS NOT NULL AND shadow_error_kind IS NULL)) AS errors,
+    countIf(shadow_error_kind = 'timeout') AS timeouts,
+    countIf(x_labelled) AS labels,
+    countIf(x_labelled AND feedback_source = 'human') AS human_labels
+FROM (
+    SELECT challenger, event_time, shadow_error, shadow_error_kind, feedback_source,
+        shadow_error_kind IS NULL AND shadow_error IS NULL
+            AND (shadow_label IS NOT NULL OR shadow_value IS NOT NULL) AS x_scored,
+        x_scored AND (primary_label IS NOT NULL OR primary_value IS NOT NULL) AS x_joined,
+        label IS NOT NULL OR label_value IS NOT NULL AS x_labelled
+    FROM {db}.joined_records FINAL
+    WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+)
+GROUP BY challenger
+ORDER BY challenger""",
+    # Label delays per challenger in quarter-octave bins: bin k holds delays in
+    # [2^(k/4), 2^((k+1)/4)) ms (bin 0: under 1.19 ms).
+    "label_delays": """
+SELECT challenger,
+    toUInt32(greatest(0, floor(4 * log2(greatest(toFloat64(label_delay_ms), 1.))))) AS bin,
+    count() AS labels
+FROM {db}.joined_records FINAL
+WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+  AND label_delay_ms IS NOT NULL AND (label IS NOT NULL OR label_value IS NOT NULL)
+GROUP BY challenger, bin
+ORDER BY challenger, bin""",
+    # Latency per challenger and arm in quarter-octave bins: bin k holds [2^(k/4),
+    # 2^((k+1)/4)) ms, k >= -40; the primary's latency in the service and the
+    # challenger's model time per record.
+    "latency": """
+SELECT challenger, arm,
+    toInt32(greatest(-40, floor(4 * log2(greatest(ms, 1e-3))))) AS bin,
+    count() AS records
+FROM (
+    SELECT challenger,
+        arrayJoin([('primary', primary_latency_ms), ('challenger', model_time_ms)]) AS pair,
+        pair.1 AS arm, pair.2 AS ms
+    FROM {db}.joined_records FINAL
+    WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+)
+WHERE ms IS NOT NULL
+GROUP BY challenger, arm, bin
+ORDER BY challenger, arm, bin""",
+    # The 20 most informative disagreements per challenger: labelled ones first (they
+    # decide the paired difference), then the largest distance between the arms (total
+    # variation of the probabilities, 1 for labels without them, |difference| for values).
+    "disagreements": """
+SELECT challenger, request_id, toUnixTimestamp64Milli(event_time) AS event_time_ms,
+    context, num_features, cat_features, null_features,
+    primary_label, if(empty(primary_probabilities), NULL,
+                      arrayMax(mapValues(primary_probabilities))) AS primary_top_p,
+    shadow_label, if(empty(shadow_probabilities), NULL,
+                     arrayMax(mapValues(shadow_probabilities))) AS shadow_top_p,
+    primary_value, shadow_value, label, label_value, feedback_source,
+    multiIf(label IS NULL AND label_value IS NULL, '',
+            label IS NOT NULL AND primary_label = label, 'primary',
+            label IS NOT NULL AND shadow_label = label, 'challenger',
+            label IS NOT NULL, 'neither',
+            abs(primary_value - label_value) < abs(shadow_value - label_value), 'primary',
+            abs(shadow_value - label_value) < abs(primary_value - label_value), 'challenger',
+            'neither') AS right_arm,
+    if(primary_label IS NOT NULL,
+       if(empty(primary_probabilities) OR empty(shadow_probabilities), 1.,
+          arraySum(k -> abs(primary_probabilities[k] - shadow_probabilities[k]),
+                   arrayDistinct(arrayConcat(mapKeys(primary_probabilities),
+                                             mapKeys(shadow_probabilities)))) / 2),
+       abs(primary_value - shadow_value)) AS distance
+FROM {db}.joined_records FINAL
+WHERE event_time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+  AND ((primary_label IS NOT NULL AND shadow_label IS NOT NULL AND primary_label != shadow_label)
+       OR (primary_value IS NOT NULL AND shadow_value IS NOT NULL
+           AND primary_value != shadow_value))
+ORDER BY challenger, label IS NULL AND label_value IS NULL, distance DESC, request_id
+LIMIT 20 BY challenger""",
+    # Every drift event and alert of the selection, oldest first (up to 2,000).
+    "alert_timeline": """
+SELECT alert_id, status, kind, detector, metric, challenger, arm, segment, severity,
+       toUnixTimestamp64Milli(coalesce(window_start, time)) AS at_ms, value, threshold
+FROM {db}.alerts FINAL
+WHERE time >= fromUnixTimestamp64Milli({since_ms:Int64}) AND """ + _FILTER + """
+ORDER BY at_ms, alert_id
+LIMIT 2000""",
 }
-PARAMETERS = ("since_ms", "challenger", "by")
+PARAMETERS = ("since_ms", "challenger", "by", "mature_ms")
 
 
 def render(name: str, db: str) -> str:
@@ -169,10 +309,11 @@ def parameters(raw: dict[str, Any]) -> dict[str, Any]:
     """Typed parameters with defaults (everything since the epoch, all challengers).
 
     >>> parameters({"since_ms": "5"})
-    {'since_ms': 5, 'challenger': '', 'by': ''}
+    {'since_ms': 5, 'challenger': '', 'by': '', 'mature_ms': 0}
     """
     return {"since_ms": int(raw.get("since_ms") or 0),
-            "challenger": str(raw.get("challenger") or ""), "by": str(raw.get("by") or "")}
+            "challenger": str(raw.get("challenger") or ""), "by": str(raw.get("by") or ""),
+            "mature_ms": int(raw.get("mature_ms") or 0)}
 
 
 def jsonable(value: Any) -> Any:

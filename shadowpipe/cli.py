@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "shadowpipe.processors.worker",
     "shadowpipe.processors.monitor.commands",
     "shadowpipe.processors.verdict.commands",
+    "shadowpipe.processors.report.commands",
     "shadowpipe.processors.replay.commands",
     "shadowpipe.demo.run",
 ]

@@ -2,10 +2,10 @@
 
 Starts the embedded stack, trains the models of :mod:`.world`, runs every processor in a
 worker process, serves simulated traffic through the producer library, waits until the
-monitor has stored every record, then prints a summary read back from ClickHouse and
-writes a self-contained HTML report (:mod:`.report`). A worker that fails is explained (its
-last error lines, its log); the embedded broker and Redis are left running for ``compare``,
-and the last lines say how to stop them.
+monitor has stored every record, then prints a summary read back from ClickHouse
+(:mod:`.summary`) and writes ``shadowpipe report``'s self-contained HTML report. A worker
+that fails is explained (its last error lines, its log); the embedded broker and Redis are
+left running for ``compare``, and the last lines say how to stop them.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def demo_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings, run_id: str, out: Path) -> int:
     """The run after the stack is up; 0 when every record was stored and summarised."""
-    from shadowpipe.demo.report import summarize, write_report
+    from shadowpipe.demo.summary import summarize
     from shadowpipe.demo.world import World
 
     world = World.build(seed=args.seed)
@@ -131,15 +131,29 @@ def _run(args: argparse.Namespace, settings: Settings, run_id: str, out: Path) -
     data["run"] = {"id": run_id, "events": args.events, "seed": args.seed,
                    "database": settings.clickhouse_database, "topic_prefix": settings.topic_prefix,
                    "shift_ms": None if shift_s is None else start_ms + int(shift_s * 1000)}
-    report = write_report(data, out / "report.html")
+    report = _write_report(settings, data["run"], out / "report.html")
     (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))
-    from shadowpipe.demo.report import print_summary
+    from shadowpipe.demo.summary import print_summary
 
     print_summary(data)
     _say(f"report: {report}")
     if not complete:
         raise DemoFailed("not every record reached ClickHouse: the summary above is partial")
     return 0
+
+
+def _write_report(settings: Settings, run: dict[str, Any], path: Path) -> Path:
+    """``shadowpipe report`` over the run, with the injected change marked on its plots."""
+    from shadowpipe.processors.report import page
+    from shadowpipe.processors.report.data import gather
+
+    data = gather(settings)
+    data["notes"] = [f"Demo run {run['id']}: {run['events']} requests, seed {run['seed']}; "
+                     "clinic east changed scanner firmware halfway through (worst_* "
+                     "measurements +30 %)."]
+    if run["shift_ms"]:
+        data["marks"] = [{"t_ms": run["shift_ms"], "label": "scanner change in clinic east"}]
+    return page.write(data, path)
 
 
 def _ensure_stack(settings: Settings) -> None:
