@@ -8,7 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from shadowpipe.config import Settings
+from shadowpipe.config import ConfigError, Settings
+
+PAGE_ROWS = 20_000  # a page: read, scored and written between two progress marks
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -27,6 +29,8 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                         help="only requests of this look-back: 30m, 1h, 7d (default: all)")
     source.add_argument("--from-topic", action="store_true",
                         help="read the inference topic's retention instead of ClickHouse")
+    p.add_argument("--page-rows", type=int, default=PAGE_ROWS,
+                   help=f"requests scored and written per progress mark (default {PAGE_ROWS})")
     p.set_defaults(func=replay_cmd)
 
 
@@ -53,6 +57,8 @@ def replay_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.tables import database
 
     since_s = parse_duration(args.since) if args.since is not None else None
+    if args.page_rows < 1:
+        raise ConfigError("--page-rows", f"{args.page_rows} is below the minimum 1")
     spec = find_spec(settings, args.challenger)
     settings = settings.replace(run=settings.run or run_id(spec.name))
     database(settings)  # a bad --run is one line before anything is opened
@@ -60,7 +66,7 @@ def replay_cmd(args: argparse.Namespace, settings: Settings) -> int:
     client = check_clickhouse(settings, "replay")
     mark = start(client, settings, spec.name, source, since_s)
     if not mark.done:
-        replayer = Replayer(settings, spec, client)
+        replayer = Replayer(settings, spec, client, args.page_rows)
         try:
             with _display(mark.total, spec.name) as show:
                 show(mark)

@@ -13,19 +13,20 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from shadowpipe.processors.monitor.sink import Sink, joined_columns
+from shadowpipe.processors.monitor.sink import Sink
 from shadowpipe.processors.replay import progress, stored
 from shadowpipe.processors.replay.progress import Mark
-from shadowpipe.processors.replay.records import Who, joined
+from shadowpipe.processors.replay.records import Who, columns, concat, inputs
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, load_specs
 from shadowpipe.processors.shadow.core import ShadowProcessor
+from shadowpipe.processors.shadow.service import tune_gc
 
 from shadowpipe.config import ConfigError, Settings
 from shadowpipe.tables import database, migrate
 
-PAGE_ROWS = 20_000  # requests read, scored and written between two progress marks
 Show = Callable[[Mark], None]
 
 
@@ -66,24 +67,26 @@ def start(client: Any, settings: Settings, name: str, source: str, since_s: int 
     return mark
 
 
-def score(processor: ShadowProcessor, rows: list[dict[str, Any]], who: Who, batch: int
-          ) -> list[dict[str, Any]]:
-    """JoinedRecords of ``rows`` (stored requests or decoded events) scored in micro-batches
-    of ``batch``, as the worker scores them; requests outside the sample yield none."""
-    out = []
-    for at in range(0, len(rows), batch):
-        chunk = rows[at:at + batch]
+def score(processor: ShadowProcessor, page: dict[str, list[Any]], who: Who, batch: int
+          ) -> dict[str, list[Any]]:
+    """``joined_records`` columns of ``page`` (stored requests) scored in micro-batches of
+    ``batch``, as the worker scores them; requests outside the sample yield no row."""
+    records, parts = inputs(page), []
+    for at in range(0, len(records), batch):
+        chunk = records[at:at + batch]
         for outcome in processor.run_challengers(chunk):
             share_ms = outcome.pending.elapsed_s() * 1000 / max(len(outcome.picked), 1)
-            out.extend(joined(chunk[i], who, result, share_ms)
-                       for i, result in zip(outcome.picked, outcome.results, strict=True))
-    return out
+            rows = {name: values[at:at + batch] for name, values in page.items()}
+            parts.append(columns(rows, outcome.picked, outcome.results, who, share_ms))
+    return concat(parts)
 
 
 class Replayer:
     """Replays into ``database(settings)`` (``settings.run`` set) through challenger ``spec``."""
 
-    def __init__(self, settings: Settings, spec: ChallengerSpec, client: Any) -> None:
+    def __init__(self, settings: Settings, spec: ChallengerSpec, client: Any,
+                 page_rows: int = 20_000) -> None:
+        self.page_rows = page_rows  # requests scored and written per progress mark
         self.settings = settings
         self.db = database(settings)
         self.client = client
@@ -91,24 +94,47 @@ class Replayer:
         self.processor = ShadowProcessor(settings, [spec])
         self.sink = Sink(settings, client_factory=lambda: client)
 
-    def write(self, mark: Mark, rows: list[dict[str, Any]], records: list[dict[str, Any]]
+    def write(self, mark: Mark, seen: int, cols: dict[str, list[Any]],
+              cursor: tuple[int, str] | None = None, offsets: dict[int, int] | None = None
               ) -> None:
-        """Store a page's records, then move the mark past the page."""
-        if records:
-            self.sink.write({"joined_records": joined_columns(records)})
-        mark.seen += len(rows)
-        mark.scored += len(records)
+        """Store a page's rows, then move the mark past the page (to the stored request
+        ``cursor``, or the topic's next ``offsets``)."""
+        if cols.get("request_id"):
+            self.sink.write({"joined_records": cols})
+        if cursor is not None:
+            mark.cursor_time, mark.cursor_id = cursor
+        if offsets is not None:
+            mark.offsets = offsets
+        mark.seen += seen
+        mark.scored += len(cols.get("request_id", ()))
         progress.save(self.client, self.db, mark)
 
     def from_clickhouse(self, mark: Mark, show: Show) -> None:
-        """Replay the stored requests after the mark's cursor."""
+        """Replay the stored requests after the mark's cursor.
+
+        The next page is read and the previous one written on their own threads while
+        this one is scored: ClickHouse works without the GIL meanwhile. Writes (and marks)
+        stay in page order.
+        """
         live = database(self.settings.replace(run=""))
-        for page in stored.pages(self.client, live, mark.since_ms, mark.until_ms, mark.cursor,
-                                 PAGE_ROWS):
-            records = score(self.processor, page, self.who, self.settings.shadow_batch_size)
-            mark.cursor_time, mark.cursor_id = page[-1]["event_time"], page[-1]["request_id"]
-            self.write(mark, page, records)
-            show(mark)
+        tune_gc()  # as in the worker: pages of containers must not trigger full collections
+        source = stored.pages(self.client, live, mark.since_ms, mark.until_ms, mark.cursor,
+                              self.page_rows)
+        with ThreadPoolExecutor(1, "replay-read") as reader, \
+                ThreadPoolExecutor(1, "replay-write") as writer:
+            ahead: Future = reader.submit(next, source, None)
+            written: Future | None = None
+            while (page := ahead.result()) is not None:
+                ahead = reader.submit(next, source, None)
+                cols = score(self.processor, page, self.who, self.settings.shadow_batch_size)
+                cursor = page["event_time"][-1], page["request_id"][-1]
+                if written is not None:
+                    written.result()
+                    show(mark)
+                written = writer.submit(self.write, mark, len(page["request_id"]), cols, cursor)
+            if written is not None:
+                written.result()
+                show(mark)
 
     def finish(self, mark: Mark) -> None:
         mark.done = True

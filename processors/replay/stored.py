@@ -44,16 +44,16 @@ def count(client: Any, db: str, since_ms: int, until_ms: int) -> int:
 
 
 def pages(client: Any, db: str, since_ms: int, until_ms: int, cursor: tuple[int, str],
-          size: int) -> Iterator[list[dict[str, Any]]]:
-    """Pages of up to ``size`` stored requests (dicts by column) after ``cursor``."""
+          size: int) -> Iterator[dict[str, list[Any]]]:
+    """Pages of up to ``size`` stored requests after ``cursor``, as columns by name."""
     sql = page_sql(db, size)
     at, after = cursor
     while True:
         result = client.query(sql, parameters={"since": since_ms, "until": until_ms,
                                                "at": at, "after": after})
         names = [_TIMES.get(name, name) for name in result.column_names]
-        page = [dict(zip(names, row, strict=True)) for row in result.result_rows]
-        if not page:
+        page = dict(zip(names, result.result_columns, strict=True))
+        if not page or not page["request_id"]:
             return
         yield page
-        at, after = page[-1]["event_time"], page[-1]["request_id"]
+        at, after = page["event_time"][-1], page["request_id"][-1]
