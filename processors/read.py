@@ -412,15 +412,6 @@ def from_monitor(settings: Settings, name: str, params: dict[str, Any],
         raise ConfigError("clickhouse_url", f"monitor query {name} failed: {exc}") from None
 
 
-def latency_samples(settings: Settings, limit: int = 20_000) -> list[tuple[str, float, float]]:
-    """``(challenger, primary_latency_ms, model_time_ms)`` of up to ``limit`` scored records
-    (a stable sample: ordered by request id), read directly: what the demo report plots."""
-    sql = (f"SELECT challenger, primary_latency_ms, model_time_ms "
-           f"FROM {settings.clickhouse_database}.joined_records FINAL "
-           f"WHERE model_time_ms IS NOT NULL ORDER BY request_id LIMIT {int(limit)}")
-    return [tuple(row) for row in client(settings).query(sql).result_rows]
-
-
 def rows(reply: dict[str, Any]) -> list[dict[str, Any]]:
     """A :func:`run` or :func:`fetch` reply as one dict per row.
 

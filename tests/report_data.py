@@ -1,7 +1,7 @@
 """A run that is not the demo, for the report tests: joined records of two challengers and a
 few alerts written straight into a fresh ClickHouse database (``python -m tests.report_data
 CLICKHOUSE_URL DATABASE`` does it in a child process, which then releases the embedded
-engine's directory for the CLI).
+engine's directory for the CLI; a third argument fixes "now", epoch ms).
 
 c-bad is five points worse than the primary, all of it in clinic=east; c-eq answers like
 the primary. A fifth of the labels come from human review; the last 100 requests wait for
@@ -95,4 +95,5 @@ def insert(clickhouse_url: str, database: str, now_ms: int) -> int:
 
 
 if __name__ == "__main__":
-    print(insert(sys.argv[1], sys.argv[2], (int(time.time()) // 60) * 60_000))
+    now = int(sys.argv[3]) if len(sys.argv) > 3 else (int(time.time()) // 60) * 60_000
+    print(insert(sys.argv[1], sys.argv[2], now))

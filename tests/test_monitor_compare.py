@@ -106,19 +106,3 @@ def test_compare_by_attribute_shows_overall_row_difference_and_scores(settings: 
     assert f"{diff['estimate']:+.3f} [{low:+.3f}, {high:+.3f}]" in text
     primary = overall["primary"]
     assert f"{primary['auc']:.3f}/{primary['log_loss']:.3f}/{primary['brier']:.3f}" in text
-
-
-def test_latency_samples_are_the_stored_records_times(settings: Settings) -> None:
-    s = settings.replace(clickhouse_database=f"c{uuid.uuid4().hex[:10]}")
-    records = synthetic.stream(synthetic.Spec(
-        requests=300, challengers=("c1", "c2"), start_ms=RECENT_MS, seed=5))
-    _load(s, records)
-    # One row per (challenger, request): the labelled version replaces the predicted one.
-    expected = {(r["challenger"], r["request_id"]): (r["primary_latency_ms"], r["model_time_ms"])
-                for r in records}
-
-    samples = read.latency_samples(s)
-    assert len(samples) == len(expected) == 600
-    got = {(c, p, m) for c, p, m in samples}
-    assert got == {(c, p, m) for (c, _), (p, m) in expected.items()}
-    assert len(read.latency_samples(s, limit=10)) == 10
