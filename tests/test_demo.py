@@ -91,7 +91,9 @@ def test_verdict_rejects_gbm_v2_in_clinic_east(demo: Path, stack_settings: Setti
     assert stdout.index("gbm-v2: REJECT") < stdout.index("shadow comparison")
     assert "noise floor" in stdout
     report = (demo / "report.html").read_text()
-    assert report.index("REJECT") < report.index("<table><tr><th>challenger")
+    # the verdict leads: before the comparison table and every plot
+    assert report.index("gbm-v2: <span") < report.index("REJECT") < report.index(
+        "<table><tr><th>challenger") < report.index('<section class="plot"')
     assert "clinic=east" in report and "noise floor" in report
 
     run = summary["run"]
@@ -128,14 +130,20 @@ def test_report_renders_every_plot_in_headless_chromium(demo: Path) -> None:
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto(report.as_uri())
         sizes = page.evaluate("""[...document.querySelectorAll('section.plot svg')].map(
-            s => [s.getBoundingClientRect().width, s.getBoundingClientRect().height,
+            s => [s.closest('section').id, s.getBoundingClientRect().width,
+                  s.getBoundingClientRect().height,
                   s.querySelectorAll('path, use, text').length])""")
         page.screenshot(path=str(demo / "report.png"), full_page=True)
         browser.close()
-    assert len(sizes) == 6
-    for width, height, marks in sizes:
+    assert errors == []
+    # one plot per view, two for the segments (clinic and device)
+    assert sorted(s[0] for s in sizes) == ["alerts", "funnel", "label-delay", "latency",
+                                           "over-time", "segments", "segments"]
+    for _, width, height, marks in sizes:
         assert width > 100 and height > 50 and marks > 10
     assert (demo / "report.png").stat().st_size > 10_000
 

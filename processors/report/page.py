@@ -78,7 +78,8 @@ def verdict(data: dict[str, Any]) -> str:
     return html_section(data["verdicts"])
 
 
-def _diff(d: dict[str, Any] | None) -> str:
+def fmt_diff(d: dict[str, Any] | None) -> str:
+    """A compare difference: metric, estimate, interval, ``*`` while not yet reliable."""
     if not d:
         return "-"
     lo, hi = d["interval"] or (None, None)
@@ -100,7 +101,8 @@ def _arm(a: dict[str, Any]) -> str:
 
 def summary(data: dict[str, Any]) -> str:
     rows = [[r["challenger"], str(r["coverage"]["published"]), str(r["coverage"]["labelled"]),
-             _agreement(r), _arm(r["primary"]), _arm(r["challenger_arm"]), _diff(r["difference"])]
+             _agreement(r), _arm(r["primary"]), _arm(r["challenger_arm"]),
+             fmt_diff(r["difference"])]
             for r in data["overall"]]
     body = _table(["challenger", "published", "labelled", "agreement", "primary",
                    "challenger", "challenger - primary (anytime-valid 95 %)"], rows) if rows \
@@ -145,7 +147,7 @@ def segments(data: dict[str, Any]) -> str:
                              "worse by"], [
             [r["challenger"], r["segment"],
              str(r["difference"]["pairs"]) if r["difference"] else "0",
-             _diff(r["difference"]), "-" if harm(r) is None else f"{harm(r):+.4f}"]
+             fmt_diff(r["difference"]), "-" if harm(r) is None else f"{harm(r):+.4f}"]
             for r in rows]))
     return _section("segments", "Per-segment differences (worst first)", *parts,
                     plot=any("<svg" in p for p in parts))
