@@ -23,7 +23,7 @@ e = html.escape
 STYLE = """body{font-family:sans-serif;max-width:1050px;margin:auto;padding:0 12px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:2px 6px;
 font-size:12px;vertical-align:top}th{background:#f4f4f4}.missing{color:#8250df;
-font-style:italic}.features{font-family:monospace;font-size:11px;max-width:360px}
+font-style:italic}.features{font-family:monospace;font-size:11px;color:#333}
 section{margin:18px 0}svg{max-width:100%;height:auto}small{color:#555}"""
 
 
@@ -45,12 +45,10 @@ def _utc(ms: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ms / 1000))
 
 
-def _table(columns: list[str], rows: list[list[str]], raw: frozenset[int] = frozenset()
-           ) -> str:
-    """An HTML table of escaped cells (cells at the ``raw`` positions are HTML already)."""
+def _table(columns: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of escaped cells."""
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{c if i in raw else e(c)}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -221,7 +219,7 @@ def _features(row: dict[str, Any]) -> str:
     items = [f"{k}={v:.4g}" for k, v in sorted(row["num_features"].items())]
     items += [f"{k}={v}" for k, v in sorted(row["cat_features"].items())]
     items += [f"{k}=null" for k in row["null_features"]]
-    return f'<div class="features">{e(", ".join(items))}</div>'
+    return ", ".join(items) or "(none)"
 
 
 def _output(label: Any, p: float | None, value: float | None) -> str:
@@ -230,27 +228,39 @@ def _output(label: Any, p: float | None, value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+DISAGREEMENT_COLUMNS = ("challenger", "request", "event time", "context", "primary (top p)",
+                        "challenger (top p)", "label", "right", "label source")
+
+
+def _disagreement(name: str, r: dict[str, Any]) -> str:
+    """Two table rows: the request, then its features across the whole width."""
+    truth = r["label"] if r["label"] is not None else r["label_value"]
+    cells = [name, r["request_id"], _utc(r["event_time_ms"]),
+             ", ".join(f"{k}={v}" for k, v in sorted(r["context"].items())),
+             _output(r["primary_label"], r["primary_top_p"], r["primary_value"]),
+             _output(r["shadow_label"], r["shadow_top_p"], r["shadow_value"]),
+             "-" if truth is None else str(truth), r["right_arm"] or "-",
+             r["feedback_source"] or "-"]
+    return ("<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>"
+            f'<tr><td colspan="{len(cells)}" class="features">features: '
+            f"{e(_features(r))}</td></tr>")
+
+
 def disagreements(data: dict[str, Any]) -> str:
-    rows = []
-    for name, found in data["disagreements"].items():
-        for r in found:
-            truth = r["label"] if r["label"] is not None else r["label_value"]
-            rows.append([name, r["request_id"], _utc(r["event_time_ms"]),
-                         ", ".join(f"{k}={v}" for k, v in sorted(r["context"].items())),
-                         _output(r["primary_label"], r["primary_top_p"], r["primary_value"]),
-                         _output(r["shadow_label"], r["shadow_top_p"], r["shadow_value"]),
-                         "-" if truth is None else str(truth), r["right_arm"] or "-",
-                         r["feedback_source"] or "-", _features(r)])
+    found = [_disagreement(name, r) for name, rows in data["disagreements"].items()
+             for r in rows]
     agreeing = [name for name in data["challengers"] if not data["disagreements"].get(name)]
-    body = _table(["challenger", "request", "event time", "context", "primary (top p)",
-                   "challenger (top p)", "label", "right", "label source", "features"],
-                  rows, raw=frozenset({9})) if rows else ""
-    none = missing("no disagreement with the primary in the window: " + ", ".join(agreeing)) \
-        if agreeing or not rows else ""
-    return _section("disagreements", "The most informative disagreements", "<p><small>"
-                    "Up to 20 per challenger: labelled ones first (they decide the paired "
-                    "difference), then the largest distance between the arms.</small></p>",
-                    none, body)
+    parts = ["<p><small>Up to 20 per challenger: labelled ones first (they decide the paired "
+             "difference), then the largest distance between the arms.</small></p>"]
+    if agreeing:
+        parts.append(missing("no disagreement with the primary in the window: "
+                             + ", ".join(agreeing)))
+    elif not found:
+        parts.append(missing("no disagreement between the arms in the window"))
+    if found:
+        head = "".join(f"<th>{e(c)}</th>" for c in DISAGREEMENT_COLUMNS)
+        parts.append(f"<table><tr>{head}</tr>{''.join(found)}</table>")
+    return _section("disagreements", "The most informative disagreements", *parts)
 
 
 def render(data: dict[str, Any]) -> str:
