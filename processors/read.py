@@ -46,6 +46,7 @@ from shadowpipe.processors.monitor.stats import mean_ci, wilson
 from shadowpipe.processors.verdict.stats import asymptotic_cs, guard_met, sample_variance
 
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.tables import database
 
 _FILTER = ("({challenger:String} = '' OR challenger = {challenger:String})")
 
@@ -357,12 +358,14 @@ def parse_duration(text: str) -> int:
 
 
 def fetch(settings: Settings, name: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Rows of query ``name``: through the monitor's endpoint, or ClickHouse directly."""
-    if settings.clickhouse.startswith("chdb:"):
+    """Rows of query ``name``: through the monitor's endpoint, or ClickHouse directly, in
+    :func:`shadowpipe.tables.database` (a replay run's database with ``--run``)."""
+    # The monitor answers for the live database only: a replay run is read directly.
+    if settings.clickhouse.startswith("chdb:") and not settings.run:
         reply = from_monitor(settings, name, params)
         if reply is not None:
             return reply
-    return run(client(settings), name, settings.clickhouse_database, params)
+    return run(client(settings), name, database(settings), params)
 
 
 _clients: dict[str, Any] = {}

@@ -107,3 +107,14 @@ def test_challengers_and_alert_timeline(stored: tuple) -> None:
     alerts = _rows(s, "alert_timeline", challenger="c-bad")
     assert [(a["alert_id"], a["status"]) for a in alerts] == [("a1", "firing"), ("a2", "resolved")]
     assert _rows(s, "alert_timeline", challenger="c-eq") == []
+
+
+def test_a_replay_run_is_read_from_its_own_database(stack_settings: Settings) -> None:
+    """With ``--run`` every read goes to the run's database (tables.database), never the
+    live one: here only the run's database holds records."""
+    live = stack_settings.replace(clickhouse_database=f"l{uuid.uuid4().hex[:10]}")
+    replay = live.replace(run="june")
+    report_data.insert(live.clickhouse, f"{live.clickhouse_database}_replay_june", NOW_MS)
+    assert {r["challenger"] for r in _rows(replay, "challengers")} == {"c-bad", "c-eq"}
+    (row,) = _rows(replay, "funnel", challenger="c-bad")
+    assert row["published"] == report_data.REQUESTS
