@@ -118,3 +118,17 @@ def test_a_replay_run_is_read_from_its_own_database(stack_settings: Settings) ->
     assert {r["challenger"] for r in _rows(replay, "challengers")} == {"c-bad", "c-eq"}
     (row,) = _rows(replay, "funnel", challenger="c-bad")
     assert row["published"] == report_data.REQUESTS
+
+
+def test_the_report_of_a_replay_run_judges_the_run(settings: Settings) -> None:
+    from shadowpipe.processors.report.data import gather
+
+    live = settings.replace(clickhouse_database=f"l{uuid.uuid4().hex[:10]}",
+                            segments=("clinic",))
+    replay = live.replace(run="july")
+    report_data.insert(live.clickhouse, f"{live.clickhouse_database}_replay_july", NOW_MS)
+    data = gather(replay, "c-bad")
+    assert data["database"] == f"{live.clickhouse_database}_replay_july"
+    (verdict,) = data["verdicts"]
+    assert verdict["challenger"] == "c-bad" and verdict["verdict"] == "REJECT"
+    assert data["funnel"]["c-bad"]["published"] == report_data.REQUESTS

@@ -76,8 +76,12 @@ def verdict_docs(settings: Settings, challenger: str) -> list[dict[str, Any]]:
     """The verdict documents ``shadowpipe verdict --format json`` prints for the same
     settings (one per challenger)."""
     from shadowpipe.processors.verdict.commands import request
+    from shadowpipe.processors.verdict.service import direct
 
-    reply = request(settings, "verdict", challenger)
+    if settings.run:  # the monitor judges the live database: a replay run is judged here
+        reply = direct(settings, "verdict", challenger, client=read.client(settings))
+    else:
+        reply = request(settings, "verdict", challenger)
     return [reply] if challenger else reply["verdicts"]
 
 
