@@ -93,3 +93,18 @@ def test_since_must_be_a_positive_duration() -> None:
     for bad in ("0", "-1h", "soon", ""):
         with pytest.raises(ConfigError, match="^--since"):
             since_seconds(bad)
+
+
+def test_records_without_labels_draw_only_the_agreement_and_say_why() -> None:
+    row = {"challenger": "c", "bucket_ms": 0, "width_ms": 60_000, "compared": 50,
+           "agreed": 45, "primary_labelled": 0, "primary_correct": 0,
+           "challenger_labelled": 0, "challenger_correct": 0, "primary_regressed": 0,
+           "challenger_regressed": 0}
+    segment = {"challenger": "c", "segment": "east", "difference": None}
+    data = {**_empty(), "challengers": ["c"], "over_time": over_time([row]),
+            "segments": {"clinic": [segment]}}
+    text = page.render(data)
+    over = text[text.index('id="over-time"'):text.index('id="segments"')]
+    assert "<svg" in over and "no labelled pairs yet: only the agreement is drawn" in over
+    segs = text[text.index('id="segments"'):text.index('id="funnel"')]
+    assert "<svg" not in segs and "no labelled pairs yet in any clinic segment" in segs
