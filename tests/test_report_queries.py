@@ -7,6 +7,7 @@ import math
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,11 +121,14 @@ def test_a_replay_run_is_read_from_its_own_database(stack_settings: Settings) ->
     assert row["published"] == report_data.REQUESTS
 
 
-def test_the_report_of_a_replay_run_judges_the_run(settings: Settings) -> None:
+def test_the_report_of_a_replay_run_judges_the_run(settings: Settings, tmp_path: Path
+                                                   ) -> None:
     from shadowpipe.processors.report.data import gather
 
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[defaults.limits]\nlatency_slo_ms = 120\n")
     live = settings.replace(clickhouse_database=f"l{uuid.uuid4().hex[:10]}",
-                            segments=("clinic",))
+                            segments=("clinic",), policy=str(policy))
     replay = live.replace(run="july")
     report_data.insert(live.clickhouse, f"{live.clickhouse_database}_replay_july", NOW_MS)
     data = gather(replay, "c-bad")
@@ -132,3 +136,4 @@ def test_the_report_of_a_replay_run_judges_the_run(settings: Settings) -> None:
     (verdict,) = data["verdicts"]
     assert verdict["challenger"] == "c-bad" and verdict["verdict"] == "REJECT"
     assert data["funnel"]["c-bad"]["published"] == report_data.REQUESTS
+    assert data["slo_ms"] == {"c-bad": 120.0}  # the SLO line comes from the verdict policy

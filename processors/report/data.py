@@ -65,7 +65,7 @@ def gather(settings: Settings, challenger: str = "", since_s: int = DEFAULT_SINC
         "label_delays": delay_curves(rows("label_delays")),
         "maturity_ms": {v["challenger"]: v.get("maturity_ms") for v in verdicts},
         "latency": histograms(rows("latency")),
-        "slo_ms": {name: _slo_ms(settings, name) for name in names},
+        "slo_ms": _slo_ms(settings, names),
         "alerts": rows("alert_timeline"),
         "disagreements": _by_challenger(rows("disagreements")),
         "marks": [],
@@ -101,14 +101,17 @@ def mature_cutoff(verdict: dict[str, Any]) -> int | None:
 
 
 def _one(found: list[dict[str, Any]]) -> dict[str, Any]:
+    # Empty only if the challenger's records expired (TTL) since the overall query ran.
     return found[0] if found else {**{s: 0 for s in STAGES}, "errors": 0, "timeouts": 0,
                                    "labels": 0, "human_labels": 0}
 
 
-def _slo_ms(settings: Settings, challenger: str) -> float:
+def _slo_ms(settings: Settings, names: list[str]) -> dict[str, float]:
+    """Each challenger's latency SLO under the verdict policy."""
     from shadowpipe.processors.verdict.policy import Policy
 
-    return Policy.from_settings(settings).for_challenger(challenger).limits.latency_slo_ms
+    policy = Policy.from_settings(settings)
+    return {name: policy.for_challenger(name).limits.latency_slo_ms for name in names}
 
 
 def _by_challenger(found: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
