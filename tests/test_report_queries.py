@@ -137,3 +137,13 @@ def test_the_report_of_a_replay_run_judges_the_run(settings: Settings, tmp_path:
     assert verdict["challenger"] == "c-bad" and verdict["verdict"] == "REJECT"
     assert data["funnel"]["c-bad"]["published"] == report_data.REQUESTS
     assert data["slo_ms"] == {"c-bad": 120.0}  # the SLO line comes from the verdict policy
+
+
+def test_arm_counts_are_the_arms_without_the_auc(stored: tuple) -> None:
+    s, _ = stored
+    for by in ("", "clinic"):
+        arms = _rows(s, "arms", by=by)
+        counts = _rows(s, "arm_counts", by=by)
+        assert len(arms) == len(counts) > 0
+        for full, lite in zip(arms, counts, strict=True):
+            assert {k: v for k, v in full.items() if not k.endswith("_auc")} == lite

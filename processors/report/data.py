@@ -45,7 +45,7 @@ def gather(settings: Settings, challenger: str = "", since_s: int = DEFAULT_SINC
         raise ConfigError("--challenger", f"{challenger!r} has no stored records in database "
                           f"{database(settings)} (known: {', '.join(known) or 'none'})")
     orphans = rows("orphans")
-    overall = read.report(rows("arms"), orphans, [])["arms"]
+    overall = read.report(rows("arm_counts"), orphans, [])["arms"]
     names = [r["challenger"] for r in overall]
     cutoffs = {v["challenger"]: mature_cutoff(v) for v in verdicts}
     return {
@@ -54,8 +54,8 @@ def gather(settings: Settings, challenger: str = "", since_s: int = DEFAULT_SINC
         "verdicts": verdicts, "challengers": names, "known": sorted(known),
         "overall": overall,
         "over_time": over_time(rows("over_time")),
-        "segments": {attr: worst_first([r for r in read.report(rows("arms", by=attr), [], [])[
-            "arms"] if r["segment"]]) for attr in by},
+        "segments": {attr: worst_first([r for r in read.report(
+            rows("arm_counts", by=attr), [], [])["arms"] if r["segment"]]) for attr in by},
         "funnel": {name: {**_one(rows("funnel", challenger=name,
                                       mature_ms=cutoffs.get(name) or 0)),
                           "mature_cutoff_ms": cutoffs.get(name),
