@@ -502,3 +502,30 @@ def test_policy_labels_human_counts_only_human_review_labels(ch_settings: Settin
     assert 0 < _criterion(v, "error").pairs < _criterion(
         evaluate(every, "c-bad", Policy.parse(gates).for_challenger("c-bad"), None, now_ms),
         "error").pairs
+
+
+def test_a_replay_run_is_judged_on_its_own_records_and_never_published(
+        ch_settings: Settings) -> None:
+    from shadowpipe.processors.verdict.service import Evaluator
+
+    from shadowpipe.config import ConfigError
+
+    client = clickhouse_client(ch_settings)
+    live, replay = ch_settings, ch_settings.replace(run="june")
+    codec = Codec()
+    now_ms = (int(time.time()) // 60) * 60_000
+    for s, name in ((live, "c-bad"), (replay, "c-eq")):
+        tables.migrate(client, s)
+        mine = [r for r in _records(now_ms) if r["challenger"] == name]
+        full = [codec.decode(codec.encode("JoinedRecord", r), "JoinedRecord") for r in mine]
+        cols = sink.joined_columns(full)
+        client.insert("joined_records", list(cols.values()), column_names=list(cols),
+                      database=tables.database(s), column_oriented=True)
+    evaluator = Evaluator(live, lambda: client)
+    outcome = evaluator.evaluate(run="june")
+    assert [v["challenger"] for v in outcome.reply["verdicts"]] == ["c-eq"]
+    assert outcome.reply["verdicts"][0]["what_if"] is True
+    assert outcome.events == [] and outcome.changed == []
+    assert [v["challenger"] for v in evaluator.evaluate().reply["verdicts"]] == ["c-bad"]
+    with pytest.raises(ConfigError, match="SHADOWPIPE_RUN"):
+        evaluator.evaluate("c-eq", reset=True, run="june")

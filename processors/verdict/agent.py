@@ -11,7 +11,8 @@
   answers 412 on REJECT (for Flagger, which reads only the status); POST is accepted too,
   and the challenger may come in the body's ``metadata.challenger`` (Flagger's payload).
   ``policy=PATH`` evaluates with another policy file: a what-if, neither recorded nor
-  published unless it is the monitor's own policy.
+  published unless it is the monitor's own policy. ``run=ID`` judges that replay run's
+  records (``shadowpipe replay``), never recorded nor published either.
 * ``POST /shadowpipe/verdict/reset/?challenger=X`` records a reset that lifts a latched
   decision, and re-evaluates.
 
@@ -50,11 +51,11 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
     lock = asyncio.Lock()
 
     async def run(challenger: str = "", policy: str | None = None,
-                  reset: bool = False) -> dict[str, Any]:
+                  reset: bool = False, replay: str = "") -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         async with lock:  # one evaluation at a time: each compares with the latched state
             outcome = await loop.run_in_executor(
-                executor, evaluator.evaluate, challenger, policy, reset)
+                executor, evaluator.evaluate, challenger, policy, reset, replay)
             if outcome.events:
                 await loop.run_in_executor(executor, _publish, publisher, outcome.events,
                                            pipeline.pause)
@@ -85,7 +86,8 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
             if reset and not challenger:
                 return self.json({"error": "reset needs ?challenger="}, status=400)
             try:
-                reply = await run(challenger, params.get("policy") or None, reset)
+                reply = await run(challenger, params.get("policy") or None, reset,
+                                  params.get("run", ""))
             except ConfigError as exc:
                 return self.json({"error": str(exc), "setting": exc.setting}, status=400)
             except Exception as exc:  # report, keep serving

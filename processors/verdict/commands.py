@@ -100,7 +100,7 @@ def _from_monitor(settings: Settings, action: str, challenger: str) -> dict[str,
     from shadowpipe.processors.verdict.agent import RESET_PATH, VERDICT_PATH
 
     path = RESET_PATH if action == "reset" else VERDICT_PATH
-    params = {"challenger": challenger, "policy": settings.policy}
+    params = {"challenger": challenger, "policy": settings.policy, "run": settings.run}
     try:
         return ask_monitor(settings, path, params, timeout_s=120,
                            method="POST" if action == "reset" else "GET")

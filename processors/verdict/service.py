@@ -25,7 +25,7 @@ from shadowpipe.processors.verdict import store
 from shadowpipe.processors.verdict.engine import Verdict
 from shadowpipe.processors.verdict.policy import Policy
 
-from shadowpipe.config import Settings
+from shadowpipe.config import ConfigError, Settings, env_name
 
 
 @dataclass
@@ -53,16 +53,22 @@ class Evaluator:
         return Policy.load(path)
 
     def evaluate(self, challenger: str = "", policy_path: str | None = None,
-                 reset: bool = False) -> Outcome:
+                 reset: bool = False, run: str = "") -> Outcome:
         """Judge every challenger (or ``challenger``); ``reset`` first records a RESET row
-        that lifts ``challenger``'s latched decision."""
+        that lifts ``challenger``'s latched decision. ``run``: judge that replay run's
+        records instead of the live ones (like a what-if, never published nor recorded:
+        a replay must not move a live gate)."""
         client = self.connect()
+        settings = self.settings.replace(run=run) if run else self.settings
         policy = self._policy(policy_path)
-        what_if = policy.hash != self.policy.hash
+        what_if = policy.hash != self.policy.hash or bool(settings.run)
+        if reset and settings.run:
+            raise ConfigError(env_name("run"), "a replay run's verdicts are never latched: "
+                                               "there is nothing to reset")
         resets = []
         if reset:
-            resets = [store.reset(client, self.settings, challenger, int(time.time() * 1000))]
-        verdicts = store.run_verdicts(client, self.settings, policy,
+            resets = [store.reset(client, settings, challenger, int(time.time() * 1000))]
+        verdicts = store.run_verdicts(client, settings, policy,
                                       challenger=challenger or None, persist=False)
         for v in verdicts:
             # Nothing known and nothing before (a mistyped name): not worth a row and an
@@ -124,7 +130,6 @@ def direct(settings: Settings, action: str, challenger: str,
     record nothing)."""
     from shadowpipe.processors.publisher import Publisher
 
-    from shadowpipe.config import ConfigError
     from shadowpipe.kafka import check_reachable
     from shadowpipe.stores import check_clickhouse
     from shadowpipe.tables import migrate
