@@ -72,7 +72,7 @@ try:  # the compiled common case (producers/_encode.c); optional at install time
 except ImportError:  # pragma: no cover - a build without a C compiler
     compiled_inference = None
 
-_SOURCES = {"explicit": b"\x00", "implicit": b"\x02"}
+_SOURCES = {"explicit": b"\x00", "implicit": b"\x02", "human": b"\x04"}  # zigzag index
 _OUTPUT_FIELDS = frozenset(("label", "probabilities", "value"))
 _NUM, _CAT, _NULL = "num", "cat", "null"
 

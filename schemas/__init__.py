@@ -22,7 +22,7 @@ import fastavro
 HERE = Path(__file__).parent
 RELEASED = HERE / "released"
 NAMES = ("InferenceEvent", "Feedback", "ShadowPrediction", "JoinedRecord", "Alert", "DeadLetter",
-         "Verdict")
+         "Verdict", "ReviewRequest")
 
 
 @cache

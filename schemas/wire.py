@@ -368,7 +368,7 @@ LAYOUTS: dict[str, tuple[tuple[tuple[str, Any], ...], str]] = {
        "processors/join/fastpath.py"),
     "Feedback": ((
         ("request_id", "string"), ("label", ("null", "string")), ("value", ("null", "double")),
-        ("event_time", "long"), ("source", ("enum", ("explicit", "implicit"))),
+        ("event_time", "long"), ("source", ("enum", ("explicit", "implicit", "human"))),
         ("weight", "double"), ("inclusion_prob", "double"),
     ), "producers/events.py"),
     "ShadowPrediction": ((

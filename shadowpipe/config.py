@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 ENV_PREFIX = "SHADOWPIPE_"
 TOPIC_KINDS = ("inference", "feedback", "predictions", "joined", "alerts", "deadletter",
-               "verdicts")
+               "verdicts", "review")
 
 
 class ConfigError(Exception):
@@ -68,6 +68,8 @@ class Settings:
     topic_alerts: str = _opt("alerts", "drift and rule alerts")
     topic_deadletter: str = _opt("deadletter", "messages workers could not process")
     topic_verdicts: str = _opt("verdicts", "verdict events (keyed by challenger)")
+    topic_review: str = _opt("review", "review requests for human reviewers "
+                             "(shadowpipe review publish)")
     partitions: int = _opt(4, "partitions of each topic created by shadowpipe", min=1)
     replication_factor: int = _opt(1, "replication factor of created topics", min=1)
     # Redis and ClickHouse
