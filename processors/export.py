@@ -60,7 +60,10 @@ _EXPRESSIONS = {
     "model_version": "toString(model_version) AS model_version",
     "event_time": "toTimeZone(event_time, 'UTC') AS event_time",
 }
-SELECT = ", ".join(_EXPRESSIONS.get(name, name) for name, _ in COLUMNS)
+# The stored columns (what a plain read of the table returns, bench export's baseline),
+# then why each record was selected.
+STORED = ", ".join(_EXPRESSIONS.get(name, name) for name, _ in COLUMNS[:-2])
+SELECT = f"{STORED}, kind, score"
 # Arrow strings, not binary; one block at a time, as few threads as keep up with a writer.
 ARROW_SETTINGS = "max_threads = 1, output_format_arrow_string_as_string = 1, " \
                  "output_format_arrow_low_cardinality_as_dictionary = 0"

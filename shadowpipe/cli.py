@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "shadowpipe.processors.verdict.commands",
     "shadowpipe.processors.report.commands",
     "shadowpipe.processors.replay.commands",
+    "shadowpipe.processors.records_commands",
     "shadowpipe.demo.run",
 ]
 # ``shadowpipe bench NAME``: the module (with ``add_arguments(parser)``) and the help line.
@@ -36,6 +37,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "emit": ("shadowpipe.bench.emit", "cost of emitting to a service's request handler"),
     "join": ("shadowpipe.bench.join", "joiner throughput, latency, memory"),
     "monitor": ("shadowpipe.bench.monitor", "monitor JoinedRecords/s"),
+    "export": ("shadowpipe.bench.export",
+               "export of joined records to Parquet vs a plain read into Arrow"),
     "replay": ("shadowpipe.bench.replay",
                "replay of stored requests vs the live shadow worker's rate"),
     "shadow": ("shadowpipe.bench.shadow", "shadow worker vs plain-loop ceiling"),
