@@ -372,9 +372,8 @@ def parse_duration(text: str) -> int:
 def fetch(settings: Settings, name: str, params: dict[str, Any]) -> dict[str, Any]:
     """Rows of query ``name``: through the monitor's endpoint, or ClickHouse directly, in
     :func:`shadowpipe.tables.database` (a replay run's database with ``--run``)."""
-    # The monitor answers for the live database only: a replay run is read directly.
-    if settings.clickhouse.startswith("chdb:") and not settings.run:
-        reply = from_monitor(settings, name, params)
+    if settings.clickhouse.startswith("chdb:"):
+        reply = from_monitor(settings, name, {**params, "run": settings.run})
         if reply is not None:
             return reply
     return run(client(settings), name, database(settings), params)

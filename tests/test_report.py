@@ -20,6 +20,7 @@ import pytest
 from shadowpipe.processors.verdict.render import criteria_rows, notes
 
 from shadowpipe.config import Settings
+from shadowpipe.tables import database
 from tests import report_data
 from tests.conftest import spawn_cli
 
@@ -207,6 +208,10 @@ def test_report_while_a_monitor_holds_the_engine(run: tuple, page: tuple) -> Non
     same verdict."""
     s, tmp, _ = run
     _, verdicts = page
+    replay = s.replace(run="june")  # a replay run stored before the monitor started
+    subprocess.run([sys.executable, "-m", "tests.report_data", s.clickhouse,
+                    database(replay), str((int(time.time()) // 60) * 60_000)], check=True,
+                   timeout=300, cwd=Path(__file__).parents[1])
     worker = spawn_cli(s, "worker", "monitor", log=tmp / "monitor.log")
     try:
         deadline = time.monotonic() + 300
@@ -217,6 +222,11 @@ def test_report_while_a_monitor_holds_the_engine(run: tuple, page: tuple) -> Non
         out = tmp / "while-monitor.html"
         proc = _cli(s, "report", "--out", str(out), "--challenger", "c-bad")
         assert proc.returncode == 0, proc.stderr[-3000:]
+        replay_out = tmp / "while-monitor-replay.html"
+        proc = _cli(replay, "report", "--out", str(replay_out), "--challenger", "c-eq")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        judged = _cli(replay, "verdict", "--challenger", "c-eq", "--format", "json")
+        assert judged.returncode in (0, 3, 4, 5), judged.stderr[-2000:]
     finally:
         worker.terminate()
         worker.wait(120)
@@ -226,3 +236,6 @@ def test_report_while_a_monitor_holds_the_engine(run: tuple, page: tuple) -> Non
     assert all(f"<li>{html.escape(r)}</li>" in text for r in bad["reasons"])
     assert "<td>c-eq</td>" not in text  # only the challenger asked for
     assert text.count("<svg") >= len(PLOTS)
+    replayed = json.loads(judged.stdout)  # judged by the monitor on the run's database
+    assert replayed["challenger"] == "c-eq" and replayed["what_if"] is True
+    assert f">{replayed['verdict']}</span>" in replay_out.read_text()

@@ -36,6 +36,7 @@ from shadowpipe.processors.verdict import agent as verdict_agent
 
 from shadowpipe.config import Settings
 from shadowpipe.stores import check_clickhouse, check_redis, clickhouse_client
+from shadowpipe.tables import database
 
 log = logging.getLogger(__name__)
 QUERY_PATH = "/shadowpipe/query/"
@@ -112,9 +113,10 @@ def install(app: Any, settings: Settings) -> None:
         if name not in QUERIES:
             return web.json({"error": f"unknown query {name!r}", "queries": sorted(QUERIES)},
                             status=404)
-        db = settings.clickhouse_database
         loop = asyncio.get_running_loop()
         try:
+            # run=ID: a replay run's database (stored earlier in the same data directory)
+            db = database(settings.replace(run=params.pop("run", "")))
             payload = await loop.run_in_executor(
                 runtime.executor, run_query, pipeline.sink, name, db, params)
         except Exception as exc:  # report query errors to the caller, keep serving

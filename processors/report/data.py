@@ -76,12 +76,8 @@ def verdict_docs(settings: Settings, challenger: str) -> list[dict[str, Any]]:
     """The verdict documents ``shadowpipe verdict --format json`` prints for the same
     settings (one per challenger)."""
     from shadowpipe.processors.verdict.commands import request
-    from shadowpipe.processors.verdict.service import direct
 
-    if settings.run:  # the monitor judges the live database: a replay run is judged here
-        reply = direct(settings, "verdict", challenger, client=read.client(settings))
-    else:
-        reply = request(settings, "verdict", challenger)
+    reply = request(settings, "verdict", challenger)
     return [reply] if challenger else reply["verdicts"]
 
 
