@@ -44,7 +44,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("request_id", "string"), ("challenger", "string"), ("challenger_version", "string"),
     ("event_time", "timestamp[ms, tz=UTC]"), ("model", "string"), ("model_version", "string"),
     ("context", "map<string, string>"), ("num_features", "map<string, double>"),
-    ("cat_features", "map<string, string>"), ("null_features", "list<item: string>"),
+    ("cat_features", "map<string, string>"), ("null_features", "list<string>"),
     ("primary_label", "string"), ("primary_probabilities", "map<string, double>"),
     ("primary_value", "double"), ("shadow_label", "string"),
     ("shadow_probabilities", "map<string, double>"), ("shadow_value", "double"),
@@ -133,6 +133,22 @@ def require_table(count: Callable[[str], int], db: str) -> None:
                           "(nothing joined yet here; shadowpipe init creates it)", "export")
 
 
+def type_name(arrow_type: Any) -> str:
+    """How :data:`COLUMNS` names an Arrow type (field names and nullability left out).
+
+    >>> import pyarrow as pa
+    >>> type_name(pa.map_(pa.string(), pa.float64())), type_name(pa.list_(pa.string()))
+    ('map<string, double>', 'list<string>')
+    """
+    import pyarrow as pa
+
+    if pa.types.is_map(arrow_type):
+        return f"map<{type_name(arrow_type.key_type)}, {type_name(arrow_type.item_type)}>"
+    if pa.types.is_list(arrow_type):
+        return f"list<{type_name(arrow_type.value_type)}>"
+    return str(arrow_type)
+
+
 def schema() -> Any:
     """The Arrow schema of :data:`COLUMNS` (what an export with no rows is written with)."""
     import pyarrow as pa
@@ -141,7 +157,7 @@ def schema() -> Any:
              "timestamp[ms, tz=UTC]": pa.timestamp("ms", tz="UTC"),
              "map<string, string>": pa.map_(pa.string(), pa.string()),
              "map<string, double>": pa.map_(pa.string(), pa.float64()),
-             "list<item: string>": pa.list_(pa.string())}
+             "list<string>": pa.list_(pa.string())}
     return pa.schema([(name, types[kind]) for name, kind in COLUMNS])
 
 
@@ -234,12 +250,14 @@ def write(rows: Iterable[Any], fmt: str, out: Path,
     try:
         with open(tmp, "wb") as f:
             sink = SINKS[fmt](f)
-            for batch in rows:
-                sink.write(batch)
-                total += batch.num_rows
-                if progress:
-                    progress(total)
-            sink.close()
+            try:
+                for batch in rows:
+                    sink.write(batch)
+                    total += batch.num_rows
+                    if progress:
+                        progress(total)
+            finally:  # before the file closes, even when interrupted (the temp file goes)
+                sink.close()
         os.replace(tmp, out)
     except BaseException:  # KeyboardInterrupt too: never leave the partial file behind
         tmp.unlink(missing_ok=True)
