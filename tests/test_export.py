@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -175,7 +178,7 @@ def test_missing_pyarrow_is_one_line_naming_the_extra(
         stored: tuple[Settings, list[dict[str, Any]]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     s, _ = stored
-    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
     assert _run(monkeypatch, s, "--kind", "all", "--out", str(tmp_path / "x.parquet")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shadowpipe[export]" in err[0]
@@ -189,3 +192,26 @@ def test_a_database_without_joined_records_is_one_line(
     assert _run(monkeypatch, s, "--kind", "all", "--out", str(tmp_path / "x.parquet")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SHADOWPIPE_CLICKHOUSE_DATABASE" in err[0]
+
+
+def test_an_embedded_directory_another_process_holds_is_one_line(
+        stack_settings: Settings, tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import chdb,sys; c=chdb.connect(sys.argv[1]); c.query('SELECT 1'); "
+         "print('ready', flush=True); sys.stdin.read()", str(tmp_path / "ch")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"  # the directory is held now
+        s = stack_settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}")
+        proc = subprocess.run(
+            [sys.executable, "-m", "shadowpipe.cli", "export", "--kind", "all",
+             "--out", str(tmp_path / "x.parquet")],
+            env={**os.environ, **s.to_env()}, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        ours = [line for line in proc.stderr.splitlines() if line.startswith("shadowpipe:")]
+        assert len(ours) == 1 and "SHADOWPIPE_CLICKHOUSE_URL" in ours[0]
+        assert not (tmp_path / "x.parquet").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
