@@ -151,3 +151,19 @@ def test_no_product_module_imports_the_bench_package() -> None:
                 found += [f"{path.relative_to(REPO)}:{node.lineno}" for name in names
                           if name == BENCH or name.startswith(BENCH + ".")]
     assert found == []
+
+
+def test_every_package_folder_is_installed() -> None:
+    """pyproject lists the packages by hand (the folder mapping hides them from setuptools'
+    finder): a new sub-package left out installs nowhere but an editable checkout."""
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {folder: name for name, folder in tool["package-dir"].items()}
+    found = set()
+    for folder, name in folders.items():
+        for init in (root / folder).rglob("__init__.py"):
+            inner = init.parent.relative_to(root / folder).parts
+            found.add(".".join((name, *inner)))
+    assert found <= set(tool["packages"]), sorted(found - set(tool["packages"]))
