@@ -175,7 +175,7 @@ class Settings:
             host, _, port = host_port.strip().rpartition(":")
             if not host or not port.isdigit():
                 raise ConfigError(env_name("kafka_bootstrap"), f"{host_port!r} is not host:port")
-        _check_url("redis_url", self.redis_url, ("redis", "rediss", "unix"))
+        _check_url("redis_url", self.redis_url, ("redis", "rediss", "unix", "redis+cluster"))
         if self.clickhouse_url:
             _check_url("clickhouse_url", self.clickhouse_url, ("http", "https", "chdb"))
         if self.schema_registry_url:

@@ -16,12 +16,45 @@ from urllib.parse import unquote, urlparse
 
 from shadowpipe.config import ConfigError, Settings, env_name
 
+CLUSTER_SCHEME = "redis+cluster"
+
 
 def redis_client(settings: Settings, **kwargs: Any) -> Any:
-    """A ``redis.Redis`` client for ``settings.redis_url``."""
+    """A ``redis.Redis`` client for ``settings.redis_url``, or a ``RedisCluster`` for
+    ``redis+cluster://host:port[,host:port...]`` (start-up nodes of a Redis Cluster).
+
+    >>> redis_client(Settings.load(env={})).__class__.__name__
+    'Redis'
+    >>> url = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+    >>> [(n.host, n.port) for n in cluster_nodes(url)]
+    [('127.0.0.1', 7000), ('127.0.0.1', 7001)]
+    """
     import redis
 
+    if is_cluster_url(settings.redis_url):
+        from redis.cluster import RedisCluster
+
+        # Connects at once (reads the slot map): an unreachable cluster fails here.
+        return RedisCluster(startup_nodes=cluster_nodes(settings.redis_url), **kwargs)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster.
+
+    >>> is_cluster_url("redis+cluster://h:7000"), is_cluster_url("redis://h:6379/0")
+    (True, False)
+    """
+    return url.startswith(CLUSTER_SCHEME + "://")
+
+
+def cluster_nodes(url: str) -> list[Any]:
+    """The start-up nodes of a ``redis+cluster://`` URL (any reachable master will do)."""
+    from redis.cluster import ClusterNode
+
+    hosts = urlparse(url).netloc.rpartition("@")[2]
+    return [ClusterNode(h.rpartition(":")[0], int(h.rpartition(":")[2] or 6379))
+            for h in hosts.split(",") if h]
 
 
 def check_redis(settings: Settings, service: str) -> None:
@@ -30,7 +63,7 @@ def check_redis(settings: Settings, service: str) -> None:
 
     try:
         redis_client(settings, socket_connect_timeout=3, socket_timeout=3).ping()
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
         raise ConfigError(
             env_name("redis_url"), f"Redis at {settings.redis_url} unreachable: {exc}", service
         ) from None
