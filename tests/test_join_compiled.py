@@ -266,7 +266,7 @@ def test_compiled_reads_long_varints_like_python(extra: int) -> None:
 times = st.integers(-(2**61), 2**61)  # differences fit in 64 bits (else Python's big ints)
 feedbacks = st.fixed_dictionaries({
     "request_id": texts, "label": st.none() | texts, "value": st.none() | doubles,
-    "event_time": times, "source": st.sampled_from(["explicit", "implicit"]),
+    "event_time": times, "source": st.sampled_from(["explicit", "implicit", "human"]),
     "weight": doubles, "inclusion_prob": doubles,
 })
 challengers = st.one_of(texts, texts.map(str.encode))

@@ -113,7 +113,7 @@ def test_inference_bytes_equal_fastavro_and_decode(
 @given(
     label=st.one_of(st.none(), st.text(), st.booleans(), st.integers(-10, 10)),
     value=st.one_of(st.none(), finite),
-    source=st.sampled_from(["explicit", "implicit"]),
+    source=st.sampled_from(["explicit", "implicit", "human"]),
     weight=finite,
     event_time=st.integers(-(2**63), 2**63 - 1),
 )

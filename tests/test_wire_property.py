@@ -114,7 +114,7 @@ def test_inference_event(framing, compiled, request_id, feats, output, model, ve
 @pytest.mark.parametrize("framing", FRAMINGS)
 @FAST
 @given(request_id=ident, label=maybe_text, value=st.one_of(st.none(), finite),
-       event_time=times, source=st.sampled_from(["explicit", "implicit"]), weight=finite,
+       event_time=times, source=st.sampled_from(["explicit", "implicit", "human"]), weight=finite,
        prob=finite)
 def test_feedback(framing, request_id, label, value, event_time, source, weight, prob) -> None:
     if label is None and value is None:
