@@ -32,6 +32,7 @@ from shadowpipe.processors.join.parts import (
     join_state,
 )
 from shadowpipe.processors.join.store import (
+    CHUNK,
     CODE_NAMES,
     LATE_FEEDBACK,
     LATE_INFERENCE,
@@ -39,9 +40,9 @@ from shadowpipe.processors.join.store import (
     REDELIVERED,
     Claim,
     Emission,
-    JoinStore,
     Part,
     StoreError,
+    join_store,
     message_id,
 )
 from shadowpipe.processors.runtime.message import Message
@@ -54,7 +55,6 @@ from shadowpipe.config import Settings
 INPUTS = {"inference": ("InferenceEvent", "i"), "predictions": ("ShadowPrediction", "s"),
           "feedback": ("Feedback", "f")}
 WORKER = "join"
-CHUNK = 100  # messages per script call: Redis merges one while Python decodes the next
 
 
 # A message that decodes but cannot be joined (e.g. no request id): the wire layer's verdict.
@@ -116,8 +116,8 @@ class JoinCore:
 
         self.settings = settings
         self.codec = Codec(settings.schema_registry_url)
-        self.store = JoinStore(client or redis_client(settings), key_prefix(settings),
-                               settings.feedback_horizon_s, lease_s)
+        self.store = join_store(client or redis_client(settings), key_prefix(settings),
+                                settings.feedback_horizon_s, lease_s)
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._cache: dict[bytes, Any] = {}  # used by process() only: one batch at a time

@@ -76,7 +76,7 @@ class JoinHandler(Handler):
         self.topics = [settings.topic(kind) for kind in INPUT_KINDS]
         store = core.store
         self.marker = StateMarker(store.client, settings.topic_prefix, "join",
-                                  witnesses=(store.deadlines, store.layouts_key))
+                                  witnesses=store.witnesses)
         core.counters.setdefault("redis_state_lost", 0)  # shown in the stats even when 0
 
     def process(self, batch: list[Message]) -> Outputs:

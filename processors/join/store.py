@@ -18,19 +18,28 @@ that changes nothing emits nothing, **unless it is the very message that was sto
 (same partition/offset): that is a redelivery after a crash, whose outputs may never have
 been published, so the current records are re-emitted with their current versions.
 
-These scripts touch keys they compute from the request id, so they need a standalone Redis
-(or one Redis per shard of request ids), not Redis Cluster.
+On a Redis Cluster (:class:`ClusterJoinStore`) every key above carries a hash tag, the
+request's *group* ``{g}`` (``g`` = CRC-32 of the request id mod :data:`GROUPS`) right after
+the prefix: ``<prefix>{g}:s:<request_id>``, ``<prefix>{g}:t:<request_id>`` and one sorted
+set per group, ``<prefix>{g}:deadlines``. So a request, its tombstone and the index it is in
+share one hash slot, and a chunk of merges (or a claim) of one group touches one slot; the
+scripts are the same. ``<prefix>layouts`` is a single key, written before the merges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
+import zlib
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from shadowpipe.processors.join.parts import FeatureLayouts
+
+CHUNK = 100  # messages per script call: Redis merges one while Python decodes the next
 
 # Reply codes of the merge script.
 DUPLICATE, STORED, JOINED, REDELIVERED, LATE_FEEDBACK, LATE_PREDICTION, LATE_INFERENCE = range(7)
@@ -330,6 +339,7 @@ class JoinStore:
         # Safety net only: the sweeper buries states at the horizon; TTL catches a stopped one.
         self.ttl_ms = 2 * self.horizon_ms + self.lease_ms
         self.deadlines = prefix + "deadlines"
+        self._space = (f"{prefix}s:", f"{prefix}t:", self.deadlines)  # state, tomb, index
         self.layouts_key = prefix + "layouts"
         self.layouts = FeatureLayouts(lambda ids: client.hmget(self.layouts_key, ids))
         self._merge_sha = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
@@ -387,7 +397,8 @@ class JoinStore:
                 conn.disconnect()
             pool.release(conn)
 
-    def _send(self, conn: Any, parts: list[Part], now_ms: int) -> tuple[list[Part], list[bytes]]:
+    def _send(self, conn: Any, parts: list[Part], now_ms: int,
+              space: tuple[str, str, str] | None = None) -> tuple[list[Part], list[bytes]]:
         commands: list[tuple[Any, ...]] = []
         layout_ids = list(self.layouts.unsaved)
         if layout_ids:  # before the merges that refer to them, on the same connection
@@ -395,8 +406,8 @@ class JoinStore:
             commands.append(("HSET", self.layouts_key, *pairs))
         merge: Any = NotImplemented
         if parts:  # the whole chunk in one script call: one command to pack, parse, dispatch
-            state, tomb = f"{self.prefix}s:", f"{self.prefix}t:"
-            head = ("EVALSHA", self._merge_sha, 2 * len(parts) + 1, self.deadlines)
+            state, tomb, deadlines = space or self._space
+            head = ("EVALSHA", self._merge_sha, 2 * len(parts) + 1, deadlines)
             middle = (now_ms, self.horizon_ms, self.ttl_ms, len(state))
             if _pack_merge is not None:  # RESP bytes straight from the parts
                 merge = _pack_merge(head, state, tomb, middle, parts)
@@ -433,25 +444,11 @@ class JoinStore:
 
     def claim(self, now_ms: int, limit: int = 500) -> Claim:
         """Claim up to ``limit`` requests past their deadline; bury those with no orphans."""
-        token = uuid.uuid4().hex
-        reply = _run(self._claim, [self.deadlines], [
-            self.prefix + "s:", self.prefix + "t:", now_ms, limit, self.lease_ms, token,
+        claim = _new_claim()
+        _absorb(claim, _run(self._claim, [self.deadlines], [
+            self.prefix + "s:", self.prefix + "t:", now_ms, limit, self.lease_ms, claim.token,
             self.horizon_ms,
-        ])
-        claim = Claim(token, [], [], {"expired_unswept": 0, "swept": 0, "swept_no_shadow": 0,
-                                      "swept_unlabelled": 0}, len(reply))
-        for rec in reply:
-            rid, what = _text(rec[0]), _text(rec[1])
-            if what == "expired":
-                claim.outcomes["expired_unswept"] += 1
-            elif what == "done":
-                claim.outcomes["swept"] += 1
-                has_primary, n_shadows, has_feedback = (int(x) for x in rec[2:5])
-                claim.outcomes["swept_no_shadow"] += int(has_primary and not n_shadows)
-                claim.outcomes["swept_unlabelled"] += int(bool(n_shadows) and not has_feedback)
-            else:
-                claim.claimed.append(rid)
-                claim.orphans.extend(emissions(rid, rec[2], rec[3], rec[4:]))
+        ]))
         return claim
 
     def finish(self, claim: Claim) -> int:
@@ -465,6 +462,33 @@ class JoinStore:
     def pending(self) -> int:
         """Requests waiting in the store (not yet swept)."""
         return int(self.client.zcard(self.deadlines))
+
+    @property
+    def witnesses(self) -> tuple[str, ...]:
+        """Keys that exist while the store holds state (for the lost-state marker)."""
+        return (self.deadlines, self.layouts_key)
+
+
+def _new_claim() -> Claim:
+    return Claim(uuid.uuid4().hex, [], [], {"expired_unswept": 0, "swept": 0,
+                                            "swept_no_shadow": 0, "swept_unlabelled": 0})
+
+
+def _absorb(claim: Claim, reply: list[Any]) -> None:
+    """Add one claim script reply to ``claim``."""
+    claim.handled += len(reply)
+    for rec in reply:
+        rid, what = _text(rec[0]), _text(rec[1])
+        if what == "expired":
+            claim.outcomes["expired_unswept"] += 1
+        elif what == "done":
+            claim.outcomes["swept"] += 1
+            has_primary, n_shadows, has_feedback = (int(x) for x in rec[2:5])
+            claim.outcomes["swept_no_shadow"] += int(has_primary and not n_shadows)
+            claim.outcomes["swept_unlabelled"] += int(bool(n_shadows) and not has_feedback)
+        else:
+            claim.claimed.append(rid)
+            claim.orphans.extend(emissions(rid, rec[2], rec[3], rec[4:]))
 
 
 def merge_command(head: tuple[Any, ...], state: str, tomb: str, middle: tuple[Any, ...],
@@ -480,6 +504,184 @@ def merge_command(head: tuple[Any, ...], state: str, tomb: str, middle: tuple[An
     args = [x for p in parts for x in (p.kind, p.challenger, p.blob, p.msg_id, p.rank)]
     return (*head, *keys, *middle, *args)
 
+
+
+GROUPS = 128  # hash-tag groups on a cluster: enough to spread over many masters' slots
+
+
+def group_of(request_id: str) -> int:
+    """The cluster group (hash tag) of a request.
+
+    >>> group_of("r1") == zlib.crc32(b"r1") % GROUPS
+    True
+    """
+    return zlib.crc32(request_id.encode()) % GROUPS
+
+
+class ClusterJoinStore(JoinStore):
+    """:class:`JoinStore` on a Redis Cluster (``redis.cluster.RedisCluster`` client).
+
+    Keys of a request carry its group's hash tag (``<prefix>{g}:s:<rid>``...), each group has
+    its own deadline index, merges are chunked per group and pipelined per master, and the
+    sweep walks every group's index.
+
+    >>> store = ClusterJoinStore.__new__(ClusterJoinStore)
+    >>> store.prefix = "p."
+    >>> store.space(7)
+    ('p.{7}:s:', 'p.{7}:t:', 'p.{7}:deadlines')
+    """
+
+    def __init__(self, client: Any, prefix: str, horizon_s: float, lease_s: float = 60.0) -> None:
+        if "{" in prefix or "}" in prefix:  # the first {...} of a key is its hash tag
+            raise ValueError(f"key prefix {prefix!r} must not contain braces on Redis Cluster")
+        super().__init__(client, prefix, horizon_s, lease_s)
+        self._next_group = 0  # where the next sweep starts, so a busy group starves none
+
+    def space(self, group: int) -> tuple[str, str, str]:
+        """State prefix, tombstone prefix and deadline index of ``group``."""
+        tagged = f"{self.prefix}{{{group}}}:"
+        return tagged + "s:", tagged + "t:", tagged + "deadlines"
+
+    def state_key(self, request_id: str) -> str:
+        return self.space(group_of(request_id))[0] + request_id
+
+    @property
+    def witnesses(self) -> tuple[str, ...]:
+        return (self.layouts_key, *(self.space(g)[2] for g in range(GROUPS)))
+
+    def merge_chunks(self, chunks: Iterable[list[Part]], now_ms: int) -> Iterator[
+            tuple[list[Part], list[Merged]]]:
+        """Merge per group: every chunk's keys in one slot, all chunks of a master sent
+        on one connection before any reply is read. A request's parts keep their order."""
+        import redis
+
+        groups: dict[int, list[Part]] = defaultdict(list)
+        for chunk in chunks:  # decodes them all: new feature layouts are known after this
+            for part in chunk:
+                groups[group_of(part.request_id)].append(part)
+        try:
+            self._save_layouts()
+            yield from self._merge_groups(groups, now_ms)
+        except redis.RedisError as exc:
+            self._refresh(exc)
+            raise StoreError(f"Redis Cluster merge failed: {exc}",
+                             oom="OOM" in str(exc)) from exc
+
+    def _save_layouts(self) -> None:
+        """Feature layouts first, synchronously: merges on other masters refer to them."""
+        unsaved = dict(self.layouts.unsaved)
+        if unsaved:
+            self.client.hset(self.layouts_key, mapping=unsaved)
+            for lid in unsaved:
+                self.layouts.unsaved.pop(lid, None)
+
+    def _merge_groups(self, groups: dict[int, list[Part]], now_ms: int) -> Iterator[
+            tuple[list[Part], list[Merged]]]:
+        by_node: dict[str, tuple[Any, list[tuple[list[Part], tuple[str, str, str]]]]] = {}
+        for group, parts in groups.items():
+            space = self.space(group)
+            node = self.client.get_node_from_key(space[2])
+            calls = by_node.setdefault(node.name, (node, []))[1]
+            calls.extend((parts[i:i + CHUNK], space) for i in range(0, len(parts), CHUNK))
+        sent: list[tuple[Any, Any, list[tuple[list[Part], tuple[str, str, str]]]]] = []
+        failed: list[BaseException] = []
+        try:
+            for node, calls in by_node.values():
+                sent.append((node, self._send_all(node, calls, now_ms), calls))
+            while sent:
+                node, conn, calls = sent[0]
+                yield from self._receive_all(node, conn, calls, failed)
+                sent.pop(0)
+        finally:
+            for node, conn, _ in sent:  # not read to the end: drop, replies may be pending
+                self._drop(node, conn)
+        if failed:
+            raise failed[0]
+
+    def _send_all(self, node: Any, calls: list[tuple[list[Part], tuple[str, str, str]]],
+                  now_ms: int) -> Any:
+        conn = node.redis_connection.connection_pool.get_connection()
+        try:
+            for parts, space in calls:
+                self._send(conn, parts, now_ms, space)
+        except BaseException:
+            self._drop(node, conn)
+            raise
+        return conn
+
+    def _receive_all(self, node: Any, conn: Any,
+                     calls: list[tuple[list[Part], tuple[str, str, str]]],
+                     failed: list[BaseException]) -> Iterator[tuple[list[Part], list[Merged]]]:
+        """Read every reply of one master, then release its connection; script errors are
+        kept in ``failed`` and raised once all masters answered: the batch is retried."""
+        import redis
+
+        for parts, _ in calls:
+            try:
+                yield parts, self._receive(conn, parts, [])
+            except StoreError as exc:  # a script error: the connection is still in sync
+                failed.append(redis.ResponseError(str(exc)))
+        node.redis_connection.connection_pool.release(conn)
+
+    @staticmethod
+    def _drop(node: Any, conn: Any) -> None:
+        conn.disconnect()  # replies may be pending on it
+        node.redis_connection.connection_pool.release(conn)
+
+    def _refresh(self, exc: BaseException) -> None:
+        """A master moved, failed or restarted: read the slot map again before the retry."""
+        text = str(exc)
+        if isinstance(exc, redis_connection_errors()) or any(
+                code in text for code in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
+            # Still down: the batch's retry comes back here.
+            with contextlib.suppress(Exception):
+                self.client.nodes_manager.initialize()
+
+    def claim(self, now_ms: int, limit: int = 500) -> Claim:
+        """:meth:`JoinStore.claim` over every group's index, from where the last one ended."""
+        claim = _new_claim()
+        for step in range(GROUPS):
+            group = (self._next_group + step) % GROUPS
+            state, tomb, deadlines = self.space(group)
+            _absorb(claim, _run(self._claim, [deadlines], [
+                state, tomb, now_ms, limit - claim.handled, self.lease_ms, claim.token,
+                self.horizon_ms]))
+            if claim.handled >= limit:
+                self._next_group = group
+                break
+        return claim
+
+    def finish(self, claim: Claim) -> int:
+        """Bury the claimed requests, one call per group."""
+        groups: dict[int, list[str]] = defaultdict(list)
+        for rid in claim.claimed:
+            groups[group_of(rid)].append(rid)
+        buried = 0
+        for group, rids in groups.items():
+            state, tomb, deadlines = self.space(group)
+            buried += int(_run(self._finish, [deadlines],
+                               [state, tomb, claim.token, self.horizon_ms, *rids]))
+        return buried
+
+    def pending(self) -> int:
+        pipe = self.client.pipeline()
+        for group in range(GROUPS):
+            pipe.zcard(self.space(group)[2])
+        return sum(int(n) for n in pipe.execute())
+
+
+def redis_connection_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
+
+
+def join_store(client: Any, prefix: str, horizon_s: float, lease_s: float = 60.0) -> JoinStore:
+    """The store for ``client``: :class:`ClusterJoinStore` on a ``RedisCluster``."""
+    from redis.cluster import RedisCluster
+
+    cls = ClusterJoinStore if isinstance(client, RedisCluster) else JoinStore
+    return cls(client, prefix, horizon_s, lease_s)
 
 try:
     from hiredis import pack_command as _pack
