@@ -41,29 +41,29 @@ def label_sql(db: str) -> str:
 
 
 def _messages(replayer: Replayer, mark: Mark) -> Iterator[list[Any]]:
-    """Batches of messages from the mark's offsets up to the high watermarks at start."""
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+    """Batches of messages from the mark's offsets until every partition's end.
+
+    The end is librdkafka's end-of-partition event, not the watermarks listed up front:
+    the embedded broker lists high watermarks below the offsets it then serves.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
     s = replayer.settings
     topic = s.topic("inference")
     consumer = kafka.consumer(s, f"{s.topic_prefix}replay-{uuid.uuid4().hex}",
-                              **{"enable.auto.commit": False})
+                              **{"enable.auto.commit": False, "enable.partition.eof": True})
     try:
-        parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in parts}
-        todo = {p for p in parts if mark.offsets.get(p, 0) < ends[p]}
+        todo = set(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
         consumer.assign([TopicPartition(topic, p, mark.offsets.get(p, OFFSET_BEGINNING))
                          for p in todo])
         while todo:
-            batch = [m for m in consumer.consume(s.shadow_batch_size, 1.0) if m.error() is None]
-            if not batch:  # offsets may skip (deleted, transaction markers): ask where we are
-                at = consumer.position([TopicPartition(topic, p) for p in todo])
-                todo -= {tp.partition for tp in at if tp.offset >= ends[tp.partition]}
-            for m in batch:
-                if m.offset() + 1 >= ends[m.partition()]:
+            batch = []
+            for m in consumer.consume(s.shadow_batch_size, 1.0):
+                if m.error() is None:
+                    batch.append(m)
+                elif m.error().code() == KafkaError._PARTITION_EOF:
                     todo.discard(m.partition())
-            yield [m for m in batch if m.offset() < ends[m.partition()]]
+            yield batch
     finally:
         consumer.close()
 
