@@ -10,7 +10,7 @@ from typing import Any
 
 from shadowpipe.config import ConfigError, Settings
 
-PAGE_ROWS = 20_000  # a page: read, scored and written between two progress marks
+PAGE_ROWS = 50_000  # a page: read, scored and written between two progress marks
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

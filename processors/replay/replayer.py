@@ -85,7 +85,7 @@ class Replayer:
     """Replays into ``database(settings)`` (``settings.run`` set) through challenger ``spec``."""
 
     def __init__(self, settings: Settings, spec: ChallengerSpec, client: Any,
-                 page_rows: int = 20_000) -> None:
+                 page_rows: int = 50_000) -> None:
         self.page_rows = page_rows  # requests scored and written per progress mark
         self.settings = settings
         self.db = database(settings)
