@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -69,6 +70,13 @@ def produce_events(settings: Settings, n: int, prefix: str = "r") -> list[str]:
         ids.append(rid)
     assert producer.flush(30) == 0
     return ids
+
+
+def _feed(settings: Settings, n: int, out: list[str], chunk: int = 250) -> None:
+    """``n`` events in chunks with a short pause between: a stream, not a backlog."""
+    for k in range(0, n, chunk):
+        out += produce_events(settings, min(chunk, n - k), prefix=f"f{k}")
+        time.sleep(0.1)
 
 
 def stats(settings: Settings) -> dict[str, Any]:
@@ -154,14 +162,23 @@ def test_ten_thousand_events_two_challengers(shadow_settings: Settings, tmp_path
 
 def test_kill_9_and_restart_leaves_no_gap(shadow_settings: Settings, tmp_path: Path) -> None:
     s = shadow_settings
-    ids = produce_events(s, 10_000)
+    ids = produce_events(s, 500)
     first = spawn_cli(s, "worker", "shadow", log=tmp_path / "first.log")
+    fed: list[str] = []
+    # The rest arrives while the worker runs, so the kill lands mid-stream: a worker that
+    # is fast enough drained 10,000 pre-produced events before the first look.
+    feeder = threading.Thread(target=_feed, args=(s, 9_500, fed))
     try:
+        wait_consumed(s, first, 1)
+        feeder.start()
         at_kill = wait_consumed(s, first, 2_000)["consumed"]
     finally:
         first.kill()  # SIGKILL: no commit, no flush
         first.wait()
-    assert at_kill < 10_000  # killed mid-run
+        if feeder.ident is not None:  # started
+            feeder.join()
+    ids += fed
+    assert at_kill < len(ids) == 10_000  # killed mid-run
     s2 = s.replace(web_port=free_port())
     second = spawn_cli(s2, "worker", "shadow", log=tmp_path / "second.log")
     try:
