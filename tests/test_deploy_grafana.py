@@ -207,7 +207,7 @@ def test_every_promql_metric_is_exported_by_a_live_worker(
     (tmp_path / "challengers.toml").write_text(CHALLENGERS)
     s = settings.replace(
         challengers=str(tmp_path / "challengers.toml"),
-        clickhouse_url=f"chdb://{tmp_path / 'ch'}", feedback_horizon_s=1,
+        clickhouse_url=f"chdb://{tmp_path / 'ch'}", feedback_horizon_s=5,
         allowed_lateness_s=0, monitor_rule_min_records=1, verdict_interval_s=2,
         monitor_batch_ms=100, log_level="WARNING")
     wanted = _promql_names()
