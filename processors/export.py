@@ -36,9 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
-from shadowpipe.processors.selection import Selection
-
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.processors.selection import Selection
 
 FORMATS = ("parquet", "jsonl", "csv")
 # (column, its Arrow type as pyarrow prints it); the SQL below produces exactly these.

@@ -42,10 +42,9 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors.monitor.stats import mean_ci, wilson
 from shadowpipe.processors.verdict.stats import asymptotic_cs, guard_met, sample_variance
-
-from shadowpipe.config import ConfigError, Settings
 from shadowpipe.tables import database
 
 _FILTER = ("({challenger:String} = '' OR challenger = {challenger:String})")

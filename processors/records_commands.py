@@ -13,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from shadowpipe.processors.selection import KINDS, MEASURES, Selection, parse_segment, parse_time
-
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.processors.selection import KINDS, MEASURES, Selection, parse_segment, parse_time
 
 
 def _selection_flags(p: argparse.ArgumentParser, kind_default: str | None) -> None:
@@ -76,7 +75,6 @@ def _format(args: argparse.Namespace) -> str:
 
 def export_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.processors.export import Progress, export
-
     from shadowpipe.tables import database
 
     fmt = _format(args)
@@ -88,9 +86,8 @@ def export_cmd(args: argparse.Namespace, settings: Settings) -> int:
 def publish_cmd(args: argparse.Namespace, settings: Settings) -> int:
     if args.limit < 1:
         raise ConfigError("--limit", f"{args.limit} is below the minimum 1")
-    from shadowpipe.processors.review import publish, select
-
     from shadowpipe.kafka import check_reachable
+    from shadowpipe.processors.review import publish, select
     from shadowpipe.stores import check_clickhouse
     from shadowpipe.tables import database
 

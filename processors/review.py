@@ -25,9 +25,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from shadowpipe.processors.selection import Selection
-
 from shadowpipe.config import Settings
+from shadowpipe.processors.selection import Selection
 
 _COLUMNS = ("request_id, toString(challenger) AS challenger, "
             "toUnixTimestamp64Milli(event_time) AS event_time, toString(model) AS model, "
@@ -76,9 +75,8 @@ def select(client: Any, db: str, selection: Selection, limit: int) -> list[dict[
 def publish(settings: Settings, requests: list[dict[str, Any]]) -> int:
     """Produce ``requests`` to the review topic, keyed by request id; how many were
     acknowledged (all of them, or an error)."""
-    from shadowpipe.schemas.codec import Codec
-
     from shadowpipe.kafka import producer
+    from shadowpipe.schemas.codec import Codec
 
     codec = Codec(settings.schema_registry_url)
     topic = settings.topic("review")

@@ -38,9 +38,8 @@ def worker_cmd(args: argparse.Namespace, settings: Settings) -> int:
 
 def build(settings: Settings, names: Sequence[str]) -> Any:
     """Check the stack, then build the app with ``names`` installed."""
-    from shadowpipe.processors.app import check_web_port, make_app
-
     from shadowpipe.kafka import check_reachable, ensure_topics
+    from shadowpipe.processors.app import check_web_port, make_app
 
     check_web_port(settings, f"worker {'+'.join(names)}")
     check_reachable(settings, f"worker {'+'.join(names)}")

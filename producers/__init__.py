@@ -34,7 +34,6 @@ from shadowpipe.producers.tracking import (
     new_request_id,
     use_request_id,
 )
-
 from shadowpipe.sampling import SampleRates, is_sampled
 
 __all__ = [

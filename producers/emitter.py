@@ -48,6 +48,9 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from shadowpipe.config import ConfigError, Settings, env_name
+from shadowpipe.kafka import PRODUCER_DEFAULTS
 from shadowpipe.producers import metrics
 from shadowpipe.producers.acks import STATS_INTERVAL_MS, Acks
 from shadowpipe.producers.events import (
@@ -57,11 +60,8 @@ from shadowpipe.producers.events import (
     reason_of,
 )
 from shadowpipe.producers.staging import STAGE_WAIT_MS, BurstPolicy, Stage
-from shadowpipe.schemas.codec import Codec
-
-from shadowpipe.config import ConfigError, Settings, env_name
-from shadowpipe.kafka import PRODUCER_DEFAULTS
 from shadowpipe.sampling import SampleRates, sampled_below, threshold
+from shadowpipe.schemas.codec import Codec
 
 try:  # emit_inference's plain case and the stage in C (producers/_encode.c); optional
     from shadowpipe.producers._encode import fast_emitter

@@ -46,6 +46,7 @@ from typing import Any
 
 import fastavro
 from fastavro.schema import expand_schema, to_parsing_canonical_form
+
 from shadowpipe.schemas import NAMES, released, released_versions, schema
 from shadowpipe.schemas.validate import DecodeError, InvalidRecord, check
 from shadowpipe.schemas.wire import (

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import fastavro
+
 from shadowpipe.schemas import NAMES, released, released_versions, schema
 from shadowpipe.schemas.wire import layout_problems
 

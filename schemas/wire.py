@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastavro.schema import expand_schema, fingerprint, to_parsing_canonical_form
-from shadowpipe.schemas import parse_file, schema
 
 from shadowpipe.config import ConfigError
+from shadowpipe.schemas import parse_file, schema
 
 T = TypeVar("T")
 

@@ -72,11 +72,10 @@ def alerts(now_ms: int) -> list[dict[str, Any]]:
 
 def insert(clickhouse_url: str, database: str, now_ms: int) -> int:
     """Create the tables and write the records and alerts; the number of records."""
-    from shadowpipe.processors.monitor import sink
-    from shadowpipe.schemas.codec import Codec
-
     from shadowpipe import tables
     from shadowpipe.config import Settings
+    from shadowpipe.processors.monitor import sink
+    from shadowpipe.schemas.codec import Codec
     from shadowpipe.stores import clickhouse_client
 
     settings = Settings.load(env={"SHADOWPIPE_CLICKHOUSE_URL": clickhouse_url,

@@ -5,6 +5,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from shadowpipe.schemas import NAMES, schema
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.evolution import sample

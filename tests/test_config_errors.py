@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from shadowpipe.processors.shadow.challengers import load, load_specs
 
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.processors.shadow.challengers import load, load_specs
 
 
 def _specs(tmp_path: Path, body: str) -> list:

@@ -6,11 +6,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
-from shadowpipe.processors.shadow.challengers import parse_specs
-from shadowpipe.processors.verdict.policy import Policy
 
 from shadowpipe.cli import build_parser
 from shadowpipe.config import Settings
+from shadowpipe.processors.shadow.challengers import parse_specs
+from shadowpipe.processors.verdict.policy import Policy
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = set(Settings.load(env={}).to_env())

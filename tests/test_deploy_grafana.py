@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 import yaml
+
+from shadowpipe import kafka, tables
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor import sink
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.verdict.policy import Policy
 from shadowpipe.processors.verdict.store import run_verdicts
 from shadowpipe.schemas.codec import Codec
-
-from shadowpipe import kafka, tables
-from shadowpipe.config import Settings
 from shadowpipe.stores import clickhouse_client
 from tests import report_data
 from tests import verdict_challengers as vc

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from shadowpipe.cli import build_parser
+from shadowpipe.config import Settings
 from shadowpipe.processors.app import app_id
 from shadowpipe.processors.join.service import INPUT_KINDS
 from shadowpipe.processors.join.service import group_id as join_group
@@ -24,9 +27,6 @@ from shadowpipe.processors.shadow.challengers import load, parse_specs
 from shadowpipe.processors.shadow.service import group_id as shadow_group
 from shadowpipe.processors.verdict.policy import Policy
 from shadowpipe.processors.worker import PROCESSORS
-
-from shadowpipe.cli import build_parser
-from shadowpipe.config import Settings
 from tests.k8s_render import render
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")

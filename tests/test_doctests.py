@@ -5,11 +5,11 @@ import importlib
 import pkgutil
 
 import pytest
+
+import shadowpipe
 import shadowpipe.processors
 import shadowpipe.producers
 import shadowpipe.schemas
-
-import shadowpipe
 
 
 def _modules() -> list[str]:

@@ -19,12 +19,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from shadowpipe.processors import export as export_mod
-from shadowpipe.processors.selection import KINDS
 
 from shadowpipe import cli
 from shadowpipe.bench.verdict import SPAN_MS, generate_sql
 from shadowpipe.config import Settings
+from shadowpipe.processors import export as export_mod
+from shadowpipe.processors.selection import KINDS
 from shadowpipe.stores import clickhouse_client
 from shadowpipe.tables import migrate
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from shadowpipe.processors.join import fastpath, parts, store
 from shadowpipe.schemas import wire
 from shadowpipe.schemas.codec import Codec

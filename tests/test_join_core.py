@@ -11,12 +11,12 @@ import uuid
 from typing import Any
 
 import pytest
+
+from shadowpipe.config import Settings
 from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas.codec import Codec
-
-from shadowpipe.config import Settings
 
 CODEC = Codec()
 T0 = 1_700_000_000_000

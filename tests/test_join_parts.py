@@ -6,12 +6,12 @@ import copy
 import random
 
 import pytest
+
 from shadowpipe.processors.join import fastpath, parts
 from shadowpipe.processors.join.core import InvalidInput, decode_part
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas import schema, wire
 from shadowpipe.schemas.codec import Codec, DecodeError
-
 from tests.test_join_core import expected_records, make_requests
 
 CODEC = Codec()

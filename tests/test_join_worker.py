@@ -11,10 +11,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shadowpipe.schemas.codec import Codec
-
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
+from shadowpipe.schemas.codec import Codec
 from tests.conftest import assign_from_start, spawn_cli
 from tests.test_join_core import expected_records, latest, make_requests, messages_of
 

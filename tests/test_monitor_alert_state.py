@@ -6,10 +6,9 @@ from __future__ import annotations
 import pickle
 import random
 
-from shadowpipe.processors.monitor.core import Monitor, MonitorState, pair_key
-
 from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
+from shadowpipe.processors.monitor.core import Monitor, MonitorState, pair_key
 
 START = 1_700_000_000_000
 WINDOW_MS = 60_000

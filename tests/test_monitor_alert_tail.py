@@ -8,12 +8,12 @@ import time
 
 import pytest
 from confluent_kafka import Consumer
-from shadowpipe.processors.monitor.alerts import follow
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
 from shadowpipe.kafka import producer
+from shadowpipe.processors.monitor.alerts import follow
+from shadowpipe.schemas.codec import Codec
 
 
 def _alert(status: str, alert_id: str) -> dict:

@@ -12,15 +12,15 @@ import uuid
 
 import numpy as np
 from rich.console import Console
+from sklearn.metrics import roc_auc_score
+
+from shadowpipe.bench import synthetic
+from shadowpipe.config import Settings
 from shadowpipe.processors import read
 from shadowpipe.processors.monitor import compare
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.processors.verdict.stats import asymptotic_cs
 from shadowpipe.schemas.codec import Codec
-from sklearn.metrics import roc_auc_score
-
-from shadowpipe.bench import synthetic
-from shadowpipe.config import Settings
 
 CODEC = Codec()
 # Recent event times: older rows would fall to the joined records' TTL on insert.

@@ -5,11 +5,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from shadowpipe.processors.monitor.core import Monitor, pair_key
-from shadowpipe.processors.monitor.stats import LogSketch, psi, wilson
-
 from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
+from shadowpipe.processors.monitor.core import Monitor, pair_key
+from shadowpipe.processors.monitor.stats import LogSketch, psi, wilson
 
 WINDOW_MS = 60_000
 

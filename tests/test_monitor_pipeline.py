@@ -7,13 +7,12 @@ import time
 import uuid
 from typing import Any
 
+from shadowpipe.bench import synthetic
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor.alerts import follow
 from shadowpipe.processors.monitor.pipeline import BULK_FIELDS, Message, Pipeline
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.schemas.codec import Codec
-
-from shadowpipe.bench import synthetic
-from shadowpipe.config import Settings
 from shadowpipe.stores import clickhouse_client
 
 CODEC = Codec()

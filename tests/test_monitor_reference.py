@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors.monitor import reference
-from shadowpipe.processors.monitor.pipeline import Message, Pipeline
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.bench import synthetic
 from shadowpipe.config import ConfigError, Settings
 from shadowpipe.kafka import producer
+from shadowpipe.processors.monitor import reference
+from shadowpipe.processors.monitor.pipeline import Message, Pipeline
+from shadowpipe.schemas.codec import Codec
 from tests.conftest import spawn_cli
 
 CODEC = Codec()

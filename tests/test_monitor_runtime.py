@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors.monitor.dedup import DAY_MS
-from shadowpipe.processors.monitor.pipeline import Message, Pipeline
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 from shadowpipe.kafka import producer
+from shadowpipe.processors.monitor.dedup import DAY_MS
+from shadowpipe.processors.monitor.pipeline import Message, Pipeline
+from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import _redis_binary, free_port, port_open
 from shadowpipe.stores import redis_client
 from tests.conftest import chdb_rows, spawn_cli

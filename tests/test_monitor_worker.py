@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
+from shadowpipe.schemas.codec import Codec
 from tests.conftest import spawn_cli
 
 

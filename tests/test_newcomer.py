@@ -20,9 +20,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from shadowpipe.producers import Emitter, current_request_id
-
 from shadowpipe.config import Settings
+from shadowpipe.producers import Emitter, current_request_id
 from tests.conftest import chdb_rows, free_port, spawn_cli
 
 REQUESTS = 3000

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import time
 
+from shadowpipe.config import Settings
 from shadowpipe.producers import Emitter
 from shadowpipe.producers.acks import Acks
-
-from shadowpipe.config import Settings
 
 QUIET = {"log_level": 0}
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from shadowpipe.producers import Emitter, current_request_id, is_sampled, use_request_id
-from shadowpipe.producers.emitter import fast_emitter
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.producers import Emitter, current_request_id, is_sampled, use_request_id
+from shadowpipe.producers.emitter import fast_emitter
+from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import EmbeddedStack
 from tests.conftest import assign_from_start, free_port
 

@@ -11,6 +11,8 @@ import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from shadowpipe.config import ConfigError
 from shadowpipe.producers.events import (
     EventEncoder,
     Invalid,
@@ -18,12 +20,10 @@ from shadowpipe.producers.events import (
     compiled_inference,
     reason_of,
 )
+from shadowpipe.sampling import SampleRates, is_sampled
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.schemas.wire import long_bytes, string_bytes, time_bytes
-
-from shadowpipe.config import ConfigError
-from shadowpipe.sampling import SampleRates, is_sampled
 
 CODEC = Codec()
 

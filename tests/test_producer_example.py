@@ -13,10 +13,10 @@ import uuid
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
+from shadowpipe.schemas.codec import Codec
 from tests.conftest import free_port
 
 EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "example_service.py"

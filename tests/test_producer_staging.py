@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+
 from shadowpipe.producers.emitter import fast_emitter
 from shadowpipe.producers.staging import BurstPolicy, Stage
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.producers import Emitter
 
 from shadowpipe.config import Settings
+from shadowpipe.producers import Emitter
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors.verdict.render import criteria_rows, notes
 
 from shadowpipe.config import Settings
+from shadowpipe.processors.verdict.render import criteria_rows, notes
 from shadowpipe.tables import database
 from tests import report_data
 from tests.conftest import spawn_cli

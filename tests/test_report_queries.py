@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors import read
-from shadowpipe.processors.report.data import delay_curves, histograms
 
 from shadowpipe.config import Settings
+from shadowpipe.processors import read
+from shadowpipe.processors.report.data import delay_curves, histograms
 from tests import report_data
 
 NOW_MS = (int(time.time()) // 60) * 60_000

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from shadowpipe.config import ConfigError
 from shadowpipe.processors.report import figures, page
 from shadowpipe.processors.report.commands import since_seconds
 from shadowpipe.processors.report.data import (
@@ -12,8 +14,6 @@ from shadowpipe.processors.report.data import (
     over_time,
     worst_first,
 )
-
-from shadowpipe.config import ConfigError
 
 
 def _empty() -> dict:

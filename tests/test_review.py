@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.processors.monitor import sink
-from shadowpipe.processors.verdict.aggregate import aggregate
-from shadowpipe.processors.verdict.policy import Policy
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import cli
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
+from shadowpipe.processors.monitor import sink
+from shadowpipe.processors.verdict.aggregate import aggregate
+from shadowpipe.processors.verdict.policy import Policy
+from shadowpipe.schemas.codec import Codec
 from shadowpipe.stores import clickhouse_client
 from shadowpipe.tables import migrate
 from tests.conftest import assign_from_start, spawn_cli

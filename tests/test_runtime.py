@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor import checkpoint
 from shadowpipe.processors.monitor.core import MonitorState
 from shadowpipe.processors.monitor.pipeline import Pipeline
@@ -18,8 +20,6 @@ from shadowpipe.processors.publisher import DeliveryError, Publisher
 from shadowpipe.processors.runtime.loop import BatchLoop, Handler
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.runtime.retry import Stopped
-
-from shadowpipe.config import Settings
 from shadowpipe.stores import redis_client
 from tests.conftest import assign_from_start, spawn_cli
 from tests.test_monitor_runtime import _get

@@ -20,6 +20,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from sklearn.linear_model import LinearRegression, LogisticRegression
+
+from shadowpipe import sampling
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.challengers import (
     CallableModel,
@@ -34,10 +38,6 @@ from shadowpipe.processors.shadow.encode import PredictionEncoder, long_bytes
 from shadowpipe.processors.shadow.runner import Result, Runner
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import Codec
-from sklearn.linear_model import LinearRegression, LogisticRegression
-
-from shadowpipe import sampling
-from shadowpipe.config import ConfigError, Settings
 
 CODEC = Codec()
 
@@ -158,6 +158,7 @@ def test_sklearn_needs_feature_names(tmp_path: Path) -> None:
 
 def test_river_model() -> None:
     from river import linear_model
+
     from shadowpipe.processors.shadow.models import RiverModel
 
     model = linear_model.LogisticRegression()

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
+from shadowpipe.schemas.codec import Codec
 from tests.conftest import assign_from_start, free_port, spawn_cli
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,9 +4,8 @@ import subprocess
 import sys
 import uuid
 
-from shadowpipe.schemas.codec import Codec
-
 from shadowpipe import kafka
+from shadowpipe.schemas.codec import Codec
 from shadowpipe.smoke import round_trip
 from shadowpipe.stack import port_open
 from shadowpipe.stores import check_clickhouse, redis_client

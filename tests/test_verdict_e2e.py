@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shadowpipe.schemas.codec import Codec
 
 from shadowpipe import kafka
 from shadowpipe.config import Settings
+from shadowpipe.schemas.codec import Codec
 from tests import verdict_challengers as vc
 from tests.conftest import chdb_rows, spawn_cli
 

@@ -9,6 +9,9 @@ import uuid
 from typing import Any
 
 import pytest
+
+from shadowpipe import tables
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor import sink
 from shadowpipe.processors.verdict import aggregate as aggregate_module
 from shadowpipe.processors.verdict import stats, store
@@ -34,9 +37,6 @@ from shadowpipe.processors.verdict.engine import (
 )
 from shadowpipe.processors.verdict.policy import ChallengerPolicy, Policy
 from shadowpipe.schemas.codec import Codec
-
-from shadowpipe import tables
-from shadowpipe.config import Settings
 from shadowpipe.stores import clickhouse_client
 
 DAY = 86_400_000
@@ -506,9 +506,8 @@ def test_policy_labels_human_counts_only_human_review_labels(ch_settings: Settin
 
 def test_a_replay_run_is_judged_on_its_own_records_and_never_published(
         ch_settings: Settings) -> None:
-    from shadowpipe.processors.verdict.service import Evaluator
-
     from shadowpipe.config import ConfigError
+    from shadowpipe.processors.verdict.service import Evaluator
 
     client = clickhouse_client(ch_settings)
     live, replay = ch_settings, ch_settings.replace(run="june")

@@ -12,11 +12,11 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 import yaml
-from shadowpipe.processors.verdict.agent import GATES, VERDICT_PATH
-from shadowpipe.processors.verdict.commands import EXIT_CODES, exit_code
 
 from shadowpipe.cli import build_parser
 from shadowpipe.config import Settings
+from shadowpipe.processors.verdict.agent import GATES, VERDICT_PATH
+from shadowpipe.processors.verdict.commands import EXIT_CODES, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 

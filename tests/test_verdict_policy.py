@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shadowpipe.processors.verdict.policy import CRITERIA, Policy
 
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.processors.verdict.policy import CRITERIA, Policy
 
 
 def test_defaults_work_without_a_file() -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import integrate
 from scipy.special import betaln
+
 from shadowpipe.processors.verdict import stats
 
 ALPHA = 0.05

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import shadowpipe.schemas as schemas_pkg
-from shadowpipe.schemas import wire
 
+import shadowpipe.schemas as schemas_pkg
 from shadowpipe import cli
 from shadowpipe.config import ConfigError
+from shadowpipe.schemas import wire
 
 Doc = dict
 

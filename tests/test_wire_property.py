@@ -14,6 +14,8 @@ import fastavro
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.processors.shadow.encode import PredictionEncoder
 from shadowpipe.producers.emitter import wire_headers
@@ -23,8 +25,6 @@ from shadowpipe.schemas.codec import CONFLUENT, SINGLE_OBJECT, Codec
 from shadowpipe.schemas.evolution import sample
 from shadowpipe.schemas.validate import check
 from shadowpipe.schemas.wire import LAYOUTS, long_bytes
-
-from shadowpipe.config import ConfigError, Settings
 
 IDS = {11: "InferenceEvent", 12: "Feedback", 13: "ShadowPrediction", 14: "JoinedRecord"}
 FRAMINGS = (SINGLE_OBJECT, CONFLUENT)

@@ -13,6 +13,8 @@ from typing import Any
 
 import fastavro
 import pytest
+
+from shadowpipe.config import Settings
 from shadowpipe.processors.join import fastpath, parts
 from shadowpipe.processors.join.core import decode_part
 from shadowpipe.processors.monitor.pipeline import Pipeline
@@ -22,8 +24,6 @@ from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.decode import InferenceDecoder
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT_MARKER, Codec, DecodeError, schema_fingerprint
-
-from shadowpipe.config import Settings
 
 CODEC = Codec()
 EVENT = {

@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, join_loop, sweep_once
 from shadowpipe.processors.join.store import StoreError
@@ -30,8 +31,6 @@ from shadowpipe.processors.publisher import DeliveryError, Publisher
 from shadowpipe.processors.runtime.health import add_health, loop_readiness
 from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.runtime.thread import add_loop_service
-
-from shadowpipe.config import Settings
 
 OLD_STATS_PATH = "/join/stats/"  # before the paths were the same on every worker
 STATS_LOG_S = 30.0

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.join.fastpath import inference_part, shadow_part
 from shadowpipe.processors.join.parts import (
@@ -48,8 +49,6 @@ from shadowpipe.processors.join.store import (
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.validate import InvalidRecord, check_answer, check_request_id
-
-from shadowpipe.config import Settings
 
 # Input topic kind -> (schema, stored-part kind).
 INPUTS = {"inference": ("InferenceEvent", "i"), "predictions": ("ShadowPrediction", "s"),

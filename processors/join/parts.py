@@ -46,6 +46,7 @@ from functools import lru_cache
 from typing import Any
 
 import fastavro
+
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.wire import (
     JOIN_STATES,

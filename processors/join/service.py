@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.join.core import BatchResult, JoinCore
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import Publisher
@@ -31,8 +32,6 @@ from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, 
 from shadowpipe.processors.runtime.loop import produce as produce_outputs
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.state_marker import StateMarker, has_committed_offsets
-
-from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.join")
 BATCH_SIZE = 1000  # with publishing overlapped, 500-2000 measured the same throughput

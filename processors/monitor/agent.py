@@ -25,6 +25,7 @@ import asyncio
 import logging
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Pipeline
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
@@ -33,8 +34,6 @@ from shadowpipe.processors.read import run as run_query
 from shadowpipe.processors.runtime.health import add_health
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.verdict import agent as verdict_agent
-
-from shadowpipe.config import Settings
 from shadowpipe.stores import check_clickhouse, check_redis, clickhouse_client
 from shadowpipe.tables import database
 

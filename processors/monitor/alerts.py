@@ -43,9 +43,8 @@ def follow(settings: Settings, *, from_now: bool = False, group_id: str | None =
     start, or with ``from_now`` only alerts published from now on. With ``group_id`` the
     consumer joins that group, which keeps the partitions and offsets it commits.
     """
-    from shadowpipe.schemas.codec import Codec, DecodeError
-
     from shadowpipe import kafka
+    from shadowpipe.schemas.codec import Codec, DecodeError
 
     codec = Codec(settings.schema_registry_url)
     start_ms = int(time.time() * 1000) if from_now else 0

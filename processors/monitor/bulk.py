@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import fastavro
+
 from shadowpipe.schemas.wire import long_bytes
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import pickle
 
-from shadowpipe.processors.monitor.core import MonitorState
-
 from shadowpipe.config import ConfigError, env_name
+from shadowpipe.processors.monitor.core import MonitorState
 
 log = logging.getLogger("shadowpipe.monitor")
 FORMAT = 1

@@ -82,9 +82,8 @@ def format_alert(alert: dict[str, Any]) -> str:
 
 
 def tail_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    from shadowpipe.processors.monitor.alerts import follow
-
     from shadowpipe.kafka import check_reachable
+    from shadowpipe.processors.monitor.alerts import follow
 
     check_reachable(settings, "alerts tail")
     for count, alert in enumerate(follow(settings, from_now=args.from_now), start=1):

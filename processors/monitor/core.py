@@ -52,10 +52,10 @@ from typing import Any
 
 from river import metrics
 from river.drift import ADWIN
-from shadowpipe.processors.monitor.reference import Profile
-from shadowpipe.processors.monitor.stats import LogSketch, bucket, psi, quantile_edges
 
 from shadowpipe.config import Settings
+from shadowpipe.processors.monitor.reference import Profile
+from shadowpipe.processors.monitor.stats import LogSketch, bucket, psi, quantile_edges
 
 PRED, LABEL, ORPHAN = 1, 2, 4
 ARMS = ("primary", "challenger")

@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 
 import fastavro
 import redis as redis_lib
+
+from shadowpipe.config import Settings
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.monitor import checkpoint as checkpoint_fmt
 from shadowpipe.processors.monitor import sink as sink_mod
@@ -54,8 +56,6 @@ from shadowpipe.processors.state_marker import monitor_holds_state, monitor_mark
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
 from shadowpipe.schemas.validate import check
-
-from shadowpipe.config import Settings
 from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS, migrate
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shadowpipe.processors.monitor.stats import quantile_edges
-
 from shadowpipe.config import ConfigError, Settings
+from shadowpipe.processors.monitor.stats import quantile_edges
 
 MAX_CATEGORIES = 100  # rarer categories share the (other) bucket
 REFERENCE_BINS = 10

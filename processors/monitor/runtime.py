@@ -35,14 +35,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.monitor.pipeline import BatchResult, Message, Pipeline
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.health import Readiness, state_of
 from shadowpipe.processors.runtime.loop import BatchLoop, Handler, Outputs
 from shadowpipe.processors.runtime.retry import Stopped
 from shadowpipe.schemas.codec import Codec
-
-from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.monitor")
 STOP_BATCH_S = 10.0  # a stop waits this long for the batch in flight

@@ -17,9 +17,8 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
-from shadowpipe.processors.runtime.retry import retry
-
 from shadowpipe.config import Settings
+from shadowpipe.processors.runtime.retry import retry
 from shadowpipe.tables import JOINED_COLUMNS, database
 
 log = logging.getLogger(__name__)

@@ -52,7 +52,6 @@ def _display(total: int, name: str) -> Iterator[Any]:
 def replay_cmd(args: argparse.Namespace, settings: Settings) -> int:
     from shadowpipe.processors.read import parse_duration
     from shadowpipe.processors.replay.replayer import Replayer, find_spec, run_id, start
-
     from shadowpipe.stores import check_clickhouse
     from shadowpipe.tables import database
 

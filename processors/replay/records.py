@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from shadowpipe.processors.shadow.runner import Result
-
 from shadowpipe.tables import JOINED_COLUMNS
 
 NAMES = [line.split()[0] for line in JOINED_COLUMNS.strip().splitlines()]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors.monitor.sink import Sink
 from shadowpipe.processors.replay import progress, stored
 from shadowpipe.processors.replay.progress import Mark
@@ -23,8 +24,6 @@ from shadowpipe.processors.replay.records import Who, columns, concat, inputs
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, load_specs
 from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.service import tune_gc
-
-from shadowpipe.config import ConfigError, Settings
 from shadowpipe.tables import database, migrate
 
 Show = Callable[[Mark], None]

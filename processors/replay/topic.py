@@ -20,11 +20,10 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from shadowpipe import kafka
 from shadowpipe.processors.replay.progress import Mark
 from shadowpipe.processors.replay.replayer import Replayer, Show, score
 from shadowpipe.schemas.codec import DecodeError
-
-from shadowpipe import kafka
 from shadowpipe.tables import database
 
 _LABELS = ("label", "label_value", "label_time", "label_delay_ms", "feedback_source",

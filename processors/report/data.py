@@ -18,10 +18,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors import read
 from shadowpipe.processors.monitor.stats import mean_ci, wilson
-
-from shadowpipe.config import ConfigError, Settings
 from shadowpipe.tables import database
 
 STAGES = ("published", "scored", "joined", "labelled", "mature")

@@ -42,12 +42,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from shadowpipe import kafka
+from shadowpipe.config import Settings
 from shadowpipe.processors.publisher import DeliveryError, Publisher
 from shadowpipe.processors.runtime.message import Message, from_kafka
 from shadowpipe.processors.runtime.retry import Stopped, pause_until, retry
-
-from shadowpipe import kafka
-from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.runtime")
 # (topic, [(key, value), ...]) per output topic of a batch

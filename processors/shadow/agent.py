@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.runtime.health import add_health, loop_readiness
 from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.runtime.thread import add_loop_service
 from shadowpipe.processors.shadow.challengers import load_specs
 from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.service import shadow_loop
-
-from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.shadow")
 

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from shadowpipe import sampling
+from shadowpipe.config import Settings
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, Model, load
@@ -38,9 +40,6 @@ from shadowpipe.processors.shadow.runner import Pending, Result, Runner
 from shadowpipe.processors.shadow.stats import Stats
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.wire import long_bytes
-
-from shadowpipe import sampling
-from shadowpipe.config import Settings
 
 WORKER = "shadow"
 

@@ -24,13 +24,12 @@ import logging
 import time
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.shadow.affinity import LoopPin, thread_ids
 from shadowpipe.processors.shadow.core import ShadowProcessor
-
-from shadowpipe.config import Settings
 
 log = logging.getLogger("shadowpipe.shadow")
 LOG_EVERY_S = 30.0

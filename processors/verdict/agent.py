@@ -29,10 +29,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
+from shadowpipe.config import ConfigError, Settings
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.loop import deliver
-
-from shadowpipe.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 VERDICT_PATH = "/shadowpipe/verdict/"
@@ -44,6 +43,7 @@ GATES = {"promote": lambda v: v == "PROMOTE", "no-reject": lambda v: v != "REJEC
 def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> None:
     """Declare the verdict timer and endpoints on the monitor's app, client and thread."""
     from faust.web import View
+
     from shadowpipe.processors.verdict.service import Evaluator
 
     evaluator = Evaluator(settings, pipeline.sink.connect)

@@ -37,10 +37,9 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.verdict import stats
 from shadowpipe.processors.verdict.policy import CRITERIA, ChallengerPolicy, Policy
-
-from shadowpipe.config import Settings
 from shadowpipe.tables import database
 
 AGE_BINS = 80  # bin 0: under 1 s; bin k: [2^((k-1)/3), 2^(k/3)) s; the last one is open

@@ -21,11 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.processors.verdict import store
 from shadowpipe.processors.verdict.engine import Verdict
 from shadowpipe.processors.verdict.policy import Policy
-
-from shadowpipe.config import ConfigError, Settings, env_name
 
 
 @dataclass
@@ -128,9 +127,8 @@ def direct(settings: Settings, action: str, challenger: str,
     """Evaluate here (no monitor answers): open ClickHouse (or use ``client``), migrate,
     evaluate, publish and record the changes when the broker is reachable (else warn and
     record nothing)."""
-    from shadowpipe.processors.publisher import Publisher
-
     from shadowpipe.kafka import check_reachable
+    from shadowpipe.processors.publisher import Publisher
     from shadowpipe.stores import check_clickhouse
     from shadowpipe.tables import migrate
 

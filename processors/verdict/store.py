@@ -24,11 +24,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from shadowpipe.config import Settings
 from shadowpipe.processors.verdict.aggregate import aggregate
 from shadowpipe.processors.verdict.engine import RESET, Verdict, changed, evaluate, latch
 from shadowpipe.processors.verdict.policy import Policy
-
-from shadowpipe.config import Settings
 from shadowpipe.tables import database
 
 COLUMNS = ["time", "challenger", "verdict", "previous", "latched", "policy_hash", "reasons",
