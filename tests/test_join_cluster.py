@@ -171,3 +171,31 @@ def _assert_one_content_per_version(records: list[dict[str, Any]]) -> None:
         key = (rec["request_id"], rec["challenger"], rec["version"])
         content = {k: v for k, v in rec.items() if k != "joined_at"}
         assert by_version.setdefault(key, content) == content, f"two contents for {key}"
+
+
+def test_worker_join_without_the_cluster_names_the_setting(
+    settings: Settings, tmp_path: Path
+) -> None:
+    log = tmp_path / "worker.log"
+    nowhere = f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    worker = spawn_cli(settings.replace(redis_url=nowhere), "worker", "join", log=log)
+    assert worker.wait(60) == 2
+    lines = [line for line in log.read_text().splitlines() if "error" in line]
+    assert lines and "SHADOWPIPE_REDIS_URL" in lines[-1]
+
+
+def test_pending_is_unknown_while_a_master_is_away(
+    join_settings: Settings, redis_cluster: LocalRedisCluster
+) -> None:
+    """The joiner's stats endpoint shows ``pending``: it must answer (None) rather than
+    raise while a master is down, or the stats that report the outage fail with it."""
+    store = JoinCore(join_settings).store
+    assert store.pending() == 0
+    port = redis_cluster.ports[0]
+    redis_cluster.kill_node(port)
+    try:
+        assert store.pending() is None
+    finally:
+        redis_cluster.start_node(port)
+        redis_cluster.wait_ok()
+    assert store.pending() == 0
