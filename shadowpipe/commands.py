@@ -18,7 +18,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
         ("status", "report each service and its address"),
         ("down", "stop exactly what `up` started"),
     ):
-        stack_sub.add_parser(action, parents=[common], help=help_text).set_defaults(func=stack_cmd)
+        parser = stack_sub.add_parser(action, parents=[common], help=help_text)
+        parser.set_defaults(func=stack_cmd)
+        if action == "up":
+            parser.add_argument(
+                "--workers", default="", metavar="KIND=N,...",
+                help="also start N processes of each worker kind (shadow, join, monitor), "
+                     "each on its own web port, e.g. shadow=2,join=2,monitor=2")
+            parser.add_argument(
+                "--redis-cluster", type=int, default=0, metavar="N",
+                help="also start a local Redis Cluster of N masters for the joiners")
 
     schemas = sub.add_parser("schemas", help="Avro contracts")
     schemas_sub = schemas.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -42,16 +51,25 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def stack_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from shadowpipe.fleet import Fleet, check_cluster_size, parse_workers
     from shadowpipe.stack import EmbeddedStack
 
-    stack = EmbeddedStack(settings)
+    stack, fleet = EmbeddedStack(settings), Fleet(settings)
     if args.action == "status":
-        rows = stack.status()
+        rows = stack.status() + fleet.status()
         for name, detail, healthy in rows:
-            print(f"{name:<11} {'up' if healthy else 'DOWN':<5} {detail}")
+            print(f"{name:<13} {'up' if healthy else 'DOWN':<5} {detail}")
         return 0 if all(ok for _, _, ok in rows) else 1
-    for line in stack.up() if args.action == "up" else stack.down():
-        print(line)
+    if args.action == "down":  # the workers first: they would retry the services forever
+        for line in fleet.down() + stack.down():
+            print(line)
+        return 0
+    counts = parse_workers(args.workers) if args.workers else {}  # before starting anything
+    check_cluster_size(args.redis_cluster)
+    for line in stack.up():
+        print(line, flush=True)
+    if counts or args.redis_cluster:
+        fleet.up(counts, args.redis_cluster, say=lambda line: print(line, flush=True))
     return 0
 
 

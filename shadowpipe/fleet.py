@@ -1,0 +1,319 @@
+"""Scale-out on one machine: ``shadowpipe stack up --workers shadow=2,join=2,monitor=2``.
+
+Starts that many ``shadowpipe worker KIND`` processes against the stack's broker, each on
+its own web port (``SHADOWPIPE_WEB_PORT``); processes of one kind share its consumer group,
+so Kafka splits the topics' partitions between them and moves a dead one's partitions to
+the others (in ~10 s on the embedded broker). ``--redis-cluster N`` starts a local Redis
+Cluster of N masters (:class:`~shadowpipe.redis_cluster.LocalRedisCluster`) and gives the
+joiners ``SHADOWPIPE_REDIS_URL=redis+cluster://...``; the monitor keeps its checkpoints in
+the stack's single Redis.
+
+The monitor on the embedded ClickHouse (``chdb://``): one process may open the data
+directory, so the first monitor is active and the others are standbys
+(``python -m shadowpipe.fleet standby``): each waits until the directory is free (the
+active one died or stopped), then runs ``worker monitor``, which resumes from the Redis
+checkpoint. With a ClickHouse server every monitor starts as a member of the group.
+
+What ``up`` started is recorded in ``<home>/workers.json`` so that ``stack status`` shows
+each process and its port and ``stack down`` stops exactly those.
+
+>>> parse_workers("shadow=2,join=2,monitor=1")
+{'shadow': 2, 'join': 2, 'monitor': 1}
+>>> parse_workers("shadow=x")
+Traceback (most recent call last):
+...
+shadowpipe.config.ConfigError: --workers: 'shadow=x': the count must be a whole number >= 0
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from shadowpipe.config import ConfigError, Settings
+from shadowpipe.stack import _pid_alive, _runs, free_port
+
+KINDS = ("shadow", "join", "monitor")
+STOP_S = 50.0  # a worker's own stop limit is 45 s (processors/worker.py)
+STANDBY_POLL_S = 1.0
+
+
+def parse_workers(spec: str) -> dict[str, int]:
+    """``KIND=N[,KIND=N...]`` with KIND in :data:`KINDS`; :class:`ConfigError` otherwise."""
+    counts: dict[str, int] = {}
+    for item in (x.strip() for x in spec.split(",")):
+        kind, eq, count = item.partition("=")
+        if not eq or kind.strip() not in KINDS:
+            raise ConfigError("--workers", f"{item!r}: expected KIND=N with KIND one of "
+                                           f"{', '.join(KINDS)}")
+        if not count.strip().isdigit():
+            raise ConfigError("--workers", f"{item!r}: the count must be a whole number >= 0")
+        counts[kind.strip()] = int(count)
+    return counts
+
+
+@dataclass
+class Worker:
+    """One process ``up`` started."""
+
+    name: str
+    kind: str
+    pid: int
+    port: int
+    log: str
+    standby: bool = False
+
+    @property
+    def stats_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/shadowpipe/{self.kind}/stats"
+
+    def alive(self) -> bool:
+        return _pid_alive(self.pid) and _runs(self.pid, "shadowpipe")
+
+
+def get_json(url: str, timeout_s: float = 3.0) -> dict | None:
+    """The JSON body at ``url`` (also of a 503), or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError):
+            return json.loads(exc.read())
+        return None
+    except (OSError, ValueError):
+        return None
+
+
+def chdb_directory(settings: Settings) -> Path | None:
+    """The embedded ClickHouse directory, None with a ClickHouse server."""
+    url = urlparse(settings.clickhouse)
+    return Path(url.path).expanduser() if url.scheme == "chdb" else None
+
+
+def directory_held(path: Path) -> bool:
+    """True while a process has the ClickHouse directory open: ClickHouse holds an
+    exclusive ``flock`` on its ``status`` file for as long as it runs."""
+    try:
+        fd = os.open(path / "status", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops our lock
+    return False
+
+
+def check_cluster_size(masters: int) -> None:
+    """0 (no cluster) or >= 3 masters, else :class:`ConfigError` naming the flag."""
+    if masters and masters < 3:
+        raise ConfigError("--redis-cluster", f"{masters}: a Redis Cluster needs >= 3 masters")
+
+
+class Fleet:
+    """Worker processes (and a local Redis Cluster) of one stack home."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.home = settings.home_path
+        self.state_file = self.home / "workers.json"
+
+    # -- state ---------------------------------------------------------------------------
+
+    def recorded(self) -> tuple[list[Worker], dict]:
+        """The workers and the Redis Cluster (``{"url", "pids"}`` or ``{}``) on record."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return [], {}
+        return [Worker(**w) for w in state.get("workers", [])], state.get("redis_cluster", {})
+
+    def _record(self, workers: list[Worker], cluster: dict) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if workers or cluster:
+            self.state_file.write_text(json.dumps(
+                {"workers": [asdict(w) for w in workers], "redis_cluster": cluster}, indent=1))
+        else:
+            self.state_file.unlink(missing_ok=True)
+
+    # -- up ------------------------------------------------------------------------------
+
+    def up(self, counts: dict[str, int], redis_cluster: int = 0,
+           say: Callable[[str], None] = print, timeout_s: float = 180.0) -> None:
+        """Start the Redis Cluster, then the workers; wait until each answers on its port,
+        saying one line per step."""
+        check_cluster_size(redis_cluster)
+        workers, cluster = self.recorded()
+        workers = [w for w in workers if w.alive()]
+        if redis_cluster:
+            cluster, line = self._cluster_up(cluster, redis_cluster)
+            say(line)
+            self._record(workers, cluster)
+        started: list[Worker] = []
+        for kind in KINDS:
+            running = [w for w in workers if w.kind == kind]
+            if running and counts.get(kind):
+                say(f"{kind}: {len(running)} already running (stack down first to change "
+                    "the count)")
+                continue
+            for n in range(1, counts.get(kind, 0) + 1):
+                worker = self._spawn(kind, n, cluster.get("url", ""))
+                started.append(worker)
+                workers.append(worker)
+                self._record(workers, cluster)
+        self._wait_started(started, say, timeout_s)
+
+    def _cluster_up(self, cluster: dict, masters: int) -> tuple[dict, str]:
+        if cluster and all(_pid_alive(p) and _runs(p, "redis-server") for p in cluster["pids"]):
+            return cluster, f"redis cluster: already running at {cluster['url']}"
+        from shadowpipe.redis_cluster import LocalRedisCluster
+
+        base = self.home / "redis-cluster"
+        shutil.rmtree(base, ignore_errors=True)  # a previous cluster's slots and data
+        local = LocalRedisCluster(masters, base).start()
+        state = {"url": local.url, "pids": [p.pid for p in local.procs.values()],
+                 "ports": local.ports}
+        return state, (f"redis cluster: {masters} masters at {local.url} "
+                       "(SHADOWPIPE_REDIS_URL of the joiners)")
+
+    def _spawn(self, kind: str, n: int, cluster_url: str) -> Worker:
+        name = f"{kind}-{n}"
+        port = free_port()
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings.to_env(), "SHADOWPIPE_WEB_PORT": str(port)}
+        if kind == "join" and cluster_url:
+            env["SHADOWPIPE_REDIS_URL"] = cluster_url
+        standby = kind == "monitor" and n > 1 and chdb_directory(self.settings) is not None
+        argv = [sys.executable, "-m", "shadowpipe.fleet", "standby"] if standby else [
+            sys.executable, "-m", "shadowpipe.cli", "worker", kind]
+        log = logs / f"worker-{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return Worker(name, kind, proc.pid, port, str(log), standby)
+
+    def _wait_started(self, started: list[Worker], say: Callable[[str], None],
+                      timeout_s: float) -> None:
+        """One line per worker once it answers on its port (a standby once it runs)."""
+        deadline = time.monotonic() + timeout_s
+        for w in started:
+            while True:
+                if not w.alive():
+                    raise ConfigError("--workers", f"{w.name} exited at start-up; see {w.log}")
+                body = None if w.standby else get_json(w.stats_url)
+                if w.standby or body is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise ConfigError("--workers", f"{w.name} not answering on port {w.port} "
+                                                   f"after {timeout_s:.0f} s; see {w.log}")
+                time.sleep(0.2)
+            say(self._line(w, body))
+
+    @staticmethod
+    def _line(w: Worker, body: dict | None) -> str:
+        if w.standby and body is None:
+            return (f"{w.name}: pid {w.pid}, standby (takes over port {w.port} when the "
+                    "active monitor releases the ClickHouse directory)")
+        state = body.get("state", "?") if body else "not answering"
+        parts = body.get("assigned_partitions") if body else None
+        extra = f", partitions {parts}" if parts is not None else ""
+        return f"{w.name}: pid {w.pid}, port {w.port}, {state}{extra}, {w.stats_url}"
+
+    # -- status and down -------------------------------------------------------------------
+
+    def status(self) -> list[tuple[str, str, bool]]:
+        """(name, detail, healthy) per recorded worker and the Redis Cluster."""
+        workers, cluster = self.recorded()
+        rows = []
+        if cluster:
+            up = all(_pid_alive(p) and _runs(p, "redis-server") for p in cluster["pids"])
+            rows.append(("redis-cluster", cluster["url"], up))
+        for w in workers:
+            if not w.alive():
+                rows.append((w.name, f"pid {w.pid} exited; see {w.log}", False))
+                continue
+            body = get_json(w.stats_url)
+            rows.append((w.name, self._line(w, body).split(": ", 1)[1],
+                         body is not None or w.standby))
+        return rows
+
+    def down(self) -> list[str]:
+        """SIGTERM every recorded worker (SIGKILL after :data:`STOP_S`), then the cluster."""
+        workers, cluster = self.recorded()
+        report = []
+        alive = [w for w in workers if w.alive()]
+        for w in alive:
+            os.kill(w.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_S
+        while any(_pid_alive(w.pid) for w in alive) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for w in workers:
+            if w in alive and _pid_alive(w.pid):
+                os.kill(w.pid, signal.SIGKILL)
+                report.append(f"{w.name}: killed after {STOP_S:.0f} s (pid {w.pid})")
+            else:
+                report.append(f"{w.name}: stopped (pid {w.pid})" if w in alive
+                              else f"{w.name}: was not running")
+        if cluster:
+            pids = [p for p in cluster["pids"] if _pid_alive(p) and _runs(p, "redis-server")]
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pid in pids:
+                if _pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            report.append(f"redis cluster: stopped ({len(pids)} masters)")
+        self._record([], {})
+        return report
+
+
+def standby(settings: Settings) -> int:
+    """Wait while another process holds the ClickHouse directory, then run ``worker
+    monitor`` in a child; again after it exits with 2 (it lost the race). SIGTERM is passed
+    on to the child."""
+    path = chdb_directory(settings)
+    child: list[subprocess.Popen] = []
+    stopping: list[bool] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(True)
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        if path is not None and directory_held(path):
+            time.sleep(STANDBY_POLL_S)
+            continue
+        child[:] = [subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker",
+                                      "monitor"])]
+        code = child[0].wait()
+        if code != 2 or stopping:
+            return code
+        time.sleep(STANDBY_POLL_S)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["standby"]:
+        sys.exit("usage: python -m shadowpipe.fleet standby (started by `stack up`)")
+    sys.exit(standby(Settings.load()))

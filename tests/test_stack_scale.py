@@ -1,0 +1,155 @@
+"""``shadowpipe stack up --workers shadow=2,join=2,monitor=1 --redis-cluster 3``: scale-out
+on one machine, with its own embedded stack (the session's cannot be shared: ``up`` starts
+the broker and Redis it is configured for).
+
+Both shadow workers get partitions of the inference topic, the joiners merge on a real
+3-master Redis Cluster, and every request ends up joined exactly once per challenger in
+ClickHouse; after a SIGKILL of one shadow worker its partitions move to the other and the
+counts stay exact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shadowpipe.config import Settings
+from shadowpipe.fleet import Fleet, Worker, get_json
+from shadowpipe.stack import free_port
+from tests.conftest import chdb_rows
+
+REPO = Path(__file__).resolve().parents[1]
+CHALLENGERS = """
+[[challengers]]
+name = "thr"
+version = "1"
+kind = "callable"
+location = "tests.scale_challengers:threshold"
+"""
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shadowpipe.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def scale_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """An own stack home and ports; ``stack down`` afterwards, whatever happened."""
+    (tmp_path / "challengers.toml").write_text(CHALLENGERS)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SHADOWPIPE_HOME": str(tmp_path / "home"),
+           "SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+           "SHADOWPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+           "SHADOWPIPE_CHALLENGERS": str(tmp_path / "challengers.toml"),
+           "SHADOWPIPE_FEEDBACK_HORIZON_S": "3600", "SHADOWPIPE_LOG_LEVEL": "WARNING"}
+    yield env
+    _cli(env, "stack", "down", timeout=120)
+
+
+def test_bad_worker_specs_are_one_line_exit_2(tmp_path: Path) -> None:
+    env = {**os.environ, "SHADOWPIPE_HOME": str(tmp_path)}
+    for spec, word in (("shadow=x", "whole number"), ("gpu=2", "KIND=N"), ("shadow", "KIND=N")):
+        out = _cli(env, "stack", "up", "--workers", spec, timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert "--workers" in out.stderr and word in out.stderr
+    out = _cli(env, "stack", "up", "--redis-cluster", "2", timeout=60)
+    assert out.returncode == 2 and "--redis-cluster" in out.stderr
+    assert not (tmp_path / "stack.json").exists()  # nothing was started
+
+
+def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str, str]) -> None:
+    up = _cli(scale_env, "stack", "up", "--workers", "shadow=2,join=2,monitor=1",
+              "--redis-cluster", "3")
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert "redis cluster: 3 masters at redis+cluster://" in up.stdout
+    settings = Settings.load(env=scale_env)
+    workers, cluster = Fleet(settings).recorded()
+    shadow = [w for w in workers if w.kind == "shadow"]
+    assert len(shadow) == 2 and len({w.port for w in workers}) == len(workers) == 5
+    for w in workers:
+        assert f"{w.name}: pid {w.pid}, port {w.port}" in up.stdout
+
+    both = _wait("both shadow workers own partitions",
+                 lambda: _partitions(shadow) if all(_partitions(shadow)) else None)
+    assert sorted(p for parts in both for p in parts) == list(range(settings.partitions))
+
+    first = _emit(settings, "a", 1500)
+    _wait("the first requests consumed by both shadow workers",
+          lambda: all(_stats(w)["consumed"] > 0 for w in shadow)
+          and sum(_stats(w)["consumed"] for w in shadow) >= len(first))
+
+    victim, survivor = shadow
+    os.kill(victim.pid, signal.SIGKILL)
+    _wait("the killed worker's partitions moved to the survivor",
+          lambda: _stats(survivor)["assigned_partitions"] == list(range(settings.partitions)))
+    second = _emit(settings, "b", 1500)
+    _wait("the second requests consumed by the survivor",
+          lambda: _stats(survivor)["consumed"] >= len(second))
+
+    monitor = next(w for w in workers if w.kind == "monitor")
+    expected = len(first) + len(second)
+    _wait("every request joined and labelled in ClickHouse",
+          lambda: _arm_counts(monitor) == (expected, expected // 2), timeout_s=180)
+    assert cluster["url"].startswith("redis+cluster://")
+
+    down = _cli(scale_env, "stack", "down", timeout=120)
+    assert down.returncode == 0 and f"{victim.name}: was not running" in down.stdout
+    rows = chdb_rows(settings.home_path / "clickhouse",
+                     "SELECT request_id, count() FROM shadowpipe.joined_records FINAL "
+                     "GROUP BY request_id")
+    assert {r[0] for r in rows} == set(first) | set(second)
+    assert {r[1] for r in rows} == {1}  # one challenger: one row per request
+
+
+def _emit(settings: Settings, prefix: str, n: int) -> list[str]:
+    """``n`` requests through the producer library, feedback for every second one."""
+    from shadowpipe.producers import Emitter
+
+    emitter = Emitter(settings, name=f"scale-{prefix}")
+    rng = random.Random(prefix)
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    for i, rid in enumerate(ids):
+        assert emitter.emit_inference(rid, {f"x{j}": rng.random() for j in range(4)}, "hi",
+                                      model="primary", version="1", latency_ms=1.0)
+        if i % 2 == 0:
+            assert emitter.emit_feedback(rid, "hi" if rng.random() > 0.5 else "lo")
+    assert emitter.close(30) == 0
+    return ids
+
+
+def _stats(w: Worker) -> dict[str, Any]:
+    body = get_json(w.stats_url)
+    assert body is not None, f"{w.name} does not answer on port {w.port}"
+    return body
+
+
+def _partitions(shadow: list[Worker]) -> list[list[int]]:
+    return [_stats(w)["assigned_partitions"] for w in shadow]
+
+
+def _arm_counts(monitor: Worker) -> tuple[int, int] | None:
+    body = get_json(f"http://127.0.0.1:{monitor.port}/shadowpipe/query/?name=arm_counts"
+                    "&since_ms=0&challenger=&by=")
+    if not body or "rows" not in body:
+        return None
+    rows = [dict(zip(body["columns"], r, strict=True)) for r in body["rows"]]
+    mine = [r for r in rows if r["challenger"] == "thr" and r["segment"] == ""]
+    return (mine[0]["published"], mine[0]["labelled"]) if mine else None
+
+
+def _wait(what: str, check: Callable[[], Any], timeout_s: float = 120) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
