@@ -89,6 +89,14 @@ class Settings:
         6066, "web port of the worker (bound to --web-host)", min=1, max=65535
     )
     web_host: str = _opt("127.0.0.1", "address the workers' web endpoints bind to")
+    sql_port: int = _opt(
+        18123, "the monitor's read-only SQL endpoint (ClickHouse HTTP interface, "
+        "docs/sql.md) on 127.0.0.1 while it owns the embedded engine; 0 = off; always off "
+        "with a ClickHouse server", min=0, max=65535)
+    sql_max_execution_s: int = _opt(10, "time limit of one query on the SQL endpoint, s", min=1)
+    sql_max_rows: int = _opt(
+        1_000_000, "row limit of one result on the SQL endpoint (clients read system.settings, "
+        "~2,000 rows, on connect)", min=10_000)
     # Producer library (shadowpipe.producers)
     producer_sample_rates: tuple[str, ...] = _opt(
         (), "sampling rates MODEL=RATE, '*' for any other model (comma list; default all 1)")

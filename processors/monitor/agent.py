@@ -29,6 +29,7 @@ from shadowpipe.config import Settings
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Pipeline
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
+from shadowpipe.processors.monitor.sql import attach as attach_sql
 from shadowpipe.processors.read import QUERIES
 from shadowpipe.processors.read import run as run_query
 from shadowpipe.processors.runtime.health import add_health
@@ -124,6 +125,7 @@ def install(app: Any, settings: Settings) -> None:
 
     reference.attach(app, settings, pipeline, runtime.executor)
     verdict_agent.install(app, settings, pipeline, runtime.executor)
+    attach_sql(app, settings)  # read-only SQL on the embedded engine (docs/sql.md)
 
 
 def _assigned(app: Any) -> bool:
