@@ -58,7 +58,7 @@ def spec(name: str = "c", location: str = "tests.shadow_challengers:flaky",
 
 
 @pytest.mark.parametrize(("entry", "message"), [
-    (spec(kind="onnx"), "challenger 'c': kind 'onnx' is not one of"),
+    (spec(kind="tensorflow"), "challenger 'c': kind 'tensorflow' is not one of"),
     (spec(sample_rate=1.5), "challenger 'c': sample_rate must be a number in [0, 1]"),
     (spec(timeout_ms=0), "challenger 'c': timeout_ms must be a positive integer"),
     (spec(sampel_rate=0.5), "challenger 'c': unknown key(s) sampel_rate"),

@@ -36,7 +36,10 @@ from typing import Any
 from shadowpipe.config import ConfigError, Settings, env_name
 
 SETTING = env_name("challengers")
-KINDS = ("callable", "sklearn", "river", "http")
+KINDS = ("callable", "sklearn", "river", "http", "onnx", "mlflow", "oip")
+# Kinds whose libraries come with an optional extra: kind -> (extra, its top-level modules).
+EXTRAS = {"onnx": ("onnx", ("onnxruntime",)), "mlflow": ("mlflow", ("mlflow",)),
+          "oip": ("oip", ("orjson",))}
 Features = dict[str, Any]
 
 
@@ -59,7 +62,10 @@ class ChallengerSpec:
     max_batch: int = 0  # split micro-batches larger than this; 0 = no limit
     features: tuple[str, ...] = ()  # sklearn column order (default: feature_names_in_)
     max_concurrency: int = 8  # http: requests in flight
-    headers: Mapping[str, str] = field(default_factory=dict)  # http
+    headers: Mapping[str, str] = field(default_factory=dict)  # http, oip
+    classes: tuple[str, ...] = ()  # onnx, mlflow, oip: names of probability columns
+    outputs: tuple[str, ...] = ()  # oip: outputs to ask the server for
+    tracking_uri: str = ""  # mlflow: resolves models:/ and runs:/ (else MLFLOW_TRACKING_URI)
 
 
 def _fail(message: str, name: str | None = None) -> ConfigError:
@@ -111,7 +117,8 @@ def _spec(entry: Any, default_timeout_ms: int) -> ChallengerSpec:
     if entry["kind"] not in KINDS:
         raise _fail(f"kind {entry['kind']!r} is not one of {', '.join(KINDS)}", name)
     values = {**entry, "timeout_ms": entry.get("timeout_ms", default_timeout_ms)}
-    values["features"] = tuple(values.get("features", ()))
+    for key in ("features", "classes", "outputs"):
+        values[key] = tuple(values.get(key, ()))
     spec = ChallengerSpec(**values)
     _check_ranges(spec)
     return spec
@@ -130,6 +137,9 @@ def _check_ranges(spec: ChallengerSpec) -> None:
         (all(isinstance(b, bool) for b in (spec.is_control, spec.vectorized)),
          "is_control and vectorized must be true or false"),
         (all(isinstance(f, str) for f in spec.features), "features must be a list of names"),
+        (all(isinstance(c, str) for c in spec.classes), "classes must be a list of names"),
+        (all(isinstance(o, str) for o in spec.outputs), "outputs must be a list of names"),
+        (isinstance(spec.tracking_uri, str), "tracking_uri must be a string"),
     ]
     for ok, message in checks:
         if not ok:
@@ -157,7 +167,7 @@ def beside(spec: ChallengerSpec, folder: Path) -> ChallengerSpec:
     >>> s.location
     'm.joblib'
     """
-    if spec.kind == "http":
+    if spec.kind in ("http", "oip") or (spec.kind == "mlflow" and _is_uri(spec.location)):
         return spec
     if _is_module(spec.location):
         if str(folder) not in sys.path:
@@ -167,6 +177,11 @@ def beside(spec: ChallengerSpec, folder: Path) -> ChallengerSpec:
     if not relative.is_absolute() and (folder / relative).exists():
         return replace(spec, location=str(folder / relative))
     return spec
+
+
+def _is_uri(location: str) -> bool:
+    """An MLflow URI (``models:/``, ``runs:/``, ``s3://``...) rather than a local folder."""
+    return "://" in location or location.startswith(("models:", "runs:"))
 
 
 def _is_module(location: str) -> bool:
@@ -310,10 +325,32 @@ def _looks_like(file: Path) -> str:
     return " (it is text: CSV or JSON data?)" if text and printable else ""
 
 
-def _missing_module(exc: ModuleNotFoundError, location: str) -> str:
-    """Where a ``module:attr`` location's module was looked for."""
+def _missing_module(exc: ModuleNotFoundError, spec: ChallengerSpec) -> str:
+    """Where a ``module:attr`` location's module was looked for, or the extra to install."""
+    if spec.kind in EXTRAS and str(exc.name).split(".")[0] in EXTRAS[spec.kind][1]:
+        extra = EXTRAS[spec.kind][0]
+        return (f"no module named {exc.name!r}: install the {extra} extra "
+                f"(pip install 'shadowpipe[{extra}]')")
     return (f"no module named {exc.name!r} beside the challengers file or on the Python path "
-            f"(location {location!r}; see docs/challengers.md)")
+            f"(location {spec.location!r}; see docs/challengers.md)")
+
+
+def _load_extra_kind(spec: ChallengerSpec) -> Model:
+    """An ``onnx``, ``mlflow`` or ``oip`` challenger (their libraries are optional)."""
+    if spec.kind == "oip":
+        from shadowpipe.processors.shadow.oip_model import OipModel
+
+        return OipModel(spec)
+    if spec.kind == "mlflow":
+        from shadowpipe.processors.shadow.mlflow_model import MlflowModel
+
+        return MlflowModel(spec.location, spec.features, spec.classes, spec.tracking_uri)
+    from shadowpipe.processors.shadow.onnx_model import OnnxModel
+
+    file = Path(spec.location).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"no ONNX model file {str(file)!r}")
+    return OnnxModel(str(file), spec.features, spec.classes)
 
 
 def load(spec: ChallengerSpec) -> Model:
@@ -328,6 +365,8 @@ def load(spec: ChallengerSpec) -> Model:
             return CallableModel(fn, spec.vectorized)
         if spec.kind == "http":
             return models.HttpModel(spec)
+        if spec.kind in EXTRAS:
+            return _load_extra_kind(spec)
         obj = _load_object(spec.location)
         if spec.kind == "sklearn":
             return models.SklearnModel(obj, spec.features)
@@ -335,7 +374,7 @@ def load(spec: ChallengerSpec) -> Model:
     except Exception as exc:  # any load failure is a configuration problem, said in one line
         detail = str(exc).splitlines()[0] if str(exc) else ""
         if isinstance(exc, ModuleNotFoundError) and exc.name:
-            detail = _missing_module(exc, spec.location)
+            detail = _missing_module(exc, spec)
         raise _fail(
             f"cannot load {spec.kind} from {spec.location!r}: {type(exc).__name__}: {detail}",
             spec.name,

@@ -1,4 +1,6 @@
-"""Model adapters: scikit-learn (vectorised), river (per record), HTTP (async, bounded).
+"""Model adapters: scikit-learn (vectorised), river (per record), HTTP (async, bounded),
+and the pieces the ONNX, MLflow and Open Inference Protocol kinds share (a feature
+matrix with per-row missing values, probability and column outputs).
 
 Adapters return either raw outputs (normalised by the caller with
 :func:`~shadowpipe.processors.shadow.challengers.to_output`) or, when ``normalized`` is
@@ -28,36 +30,26 @@ from shadowpipe.processors.shadow.challengers import (
     InvalidOutput,
     Model,
     features,
+    to_output,
 )
 
 NAN = math.nan
 
 
-class SklearnModel(Model):
-    """A scikit-learn-compatible estimator on the numeric features, in ``features`` order.
+class MatrixModel(Model):
+    """A model fed the numeric features as a float matrix in ``names`` column order.
 
-    Classifiers with ``predict_proba`` give label + probabilities; others ``predict``
-    (a number is a regression value, anything else a label). A record missing a feature
-    gets NaN; if the estimator rejects NaN only that record fails.
+    A record missing a feature (or with a non-finite one) fails on its own with a
+    ``ValueError``; the complete rows are scored together by :meth:`_predict`, which
+    returns one ``Output`` dict (or exception instance) per row.
     """
 
     vectorized = True
     normalized = True
 
-    def __init__(self, estimator: Any, names: Sequence[str] = ()) -> None:
-        if not hasattr(estimator, "predict"):
-            raise TypeError(f"{type(estimator).__name__} has no predict()")
-        names = tuple(names) or tuple(getattr(estimator, "feature_names_in_", ()))
-        if not names:
-            raise ValueError("set features = [...]: the estimator does not name its inputs")
-        expected = getattr(estimator, "n_features_in_", len(names))
-        if expected != len(names):
-            raise ValueError(f"estimator expects {expected} features, {len(names)} configured")
-        self.estimator = estimator
-        self.names = names
-        self._get = itemgetter(*names)
-        self._proba = hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")
-        self._classes = [str(c) for c in getattr(estimator, "classes_", ())]
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._get = itemgetter(*self.names)
 
     def _row(self, nums: dict[str, float]) -> Any:
         try:
@@ -82,23 +74,80 @@ class SklearnModel(Model):
         return self._predict(x)
 
     def _predict(self, x: Any) -> list[Any]:
-        import numpy as np
-
-        if self._proba:
-            proba = self.estimator.predict_proba(x)
-            best = proba.argmax(axis=1)
-            ok = np.isfinite(proba).all(axis=1)
-            classes = self._classes
-            return [
-                {"label": classes[b], "probabilities": dict(zip(classes, row, strict=True)),
-                 "value": None}
-                if good else InvalidOutput("non-finite probability")
-                for row, b, good in zip(proba.tolist(), best.tolist(), ok.tolist(), strict=True)
-            ]
-        return [_scalar(v) for v in self.estimator.predict(x).tolist()]
+        raise NotImplementedError
 
     def predict_one(self, feats: Features) -> Any:
         return self.predict_batch([{"num_features": feats}])[0]
+
+
+class SklearnModel(MatrixModel):
+    """A scikit-learn-compatible estimator on the numeric features, in ``features`` order.
+
+    Classifiers with ``predict_proba`` give label + probabilities; others ``predict``
+    (a number is a regression value, anything else a label). A record missing a feature
+    gets NaN; if the estimator rejects NaN only that record fails.
+    """
+
+    def __init__(self, estimator: Any, names: Sequence[str] = ()) -> None:
+        if not hasattr(estimator, "predict"):
+            raise TypeError(f"{type(estimator).__name__} has no predict()")
+        names = tuple(names) or tuple(getattr(estimator, "feature_names_in_", ()))
+        if not names:
+            raise ValueError("set features = [...]: the estimator does not name its inputs")
+        expected = getattr(estimator, "n_features_in_", len(names))
+        if expected != len(names):
+            raise ValueError(f"estimator expects {expected} features, {len(names)} configured")
+        super().__init__(names)
+        self.estimator = estimator
+        self._proba = hasattr(estimator, "predict_proba") and hasattr(estimator, "classes_")
+        self._classes = [str(c) for c in getattr(estimator, "classes_", ())]
+
+    def _predict(self, x: Any) -> list[Any]:
+        if self._proba:
+            return proba_outputs(self.estimator.predict_proba(x), self._classes)
+        return [_scalar(v) for v in self.estimator.predict(x).tolist()]
+
+
+def proba_outputs(proba: Any, classes: Sequence[str]) -> list[Any]:
+    """One ``Output`` per row of the class-probability matrix ``proba`` (columns in
+    ``classes`` order; label = most probable, the first on a tie); a row holding a
+    non-finite probability is an :class:`InvalidOutput`.
+
+    >>> import numpy as np
+    >>> proba_outputs(np.array([[0.2, 0.8]]), ["no", "yes"])[0]["label"]
+    'yes'
+    """
+    import numpy as np
+
+    if proba.ndim != 2 or proba.shape[1] != len(classes):
+        raise InvalidOutput(f"probabilities of shape {list(proba.shape)} for "
+                            f"{len(classes)} classes {list(classes)}")
+    best = proba.argmax(axis=1)
+    ok = np.isfinite(proba).all(axis=1)
+    classes = list(classes)
+    return [
+        {"label": classes[b], "probabilities": dict(zip(classes, row, strict=True)),
+         "value": None}
+        if good else InvalidOutput("non-finite probability")
+        for row, b, good in zip(proba.tolist(), best.tolist(), ok.tolist(), strict=True)
+    ]
+
+
+def column_outputs(values: Sequence[Any]) -> list[Any]:
+    """One ``Output`` per value of a column of predictions (a string is a label, a number
+    a value, a mapping an output), or the :class:`InvalidOutput` of a bad one.
+
+    >>> [o["label"] if isinstance(o, dict) else type(o).__name__
+    ...  for o in column_outputs(["yes", float("nan")])]
+    ['yes', 'InvalidOutput']
+    """
+    out: list[Any] = []
+    for v in values:
+        try:
+            out.append(to_output(v))
+        except InvalidOutput as exc:
+            out.append(exc)
+    return out
 
 
 def _scalar(v: Any) -> dict[str, Any] | Exception:

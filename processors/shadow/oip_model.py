@@ -1,0 +1,186 @@
+"""The ``oip`` challenger kind: a model server speaking the Open Inference Protocol.
+
+KServe v2, Triton, Seldon MLServer and others answer ``POST /v2/models/{name}/infer``
+with JSON tensors. ``location`` is the model's URL, ``http://host:port/v2/models/{name}``
+(optionally ``/versions/{v}``). One request per batch (or per ``max_batch`` records): one
+``[N, len(features)]`` input tensor of the numeric features. Its name and datatype come
+from the server's model metadata (``GET`` on ``location``) when it declares exactly one
+input, else ``input-0`` and ``FP64``. ``outputs = [...]`` asks for named outputs
+(MLServer's scikit-learn runtime: ``["predict_proba"]``); in the reply, a ``[N, C]`` float
+output is class probabilities (columns named by ``classes = [...]``, label = most
+probable), else the first output holds one label (string) or value (number) per row.
+
+Timeouts and failures: the socket times out after ``timeout_ms``; a request that times
+out, cannot connect, or gets a 5xx answer fails its records (``timeout`` or
+``exception``) without being retried record by record, so a hung or dead server costs
+one timeout per batch, never a stuck worker. A 4xx answer (the server refuses the input)
+is retried record by record by the runner, to find the records it refuses. The
+metadata is fetched when the worker starts: a wrong URL or model name stops it with one
+line (exit 2).
+
+>>> model = OipModel.__new__(OipModel)
+>>> model.infer_path, model._input, model._datatype = "/v2/models/m/infer", "input-0", "FP64"
+>>> model._requested = [{"name": "predict_proba"}]
+>>> import orjson, numpy as np
+>>> orjson.loads(model.body(np.array([[1.0, 2.0]])))["inputs"][0]["shape"]
+[1, 2]
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+from typing import Any
+from urllib.parse import urlparse
+
+from shadowpipe.processors.shadow.challengers import ChallengerSpec, InvalidOutput
+from shadowpipe.processors.shadow.models import MatrixModel, column_outputs, proba_outputs
+
+MODEL_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/?$")
+FLOAT_TYPES = {"FP16", "FP32", "FP64"}
+# A failed keep-alive connection (closed by the server while idle) before any answer.
+STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+class ServerError(RuntimeError):
+    """The server answered the batch with an error status."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(f"HTTP {status}: {text[:200]}")
+        self.status = status
+
+
+class OipModel(MatrixModel):
+    """The model behind ``spec.location``, called over one keep-alive HTTP connection."""
+
+    def __init__(self, spec: ChallengerSpec) -> None:
+        import orjson  # noqa: F401  (the oip extra: fail at start-up, not per batch)
+
+        url = urlparse(spec.location)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{spec.location!r} is not an http(s) URL")
+        if not MODEL_PATH.match(url.path):
+            raise ValueError(f"{spec.location!r}: the path must be /v2/models/<name>"
+                             "[/versions/<version>]")
+        if not spec.features:
+            raise ValueError("set features = [...]: the input columns in order")
+        super().__init__(spec.features)
+        self.spec = spec
+        self._url = url
+        self._timeout_s = spec.timeout_ms / 1000
+        self._headers = {"Content-Type": "application/json", **spec.headers}
+        self.infer_path = url.path.rstrip("/") + "/infer"
+        self._requested = [{"name": n} for n in spec.outputs]
+        self._classes = list(spec.classes)
+        self._conn: http.client.HTTPConnection | None = None
+        self._input, self._datatype = self._metadata()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = (http.client.HTTPSConnection if self._url.scheme == "https"
+                   else http.client.HTTPConnection)
+            self._conn = cls(self._url.hostname, self._url.port, timeout=self._timeout_s)
+        return self._conn
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
+        """``method path`` on the kept-alive connection; the body of a 200 answer, else
+        :class:`ServerError` (and socket errors: ``TimeoutError``, ``OSError``)."""
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            conn = self._connection()
+            try:
+                conn.request(method, path, body, self._headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except STALE:
+                self.close()
+                if reused and attempt == 1:
+                    continue  # the server closed an idle connection: once more, afresh
+                raise
+            except BaseException:
+                self.close()
+                raise
+            if resp.status != 200:
+                raise ServerError(resp.status, data.decode(errors="replace"))
+            return data
+        raise AssertionError("unreachable")
+
+    def _metadata(self) -> tuple[str, str]:
+        import orjson
+
+        try:
+            meta = orjson.loads(self.request("GET", self.infer_path[: -len("/infer")]))
+        except ServerError as exc:
+            raise ValueError(f"model metadata at {self.spec.location}: {exc}") from None
+        except OSError as exc:
+            raise ValueError(f"cannot reach {self.spec.location}: {exc}") from None
+        inputs = (meta.get("inputs") or []) if isinstance(meta, dict) else []
+        if len(inputs) == 1 and isinstance(inputs[0], dict):
+            return str(inputs[0].get("name", "input-0")), str(inputs[0].get("datatype", "FP64"))
+        return "input-0", "FP64"
+
+    def body(self, x: Any) -> bytes:
+        """The inference request for the feature matrix ``x``."""
+        import orjson
+
+        request: dict[str, Any] = {"inputs": [{
+            "name": self._input, "shape": list(x.shape), "datatype": self._datatype,
+            "data": x.ravel(),
+        }]}
+        if self._requested:
+            request["outputs"] = self._requested
+        return orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _predict(self, x: Any) -> list[Any]:
+        import orjson
+
+        try:
+            reply = self.request("POST", self.infer_path, self.body(x))
+        except ServerError as exc:
+            if 400 <= exc.status < 500:
+                raise  # the input was refused: the runner retries record by record
+            return [exc] * len(x)
+        except Exception as exc:  # timeout, refused, reset: the whole batch, once
+            return [exc] * len(x)
+        return self.outputs(orjson.loads(reply), len(x))
+
+    def outputs(self, reply: Any, n: int) -> list[Any]:
+        """One output (or InvalidOutput) per row from the decoded ``reply``."""
+        tensors = reply.get("outputs") if isinstance(reply, dict) else None
+        if not isinstance(tensors, list) or not tensors:
+            raise InvalidOutput("the reply has no outputs")
+        proba = next((t for t in tensors if _is_matrix(t, n)), None)
+        if proba is not None:
+            return self._proba_outputs(proba, n)
+        first = tensors[0]
+        data = first.get("data")
+        if not isinstance(data, list) or len(data) != n:
+            raise InvalidOutput(f"output {first.get('name')!r} holds no {n} values")
+        return column_outputs(data)
+
+    def _proba_outputs(self, tensor: dict[str, Any], n: int) -> list[Any]:
+        import numpy as np
+
+        width = tensor["shape"][1]
+        if len(self._classes) != width:
+            raise InvalidOutput(f"output {tensor.get('name')!r} has {width} probability "
+                                f"columns: set classes = [...] to name them in order")
+        data = tensor.get("data")
+        if not isinstance(data, list) or len(data) != n * width:
+            raise InvalidOutput(f"output {tensor.get('name')!r} holds no {n}x{width} values")
+        return proba_outputs(np.array(data, dtype=float).reshape(n, width), self._classes)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _is_matrix(tensor: Any, n: int) -> bool:
+    """A ``[n, C>1]`` float tensor: class probabilities."""
+    if not isinstance(tensor, dict):
+        return False
+    shape = tensor.get("shape")
+    return (tensor.get("datatype") in FLOAT_TYPES and isinstance(shape, list)
+            and len(shape) == 2 and shape[0] == n and shape[1] > 1)
+
