@@ -1,11 +1,12 @@
-"""``shadowpipe stack up --workers shadow=2,join=2,monitor=1 --redis-cluster 3``: scale-out
+"""``shadowpipe stack up --workers shadow=2,join=2,monitor=2 --redis-cluster 3``: scale-out
 on one machine, with its own embedded stack (the session's cannot be shared: ``up`` starts
 the broker and Redis it is configured for).
 
 Both shadow workers get partitions of the inference topic, the joiners merge on a real
 3-master Redis Cluster, and every request ends up joined exactly once per challenger in
 ClickHouse; after a SIGKILL of one shadow worker its partitions move to the other and the
-counts stay exact.
+counts stay exact. The second monitor is a standby (one process may open the embedded
+ClickHouse) that serves once the first is killed.
 """
 
 from __future__ import annotations
@@ -67,16 +68,17 @@ def test_bad_worker_specs_are_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str, str]) -> None:
-    up = _cli(scale_env, "stack", "up", "--workers", "shadow=2,join=2,monitor=1",
+    up = _cli(scale_env, "stack", "up", "--workers", "shadow=2,join=2,monitor=2",
               "--redis-cluster", "3")
     assert up.returncode == 0, up.stderr[-2000:]
     assert "redis cluster: 3 masters at redis+cluster://" in up.stdout
     settings = Settings.load(env=scale_env)
     workers, cluster = Fleet(settings).recorded()
     shadow = [w for w in workers if w.kind == "shadow"]
-    assert len(shadow) == 2 and len({w.port for w in workers}) == len(workers) == 5
+    assert len(shadow) == 2 and len({w.port for w in workers}) == len(workers) == 6
     for w in workers:
-        assert f"{w.name}: pid {w.pid}, port {w.port}" in up.stdout
+        assert f"{w.name}: pid {w.pid}" in up.stdout and str(w.port) in up.stdout
+    assert [w.standby for w in workers if w.kind == "monitor"] == [False, True]
 
     both = _wait("both shadow workers own partitions",
                  lambda: _partitions(shadow) if all(_partitions(shadow)) else None)
@@ -95,14 +97,19 @@ def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str,
     _wait("the second requests consumed by the survivor",
           lambda: _stats(survivor)["consumed"] >= len(second))
 
-    monitor = next(w for w in workers if w.kind == "monitor")
+    monitor, standby = (w for w in workers if w.kind == "monitor")
     expected = len(first) + len(second)
     _wait("every request joined and labelled in ClickHouse",
           lambda: _arm_counts(monitor) == (expected, expected // 2), timeout_s=180)
+    # The embedded ClickHouse has one writer: the standby monitor takes the directory over.
+    os.kill(monitor.pid, signal.SIGKILL)
+    _wait("the standby monitor serving", lambda: _arm_counts(standby) == (expected,
+                                                                         expected // 2))
     assert cluster["url"].startswith("redis+cluster://")
 
     down = _cli(scale_env, "stack", "down", timeout=120)
     assert down.returncode == 0 and f"{victim.name}: was not running" in down.stdout
+    assert f"{standby.name}: stopped" in down.stdout
     rows = chdb_rows(settings.home_path / "clickhouse",
                      "SELECT request_id, count() FROM shadowpipe.joined_records FINAL "
                      "GROUP BY request_id")
