@@ -18,7 +18,13 @@ import pytest
 from shadowpipe.bench import synthetic
 from shadowpipe.config import ConfigError, Settings
 from shadowpipe.kafka import producer
-from shadowpipe.processors.monitor.sql import Refused, classify, http_status, tokens
+from shadowpipe.processors.monitor.sql import (
+    MAX_MEMORY_BYTES,
+    Refused,
+    classify,
+    http_status,
+    tokens,
+)
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import free_port
 from tests.conftest import spawn_cli
@@ -127,10 +133,11 @@ def _send(s: Settings, records: list[dict[str, Any]]) -> None:
     assert prod.flush(30) == 0
 
 
-def _http(port: int, sql: str) -> tuple[int, dict[str, str], bytes]:
-    url = f"http://127.0.0.1:{port}/?" + urllib.parse.urlencode({"query": sql})
+def _http(port: int, sql: str, body: bytes | None = None,
+          **params: str) -> tuple[int, dict[str, str], bytes]:
+    url = f"http://127.0.0.1:{port}/?" + urllib.parse.urlencode({"query": sql, **params})
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        with urllib.request.urlopen(url, data=body, timeout=30) as resp:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), err.read()
@@ -169,6 +176,10 @@ def test_sql_endpoint_on_a_writing_monitor(settings: Settings, tmp_path: Path) -
             "SELECT count() FROM joined_records WHERE challenger = {c:String}",
             parameters={"c": "c2"}).result_rows
         assert by_challenger == [(sum(r["challenger"] == "c2" for r in records),)]
+        form = clickhouse_connect.get_client(host="127.0.0.1", port=port,
+                                             form_encode_query_params=True)
+        assert form.query("SELECT count() FROM joined_records WHERE challenger = {c:String}",
+                          parameters={"c": "c2"}).result_rows == by_challenger  # multipart
         df = client.query_df("SELECT request_id, challenger, primary_label, model_time_ms "
                              "FROM joined_records ORDER BY request_id, challenger LIMIT 4")
         expected = sorted((r["request_id"], r["challenger"]) for r in records)[:4]
@@ -179,6 +190,13 @@ def test_sql_endpoint_on_a_writing_monitor(settings: Settings, tmp_path: Path) -
         status, headers, body = _http(port, "SELECT count() FROM joined_records")
         assert (status, body) == (200, f"{len(records)}\n".encode())
         assert headers["X-ClickHouse-Format"] == "TabSeparated"
+        status, _, body = _http(port, "SELECT", b"count() FROM joined_records", database="sqlep")
+        assert (status, body) == (200, f"{len(records)}\n".encode())  # POST: query + body
+        status, _, body = _http(port, "SELECT getSetting('max_memory_usage'), "
+                                "getSetting('max_execution_time'), getSetting('readonly')")
+        assert body == f"{MAX_MEMORY_BYTES}\t1\t1\n".encode()
+        status, _, body = _http(port, "SELECT 1", compress="1")
+        assert status == 500 and body.startswith(b"Code: 48. DB::Exception: compress=1")
         status, _, body = _http(port, "SELECT challenger, count() AS n FROM joined_records "
                                 "GROUP BY challenger ORDER BY challenger FORMAT JSONEachRow")
         assert [json.loads(line) for line in body.splitlines()] == [

@@ -7,12 +7,13 @@ ClickHouse's HTTP interface for ``clickhouse_connect.get_client(host=..., port=.
 ``curl``, pandas and Grafana's ClickHouse plugin (HTTP protocol) to read the tables:
 
 * ``GET /?query=...`` or ``POST /`` (the query in the body, in the ``query`` parameter, or
-  both: parameter, newline, body; form-encoded fields too), ``GET /ping``;
+  both: parameter, newline, body; or multipart form fields), ``GET /ping``;
 * ``database`` / ``X-ClickHouse-Database`` (default: the pipeline's database),
   ``default_format`` / ``X-ClickHouse-Format`` (default ``TabSeparated``) or a ``FORMAT``
   clause, whose bytes chdb produces itself (Native, RowBinaryWithNamesAndTypes, JSON...),
-  ``param_<name>`` for ``{name:Type}`` placeholders, ``query_id``; ``session_id``,
-  compression and credentials are accepted and ignored (it binds to 127.0.0.1 only);
+  ``param_<name>`` for ``{name:Type}`` placeholders, ``query_id``; ``session_id``, HTTP
+  compression and credentials are accepted and ignored (it binds to 127.0.0.1 only; answers
+  are not compressed), ``compress=1`` (ClickHouse's compressed blocks) is refused;
 * errors as ClickHouse sends them: HTTP 4xx/5xx, ``X-ClickHouse-Exception-Code`` and a
   ``Code: NNN. DB::Exception: ...`` body, so clickhouse-connect raises ``DatabaseError``.
 
@@ -26,8 +27,9 @@ reach outside (``file``, ``url``, ``remote``, ``s3``) and any change of settings
 
 **Limits.** Each query gets ``max_execution_time`` (``SHADOWPIPE_SQL_MAX_EXECUTION_S``)
 and ``max_result_rows`` with ``result_overflow_mode='throw'`` (``SHADOWPIPE_SQL_MAX_ROWS``);
-they are set on the handle before ``readonly=1``, so a query cannot raise them. Limit
-settings a client sends (Grafana sends ``max_execution_time``) are ignored; any other
+and, fixed, :data:`MAX_RESULT_BYTES` and :data:`MAX_MEMORY_BYTES` (the pipeline shares the
+process); they are set on the handle before ``readonly=1``, so a query cannot raise them.
+Limit settings a client sends (Grafana sends ``max_execution_time``) are ignored; any other
 setting is refused unless it equals the current value.
 
 **Threads.** The handle is the endpoint's own (chdb serves any number of handles on the
@@ -78,7 +80,11 @@ from shadowpipe.tables import database
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"  # never another interface: the endpoint has no authentication
 ALLOWED = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN", "EXISTS")
-READONLY, SYNTAX_ERROR, UNKNOWN_SETTING = 164, 62, 115
+READONLY, SYNTAX_ERROR, UNKNOWN_SETTING, NOT_IMPLEMENTED = 164, 62, 115, 48
+# Fixed guards of the monitor's memory (the pipeline shares the process): a result's bytes
+# and a query's working memory.
+MAX_RESULT_BYTES = 1 << 30
+MAX_MEMORY_BYTES = 4 << 30
 
 # Request parameters that are the HTTP transport's, not ClickHouse settings.
 _TRANSPORT = frozenset({
@@ -90,7 +96,8 @@ _TRANSPORT = frozenset({
     "http_response_buffer_size", "output_format_write_statistics"})
 # The endpoint's own limits: a client's value is ignored, the endpoint's applies.
 _LIMIT_SETTINGS = frozenset({"readonly", "max_execution_time", "max_result_rows",
-                             "max_result_bytes", "result_overflow_mode", "timeout_overflow_mode"})
+                             "max_result_bytes", "max_memory_usage", "result_overflow_mode",
+                             "timeout_overflow_mode"})
 _CONTENT_TYPES = {
     "TabSeparated": "text/tab-separated-values", "TSV": "text/tab-separated-values",
     "CSV": "text/csv", "CSVWithNames": "text/csv", "JSON": "application/json",
@@ -281,6 +288,8 @@ class Engine:
         conn = chdb.connect(self.path)
         for setting in (f"max_execution_time = {self.limits.max_execution_s}",
                         f"max_result_rows = {self.limits.max_rows}",
+                        f"max_result_bytes = {MAX_RESULT_BYTES}",
+                        f"max_memory_usage = {MAX_MEMORY_BYTES}",
                         "result_overflow_mode = 'throw'", "readonly = 1"):
             conn.query(f"SET {setting}")
         self.conn = conn
@@ -401,8 +410,9 @@ class SqlEndpoint:
         from aiohttp import web
 
         params = dict(request.query)
-        if request.method == "POST" and request.content_type in (
-                "multipart/form-data", "application/x-www-form-urlencoded"):
+        # As ClickHouse: only multipart forms are fields; any other body is query text
+        # (``curl -d 'SELECT 1'`` sends it as application/x-www-form-urlencoded).
+        if request.method == "POST" and request.content_type == "multipart/form-data":
             params.update({k: str(v) for k, v in (await request.post()).items()})
             body = ""
         else:
@@ -439,6 +449,10 @@ class SqlEndpoint:
         fmt = params.get("default_format") or headers.get("X-ClickHouse-Format") or \
             "TabSeparated"
         binds = {k[6:]: v for k, v in params.items() if k.startswith("param_")}
+        if params.get("compress", "0") not in ("0", "false"):
+            raise Refused(NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "compress=1 (ClickHouse's "
+                          "compressed blocks) is not supported here: turn the client's "
+                          "compression off or use HTTP compression")
         self.engine.check_settings({k: v for k, v in params.items()
                                     if k not in _TRANSPORT and not k.startswith("param_")})
         return self.engine.run(sql, fmt, db, binds)
