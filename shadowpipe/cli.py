@@ -37,6 +37,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "emit": ("shadowpipe.bench.emit", "cost of emitting to a service's request handler"),
     "join": ("shadowpipe.bench.join", "joiner throughput, latency, memory"),
     "monitor": ("shadowpipe.bench.monitor", "monitor JoinedRecords/s"),
+    "pipeline": ("shadowpipe.bench.pipeline",
+                 "the whole pipeline end to end: highest sustainable requests/s, latency, "
+                 "drift-to-alert"),
     "export": ("shadowpipe.bench.export",
                "export of joined records to Parquet vs a plain read into Arrow"),
     "replay": ("shadowpipe.bench.replay",

@@ -270,6 +270,7 @@ class Fleet:
             else:
                 report.append(f"{w.name}: stopped (pid {w.pid})" if w in alive
                               else f"{w.name}: was not running")
+        self._wait_directory_free(any(w.kind == "monitor" for w in alive))
         if cluster:
             pids = [p for p in cluster["pids"] if _pid_alive(p) and _runs(p, "redis-server")]
             for pid in pids:
@@ -283,6 +284,16 @@ class Fleet:
             report.append(f"redis cluster: stopped ({len(pids)} masters)")
         self._record([], {})
         return report
+
+
+    def _wait_directory_free(self, monitors_stopped: bool, timeout_s: float = 30.0) -> None:
+        """A stopped monitor shows as a zombie while its threads still hold the embedded
+        ClickHouse directory: the next monitor started at once would be refused it."""
+        path = chdb_directory(self.settings)
+        deadline = time.monotonic() + timeout_s
+        while (monitors_stopped and path is not None and directory_held(path)
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
 
 
 def standby(settings: Settings) -> int:

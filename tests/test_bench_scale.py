@@ -23,3 +23,32 @@ def test_bench_join_on_a_local_cluster_joins_every_pair(
     assert cluster["worker"]["complete"] is True
     assert cluster["worker"]["joined_pairs"] == 300 * out["challengers"]
     assert out["cluster_vs_single"] > 0
+
+
+PIPELINE_KEYS = {"requests_per_s", "predictions_per_s", "e2e_p50_ms", "e2e_p99_ms", "lag_max",
+                 "drift_to_alert_s", "sustainable", "trials", "requests_emitted"}
+SHORT = ("--lag-window-s", "5", "--probe-requests", "1000", "--max-trials", "1",
+         "--alert-timeout-s", "30")
+
+
+def test_bench_pipeline_accounts_for_every_request(settings: Settings, tmp_path: Path) -> None:
+    out = _bench(settings, tmp_path, "pipeline", *SHORT)
+    assert set(out) >= PIPELINE_KEYS
+    assert out["challengers"] == 2 and out["processes_per_worker"] == 1
+    # Probe and trial requests all stored once per challenger in ClickHouse.
+    assert out["requests_emitted"] > 1000
+    assert out["stored_per_challenger"] == {"logreg": out["requests_emitted"],
+                                            "control": out["requests_emitted"]}
+    assert out["requests_accounted"] is True
+    assert out["emitter"]["dropped"] == 0 and out["e2e_samples"] > 0
+    assert out["predictions_total"] >= 2 * out["emitter"]["requests"]  # at least once
+
+
+def test_bench_pipeline_scale_2_reports_both_runs(settings: Settings, tmp_path: Path) -> None:
+    out = _bench(settings, tmp_path, "pipeline", "--scale", "2", *SHORT)
+    assert set(out) >= PIPELINE_KEYS and "scale_ratio" in out
+    assert out["processes_per_worker"] == 2 and out["with_1"]["processes_per_worker"] == 1
+    assert out["challengers"] == out["with_1"]["challengers"] == 3
+    assert out["monitor_processes_active"] == 1  # the embedded ClickHouse: one writer
+    assert out["requests_accounted"] is True and out["with_1"]["requests_accounted"] is True
+    assert out["scale_ratio"] == round(out["requests_per_s"] / out["with_1"]["requests_per_s"], 3)
