@@ -377,8 +377,8 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
     fleet = Fleet(s)
     say(f"{processes} process(es) of each worker, challengers "
         f"{'logreg, control, heavy' if heavy else 'logreg, control'}")
-    fleet.up({"shadow": processes, "join": processes, "monitor": processes}, say=say)
-    try:
+    try:  # a worker that fails to start leaves the others running: down stops them
+        fleet.up({"shadow": processes, "join": processes, "monitor": processes}, say=say)
         wait_assigned(fleet)
         capacity, probed = probe(s, world, args)
         trials = []
