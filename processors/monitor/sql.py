@@ -41,12 +41,14 @@ Run it on any chdb directory (the monitor does this with its settings, :func:`at
     import asyncio, clickhouse_connect
     from shadowpipe.processors.monitor.sql import Limits, SqlEndpoint
 
+    def read() -> list[tuple]:  # a blocking client: on its own thread, not the server's loop
+        client = clickhouse_connect.get_client(host="127.0.0.1", port=18123)
+        return client.query("SELECT number FROM numbers(3)").result_rows
+
     async def main() -> None:
         endpoint = SqlEndpoint("/tmp/chdb-demo", "default", Limits(), port=18123)
         await endpoint.start()
-        client = clickhouse_connect.get_client(host="127.0.0.1", port=18123)
-        rows = await asyncio.to_thread(client.query, "SELECT number FROM numbers(3)")
-        print(rows.result_rows)  # [(0,), (1,), (2,)]
+        print(await asyncio.to_thread(read))  # [(0,), (1,), (2,)]
         await endpoint.stop()
 
     asyncio.run(main())
@@ -292,7 +294,7 @@ class Engine:
                         f"max_memory_usage = {MAX_MEMORY_BYTES}",
                         "result_overflow_mode = 'throw'", "readonly = 1"):
             conn.query(f"SET {setting}")
-        self.conn = conn
+        self.conn, self.current_database = conn, ""
         (self.version, self.timezone), = self._rows("SELECT version(), timezone()")
         self.settings = dict(self._rows("SELECT name, value FROM system.settings"))
 
@@ -319,8 +321,20 @@ class Engine:
     def run(self, sql: str, fmt: str, db: str, params: dict[str, str]) -> Answer:
         """Run an accepted statement in ``db``; ``fmt`` unless it has a FORMAT clause."""
         statement = classify(sql)
+        if self.conn is None:
+            self.open()
+        try:
+            return self._execute(statement, sql, fmt, db, params)
+        except Exception:
+            # chdb keeps a failed query's partial output on its handle and hands it to the
+            # handle's next query (a row-limit error, then SELECT 1 answered 6 MB): start
+            # every query after a failure on a fresh handle.
+            self.close()
+            raise
+
+    def _execute(self, statement: Statement, sql: str, fmt: str, db: str,
+                 params: dict[str, str]) -> Answer:
         if db != self.current_database:
-            self.current_database = ""  # unknown while USE runs: a failed USE leaves it so
             self.conn.query("USE `" + db.replace("\\", "\\\\").replace("`", "\\`") + "`")
             self.current_database = db
         fmt = statement.format or fmt
