@@ -282,3 +282,20 @@ def test_missing_extra_says_what_to_install(kind: str, module: str, extra: str,
         load(spec)
     assert f"install the {extra} extra (pip install 'shadowpipe[{extra}]')" in str(err.value)
     assert "challenger 'c'" in str(err.value)
+
+
+def test_oip_record_missing_or_nan_feature_fails_alone(
+        world: World, records: list[dict[str, Any]], mlserver: Any, tmp_path: Path) -> None:
+    classes = [str(c) for c in world.primary.classes_]
+    model = from_file(tmp_path, oip_body(mlserver.url("primary"), world.primary_features,
+                                         classes))
+    missing = dict(records[1], num_features={
+        k: v for k, v in records[1]["num_features"].items() if k != "mean_area"})
+    nan = dict(records[3], num_features=dict(records[3]["num_features"],
+                                             mean_texture=float("nan")))
+    batch = [records[0], missing, records[2], nan, records[4]]
+    got = score(model, batch)
+    model.close()
+    assert [r.error_kind for r in got] == [None, "exception", None, "exception", None]
+    want = reference(world.primary, world.primary_features, [records[i] for i in (0, 2, 4)])
+    assert_same([got[0], got[2], got[4]], want)

@@ -22,14 +22,16 @@ line (exit 2).
 >>> model.infer_path, model._input, model._datatype = "/v2/models/m/infer", "input-0", "FP64"
 >>> model._requested = [{"name": "predict_proba"}]
 >>> import orjson, numpy as np
->>> orjson.loads(model.body(np.array([[1.0, 2.0]])))["inputs"][0]["shape"]
-[1, 2]
+>>> model.names = ("a", "b")
+>>> orjson.loads(model.body(np.array([[1.0, 2.0]])))["inputs"][0]
+{'name': 'input-0', 'shape': [1, 2], 'datatype': 'FP64', 'data': [[1.0, 2.0]]}
 """
 
 from __future__ import annotations
 
 import http.client
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
@@ -119,30 +121,57 @@ class OipModel(MatrixModel):
             return str(inputs[0].get("name", "input-0")), str(inputs[0].get("datatype", "FP64"))
         return "input-0", "FP64"
 
-    def body(self, x: Any) -> bytes:
-        """The inference request for the feature matrix ``x``."""
+    def body(self, rows: Any) -> bytes:
+        """The inference request for ``rows`` (a float matrix, or a list of tuples), with
+        the data nested row by row (the protocol takes nested or flat tensor data)."""
         import orjson
 
-        request: dict[str, Any] = {"inputs": [{
-            "name": self._input, "shape": list(x.shape), "datatype": self._datatype,
-            "data": x.ravel(),
-        }]}
-        if self._requested:
-            request["outputs"] = self._requested
-        return orjson.dumps(request, option=orjson.OPT_SERIALIZE_NUMPY)
+        data = orjson.dumps(rows, option=orjson.OPT_SERIALIZE_NUMPY)
+        return self._wrap(data, len(rows))
+
+    def _wrap(self, data: bytes, n: int) -> bytes:
+        import orjson
+
+        head = orjson.dumps({"name": self._input, "shape": [n, len(self.names)],
+                             "datatype": self._datatype})
+        tail = b"}]" + (b',"outputs":' + orjson.dumps(self._requested)
+                        if self._requested else b"") + b"}"
+        return b'{"inputs":[' + head[:-1] + b',"data":' + data + tail
+
+    def predict_batch(self, records: Sequence[dict[str, Any]]) -> list[Any]:
+        """The common case without numpy: tuples of the features straight into JSON. A
+        missing feature (KeyError) or a non-finite one (written as ``null``) takes the
+        matrix path, where such rows fail on their own."""
+        import orjson
+
+        get = self._get
+        try:
+            if len(self.names) > 1:
+                rows = [get(r["num_features"]) for r in records]
+            else:
+                rows = [(get(r["num_features"]),) for r in records]
+        except KeyError:
+            return super().predict_batch(records)
+        data = orjson.dumps(rows)
+        if b"null" in data:
+            return super().predict_batch(records)
+        return self._send(self._wrap(data, len(rows)), len(rows))
 
     def _predict(self, x: Any) -> list[Any]:
+        return self._send(self.body(x), len(x))
+
+    def _send(self, body: bytes, n: int) -> list[Any]:
         import orjson
 
         try:
-            reply = self.request("POST", self.infer_path, self.body(x))
+            reply = self.request("POST", self.infer_path, body)
         except ServerError as exc:
             if 400 <= exc.status < 500:
                 raise  # the input was refused: the runner retries record by record
-            return [exc] * len(x)
+            return [exc] * n
         except Exception as exc:  # timeout, refused, reset: the whole batch, once
-            return [exc] * len(x)
-        return self.outputs(orjson.loads(reply), len(x))
+            return [exc] * n
+        return self.outputs(orjson.loads(reply), n)
 
     def outputs(self, reply: Any, n: int) -> list[Any]:
         """One output (or InvalidOutput) per row from the decoded ``reply``."""
@@ -153,27 +182,43 @@ class OipModel(MatrixModel):
         if proba is not None:
             return self._proba_outputs(proba, n)
         first = tensors[0]
-        data = first.get("data")
-        if not isinstance(data, list) or len(data) != n:
+        data = _flat(first.get("data"))
+        if len(data) != n:
             raise InvalidOutput(f"output {first.get('name')!r} holds no {n} values")
         return column_outputs(data)
 
     def _proba_outputs(self, tensor: dict[str, Any], n: int) -> list[Any]:
-        import numpy as np
-
         width = tensor["shape"][1]
-        if len(self._classes) != width:
+        classes = self._classes
+        if len(classes) != width:
             raise InvalidOutput(f"output {tensor.get('name')!r} has {width} probability "
                                 f"columns: set classes = [...] to name them in order")
-        data = tensor.get("data")
-        if not isinstance(data, list) or len(data) != n * width:
+        data = _flat(tensor.get("data"))
+        if len(data) != n * width:
             raise InvalidOutput(f"output {tensor.get('name')!r} holds no {n}x{width} values")
-        return proba_outputs(np.array(data, dtype=float).reshape(n, width), self._classes)
+        if not all(type(v) is float for v in data):  # ints, nulls: checked one by one
+            import numpy as np
+
+            return proba_outputs(np.array(data, dtype=float).reshape(n, width), classes)
+        # JSON floats are finite; rows straight from the list (label: first most probable)
+        it = iter(data)
+        return [{"label": classes[row.index(max(row))],
+                 "probabilities": dict(zip(classes, row)), "value": None}  # noqa: B905
+                for row in zip(*[it] * width)]  # noqa: B905 - lengths checked above
 
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _flat(data: Any) -> list[Any]:
+    """Tensor data as a flat list (servers may nest it row by row)."""
+    if not isinstance(data, list):
+        raise InvalidOutput("an output without a data list")
+    if data and isinstance(data[0], list):
+        return [v for row in data for v in (row if isinstance(row, list) else [row])]
+    return data
 
 
 def _is_matrix(tensor: Any, n: int) -> bool:

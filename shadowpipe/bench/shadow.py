@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lag-rate", type=int, default=5_000, help="events/s of the lag phase")
     p.add_argument("--passes", type=int, default=2, help="ceiling + worker passes; best counts")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--kind", choices=("sklearn", "onnx", "oip"), default="sklearn",
+                   help="also run the worker with the model as this challenger kind: onnx "
+                        "(events/s against the scikit-learn kind), oip (served by MLServer: "
+                        "per-event cost against the raw round trip); see "
+                        "shadowpipe/bench/shadow_kinds.py")
     p.set_defaults(func=bench_cmd)
 
 
@@ -78,14 +83,13 @@ def _event(rid: str, values: Any, now_ms: int) -> dict[str, Any]:
 
 
 def _produce(settings: Settings, n: int, prefix: str, rate: float | None = None) -> None:
-    import numpy as np
 
     from shadowpipe import kafka
     from shadowpipe.schemas.codec import Codec
 
     codec, producer = Codec(settings.schema_registry_url), kafka.producer(settings)
     topic = settings.topic("inference")
-    rows = np.random.default_rng(11).normal(size=(min(n, 5000), len(FEATURES))).tolist()
+    rows = _rows(n)
     if rate is not None:  # connect and get a producer id first: not part of the lag
         producer.produce(topic, codec.encode("InferenceEvent", _event("warm", rows[0], 1)), "w")
         producer.flush(30)
@@ -100,6 +104,13 @@ def _produce(settings: Settings, n: int, prefix: str, rate: float | None = None)
         producer.produce(topic, value, rid)
         producer.poll(0)
     producer.flush(60)
+
+
+def _rows(n: int) -> list[list[float]]:
+    """The feature rows events are made of (cycled)."""
+    import numpy as np
+
+    return np.random.default_rng(11).normal(size=(min(n, 5000), len(FEATURES))).tolist()
 
 
 def _now_ms() -> int:
@@ -192,8 +203,9 @@ def _spawn_worker(settings: Settings, challengers: Path, log: Path) -> subproces
 
 
 def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, int] | None,
-          stack: ExitStack) -> dict[str, Any]:
-    """One pass on fresh topics: ceiling, then the worker (then the lag phase if asked)."""
+          stack: ExitStack, challengers: Path | None = None) -> dict[str, Any]:
+    """One pass on fresh topics: ceiling, then the worker (then the lag phase if asked).
+    With another ``challengers`` file: only the worker, scoring with it."""
     from shadowpipe.kafka import ensure_topics
     from shadowpipe.schemas.codec import Codec
 
@@ -203,9 +215,11 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     ensure_topics(settings)
     say(f"producing {events} events to {settings.topic('inference')} (4 partitions)")
     _produce(settings, events, "bulk")
-    ceiling = _ceiling(settings, model, events)
-    say(f"ceiling (consume + decode + batched predict): {ceiling:.0f} events/s")
-    proc = _spawn_worker(settings, work / "challengers.toml", work / "worker.log")
+    ceiling = None
+    if challengers is None:
+        ceiling = _ceiling(settings, model, events)
+        say(f"ceiling (consume + decode + batched predict): {ceiling:.0f} events/s")
+    proc = _spawn_worker(settings, challengers or work / "challengers.toml", work / "worker.log")
     stack.callback(_stop, proc)
     _wait_consumed(settings.web_port, events, proc, timeout_s=600)
     expected = events
@@ -217,23 +231,29 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     stats = _stats(settings.web_port)
     _stop(proc)
     codec = Codec(settings.schema_registry_url)
-    bulk_ts, lags = [], []
+    bulk_ts, lags, model_ms = [], [], 0.0
     for ts, value in _read_predictions(settings, expected):
         rec = codec.decode(value, "ShadowPrediction")
         if rec["request_id"].startswith("bulk-"):
             bulk_ts.append(ts)
+            model_ms += rec["model_time_ms"]
         elif rec["request_id"].startswith("paced-"):
             lags.append(rec["queue_lag_ms"])
     worker = _sustained_rate(bulk_ts)
     say(f"worker: {worker:.0f} events/s")
     return {"ceiling": ceiling, "worker": worker, "stats": stats, "lags": sorted(lags),
-            "predictions": len(bulk_ts) + len(lags)}
+            "predictions": len(bulk_ts) + len(lags),
+            "model_s_per_event": model_ms / 1000 / max(len(bulk_ts), 1)}
 
 
 def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
-              passes: int = 2) -> dict[str, Any]:
+              passes: int = 2, kind: str = "sklearn") -> dict[str, Any]:
     """``passes`` passes (ceiling then worker on fresh topics); the best of each counts, so
-    a burst of load from elsewhere on a shared machine hits both sides alike."""
+    a burst of load from elsewhere on a shared machine hits both sides alike. With
+    ``kind`` onnx or oip, each pass then runs the worker with that kind too
+    (:mod:`~shadowpipe.bench.shadow_kinds`)."""
+    from shadowpipe.bench import shadow_kinds
+
     with ExitStack() as stack:
         settings = stack.enter_context(
             reachable_or_embedded(settings, "bench shadow", say, redis=False))
@@ -243,9 +263,15 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
             '[[challengers]]\nname = "lr"\nversion = "1"\nkind = "sklearn"\n'
             f'location = "{work / "lr.joblib"}"\nfeatures = {json.dumps(list(FEATURES))}\n'
         )
-        runs = [_pass(settings, work, model, events,
-                      (lag_events, lag_rate) if i == passes - 1 else None, stack)
-                for i in range(passes)]
+        other = (shadow_kinds.prepare(kind, work, model, FEATURES, stack)
+                 if kind != "sklearn" else None)
+        runs, kind_runs = [], []
+        for i in range(passes):
+            runs.append(_pass(settings, work, model, events,
+                              (lag_events, lag_rate) if i == passes - 1 else None, stack))
+            if other is not None:
+                say(f"the same events, the model as an {kind} challenger")
+                kind_runs.append(_kind_pass(settings, work, model, events, stack, other, kind))
     worker = max(r["worker"] for r in runs)
     ceiling = max(r["ceiling"] for r in runs)
     lags, stats = runs[-1]["lags"], runs[-1]["stats"]
@@ -265,7 +291,24 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
         "predictions": sum(r["predictions"] for r in runs),
         "worker_errors": sum(c["errors"] + c["timeouts"] for c in stats["challengers"].values()),
         "worker_mean_batch": stats["batches"]["mean"],
+        **({"kind": kind, **shadow_kinds.summary(kind, runs, kind_runs)} if kind_runs else {}),
     }
+
+
+def _kind_pass(settings: Settings, work: Path, model: Any, events: int, stack: ExitStack,
+               challengers: Path, kind: str) -> dict[str, Any]:
+    """A worker pass scoring with ``challengers``; for oip, then the raw round trip."""
+    from shadowpipe.bench import shadow_kinds
+
+    run = _pass(settings, work, model, events, None, stack, challengers)
+    if kind == "oip":
+        batch = max(1, round(run["stats"]["batches"]["mean"]))
+        run["kind_s_per_event"], run["raw_s_per_event"] = shadow_kinds.kind_vs_raw(
+            challengers, FEATURES, _rows(events), events, batch)
+        say(f"oip: kind {run['kind_s_per_event'] * 1e6:.1f} us/event, raw round trip "
+            f"{run['raw_s_per_event'] * 1e6:.1f} us/event (batches of {batch}); in the "
+            f"worker's calls {run['model_s_per_event'] * 1e6:.1f} us/event")
+    return run
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -277,6 +320,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
-    result = run_bench(settings, args.events, args.lag_events, args.lag_rate, args.passes)
+    result = run_bench(settings, args.events, args.lag_events, args.lag_rate, args.passes,
+                       args.kind)
     print(json.dumps(result))
     return 0
