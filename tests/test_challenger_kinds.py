@@ -299,3 +299,17 @@ def test_oip_record_missing_or_nan_feature_fails_alone(
     assert [r.error_kind for r in got] == [None, "exception", None, "exception", None]
     want = reference(world.primary, world.primary_features, [records[i] for i in (0, 2, 4)])
     assert_same([got[0], got[2], got[4]], want)
+
+
+def test_docs_have_a_valid_example_of_each_kind() -> None:
+    import re
+    import tomllib
+
+    from shadowpipe.processors.shadow.challengers import parse_specs
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "challengers.md").read_text()
+    kinds = set()
+    for block in re.findall(r"```toml\n(.*?)```", docs, re.S):
+        for spec in parse_specs(tomllib.loads(block), 1000):
+            kinds.add(spec.kind)
+    assert {"onnx", "mlflow", "oip"} <= kinds
