@@ -125,3 +125,21 @@ def test_hung_then_killed_server_never_stalls_the_worker(
     finally:
         stop(proc)
     assert proc.returncode == 0, (tmp_path / "worker.log").read_text()[-3000:]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('kind = "onnx"\nlocation = "gone.onnx"\nfeatures = ["a"]\n',
+     "challenger 'c': cannot load onnx from '"),
+    ('kind = "oip"\nlocation = "http://127.0.0.1:9/v2/models/m"\nfeatures = ["a"]\n',
+     "challenger 'c': cannot load oip from 'http://127.0.0.1:9/v2/models/m': "),
+])
+def test_misconfigured_kind_stops_the_worker_with_one_line(
+        settings: Settings, tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "challengers.toml"
+    path.write_text('[[challengers]]\nname = "c"\nversion = "1"\n' + body)
+    log = tmp_path / "worker.log"
+    proc = spawn_cli(settings.replace(challengers=str(path)), "worker", "shadow", log=log)
+    assert proc.wait(60) == 2
+    lines = log.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("shadowpipe: error: SHADOWPIPE_CHALLENGERS [shadow]: " + message)
