@@ -88,7 +88,26 @@ def test_onnx_scores_the_demo_models_as_sklearn(world: World, records: list[dict
         file.write_bytes(to_onnx(estimator, sample.astype(np.float32)).SerializeToString())
         model = from_file(tmp_path, f'kind = "onnx"\nlocation = "{file.name}"\n'
                                     f"features = {toml_list(names)}\n")
+        assert not model._zipmap  # the ZipMap was replaced by its probability tensor
         assert_same(score(model, records), reference(estimator, names, records))
+
+
+def test_onnx_zipmap_read_as_maps_without_the_onnx_package(
+        world: World, records: list[dict[str, Any]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    from skl2onnx import to_onnx
+
+    cols = [world.names.index(n) for n in world.primary_features]
+    file = tmp_path / "m.onnx"
+    file.write_bytes(to_onnx(world.primary, world.x[:1, cols].astype(np.float32))
+                     .SerializeToString())
+    monkeypatch.setitem(sys.modules, "onnx", None)  # onnxruntime alone: the ZipMap stays
+    model = from_file(tmp_path, f'kind = "onnx"\nlocation = "m.onnx"\n'
+                                f"features = {toml_list(world.primary_features)}\n")
+    assert model._zipmap
+    want = reference(world.primary, world.primary_features, records)
+    assert_same(score(model, records), want)
 
 
 def test_onnx_probability_tensor_needs_classes(world: World, records: list[dict[str, Any]],

@@ -45,12 +45,13 @@ class OnnxModel(MatrixModel):
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
+        model, unzipped = _without_zipmap(model)
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         super().__init__(names)
         self._input, self._dtype = self._check_input()
         self._outputs = [o.name for o in self.session.get_outputs()]
         self._proba, self._zipmap = self._find_probabilities()
-        self._classes = [str(c) for c in classes]
+        self._classes = [str(c) for c in classes] or unzipped
         if self._proba is not None and not self._zipmap and not self._classes:
             raise ValueError(f"set classes = [...]: output {self._proba!r} holds class "
                              "probabilities without their names")
@@ -96,3 +97,32 @@ class OnnxModel(MatrixModel):
             if all(map(isfinite, m.values())) and m else InvalidOutput("non-finite probability")
             for m in maps
         ]
+
+
+def _without_zipmap(model: str | bytes) -> tuple[str | bytes, list[str]]:
+    """The model with its ZipMap output replaced by the probability tensor it wraps, and
+    the class names the ZipMap held; unchanged (and no names) without a ZipMap or
+    without the ``onnx`` package. A tensor is read ~10x faster than onnxruntime builds
+    one dict per row."""
+    try:
+        import onnx
+    except ImportError:
+        return model, []
+    proto = onnx.load_model_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+    outputs = {o.name for o in proto.graph.output}
+    zipmaps = [n for n in proto.graph.node if n.op_type == "ZipMap" and n.output[0] in outputs]
+    if len(zipmaps) != 1:
+        return model, []
+    node = zipmaps[0]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    labels = attrs.get("classlabels_strings") or attrs.get("classlabels_int64s") or []
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in labels]
+    if not classes:
+        return model, []
+    kept = [o for o in proto.graph.output if o.name != node.output[0]]
+    tensor = onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT,
+                                                [None, len(classes)])
+    del proto.graph.output[:]
+    proto.graph.output.extend([*kept, tensor])
+    proto.graph.node.remove(node)
+    return proto.SerializeToString(), classes
