@@ -28,6 +28,7 @@ from shadowpipe.processors.monitor.sql import (
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import free_port
 from tests.conftest import spawn_cli
+from tests.test_deploy_grafana import CLICKHOUSE, DASHBOARDS, _concrete, _queries
 
 # -- the classifier ----------------------------------------------------------------------
 
@@ -186,6 +187,19 @@ def test_sql_endpoint_on_a_writing_monitor(settings: Settings, tmp_path: Path) -
         assert list(zip(df.request_id, df.challenger, strict=True)) == expected
         sent = {(r["request_id"], r["challenger"]): r for r in records}
         assert list(df.primary_label) == [sent[k]["primary_output"]["label"] for k in expected]
+
+        # Grafana's comparison dashboard, pointed at the endpoint: every query passes the
+        # classifier and runs read-only (rows: test_deploy_grafana.py, on a fuller run).
+        dashboards = [(f"{p.name} {where}", sql) for p in DASHBOARDS
+                      for where, sql in _queries(json.loads(p.read_text()), CLICKHOUSE)]
+        assert len(dashboards) >= 10
+        failed = []
+        for where, sql in dashboards:
+            try:
+                client.query(_concrete(sql, s.clickhouse_database, ["c1", "c2"]))
+            except DatabaseError as exc:
+                failed.append(f"{where}: {exc}")
+        assert failed == []
 
         status, headers, body = _http(port, "SELECT count() FROM joined_records")
         assert (status, body) == (200, f"{len(records)}\n".encode())
