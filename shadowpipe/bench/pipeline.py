@@ -120,6 +120,9 @@ def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
         try:
             world = World.build(args.seed, home)
             result = measure(own, world, args)
+        except Exception:
+            show_logs(home / "logs")  # before the temporary directory goes
+            raise
         finally:
             stack.down()
     if args.json:
@@ -128,6 +131,13 @@ def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
         for key, value in result.items():
             print(f"{key:<28} {value}")
     return 0
+
+
+def show_logs(logs: Path, lines: int = 15) -> None:
+    """The last lines of every worker log, on stderr."""
+    for log in sorted(logs.glob("worker-*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        say(f"--- {log.name}:\n" + "\n".join(tail))
 
 
 def measure(settings: Settings, world: World, args: argparse.Namespace) -> dict[str, Any]:
@@ -371,7 +381,9 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
     from shadowpipe.kafka import ensure_topics
 
     tag = f"b{uuid.uuid4().hex[:6]}"
+    # Its own ClickHouse directory: the last search's monitor may still be letting go of its.
     s = settings.replace(topic_prefix=f"{tag}.", clickhouse_database=f"bench_{tag}",
+                         clickhouse_url=f"chdb://{settings.home_path / ('clickhouse-' + tag)}",
                          challengers=str(world.challengers(heavy)))
     ensure_topics(s)
     fleet = Fleet(s)
