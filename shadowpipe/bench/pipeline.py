@@ -509,7 +509,12 @@ def wait_alert(watch: Watch, model: str, deadline: float) -> float | None:
 def lag_trend(samples: list[tuple[float, int, dict[str, int], int]],
               end: float) -> tuple[float, float]:
     """Least-squares slope of the total lag over the second half of the window (messages/s)
-    and the rate of messages entering the stages then."""
+    and the rate of messages entering the stages then.
+
+    >>> growing = [(t, 100 * t, {}, 1000 * t) for t in range(10)]
+    >>> lag_trend(growing, end=9)
+    (100.0, 1000.0)
+    """
     window = [x for x in samples if x[0] <= end]
     half = window[len(window) // 2:]
     if len(half) < 3:
@@ -524,6 +529,11 @@ def lag_trend(samples: list[tuple[float, int, dict[str, int], int]],
 
 
 def pct(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of sorted ``values`` (None when empty).
+
+    >>> pct([1.0, 2.0, 3.0, 4.0], 0.5), pct([], 0.99)
+    (3.0, None)
+    """
     if not values:
         return None
     return round(values[min(len(values) - 1, int(len(values) * q))], 1)
