@@ -48,6 +48,7 @@ from tests.test_deploy_grafana import CLICKHOUSE, DASHBOARDS, _concrete, _querie
     ("SELECT ';', 'it''s; DROP', \"a;b\", `c;d`, $$x;y$$, $t$'; DROP$t$ FROM t", "SELECT",
      None),
     ("SELECT format FROM t", "SELECT", None),
+    ("SELECT file, 'file(' FROM t -- file(", "SELECT", None),
 ])
 def test_classify_accepts_one_read_statement(sql: str, kind: str, fmt: str | None) -> None:
     statement = classify(sql)
@@ -71,6 +72,12 @@ def test_classify_accepts_one_read_statement(sql: str, kind: str, fmt: str | Non
     ("SELECT 1; -- just a comment?\n DROP TABLE joined_records", 62),
     ("SELECT 1;SELECT 2", 62),
     ("SELECT 1 INTO OUTFILE '/tmp/x'", 164),
+    ("SELECT file('/etc/hostname')", 164),
+    ("SELECT file /* c */ ('/etc/hostname')", 164),
+    ("SELECT `file`('/etc/hostname')", 164),
+    ("SELECT \"f\\x69le\"('/etc/hostname')", 164),
+    ("DESCRIBE file('/etc/hostname', 'LineAsString')", 164),
+    ("EXPLAIN SELECT arrayMap(x -> FILE(x), ['/etc/hostname'])", 164),
     ("SELECT 1 /* outfile hidden in a comment */", 164),
     ("SELECT '", 62),
     ("SELECT 1 /* unterminated", 62),
@@ -225,6 +232,9 @@ def test_sql_endpoint_on_a_writing_monitor(settings: Settings, tmp_path: Path) -
             "SELECT 1; DROP TABLE joined_records": 62,
             "/* */ DROP TABLE joined_records": 164,
             f"SELECT 1 INTO OUTFILE '{outfile}'": 164,
+            # readonly=1 lets file() read any file the monitor may read: refused before
+            "SELECT arrayMap(x -> file(x), ['/etc/hostname'])": 164,
+            "SELECT `file`('/etc/hostname')": 164,
             # past the classifier, the engine's readonly=1 still refuses: table functions
             # that reach outside, and raising a limit
             "SELECT * FROM file('/etc/hostname', 'LineAsString')": 164,

@@ -20,7 +20,8 @@ ClickHouse's HTTP interface for ``clickhouse_connect.get_client(host=..., port=.
 **Read-only, twice.** :func:`classify` reads the statement as ClickHouse's lexer does
 (comments, strings, quoted names, heredocs) and lets through one statement of kind
 SELECT, WITH, SHOW, DESCRIBE/DESC, EXPLAIN or EXISTS, without ``INTO OUTFILE``
-(which chdb's ``readonly`` does not stop); anything else is refused with code 164
+or a call of ``file()`` (neither of which chdb's ``readonly`` stops: ``file()`` reads any
+file the process may read); anything else is refused with code 164
 (READONLY) before it reaches the engine. Then the engine runs it on its own chdb handle
 with ``readonly=1``, which refuses writes, DDL, ``SYSTEM``, ``SET``, table functions that
 reach outside (``file``, ``url``, ``remote``, ``s3``) and any change of settings.
@@ -235,12 +236,27 @@ def classify(sql: str) -> Statement:
         shown = "a quoted name" if kind.startswith(_QUOTED) else kind or "this statement"
         raise Refused(READONLY, "READONLY", f"{shown} is not allowed: this endpoint is "
                       f"read-only ({', '.join(ALLOWED)})")
+    _refuse_file_calls(toks)
     if "OUTFILE" in upper or re.search(r"outfile", sql, re.I):
         # Also inside strings and comments: chdb writes the file even with readonly=1, so
         # any spelling the lexer might read differently from ClickHouse's is refused.
         raise Refused(READONLY, "READONLY", "INTO OUTFILE is not allowed: this endpoint is "
                       "read-only")
     return Statement(kind, _format_clause(toks))
+
+
+def _refuse_file_calls(toks: list[str]) -> None:
+    """Refuse ``file(...)``, which reads any file the monitor may read even with
+    ``readonly=1``, and any call through a quoted name (`` `file`(...) ``, escapes)."""
+    for name, after in zip(toks, toks[1:], strict=False):
+        if after != "(":
+            continue
+        if name.lower() == "file":
+            raise Refused(READONLY, "READONLY", "file() is not allowed: it reads the "
+                          "monitor's files")
+        if name in (_QUOTED + "`", _QUOTED + '"'):
+            raise Refused(READONLY, "READONLY", "calling a function by a quoted name is not "
+                          "allowed here")
 
 
 def _format_clause(toks: list[str]) -> str | None:
