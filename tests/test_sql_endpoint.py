@@ -286,3 +286,12 @@ def test_sql_endpoint_off(settings: Settings, tmp_path: Path) -> None:
     finally:
         worker.kill()
         worker.wait(10)
+
+
+def test_sql_port_equal_to_the_web_port_stops_the_monitor(settings: Settings,
+                                                          tmp_path: Path) -> None:
+    s = settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}", sql_port=settings.web_port)
+    worker = spawn_cli(s, "worker", "monitor", log=tmp_path / "worker.log")
+    assert worker.wait(120) == 2
+    lines = (tmp_path / "worker.log").read_text().strip().splitlines()
+    assert lines[-1].startswith("shadowpipe: error: SHADOWPIPE_SQL_PORT [worker monitor]: ")

@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from shadowpipe.config import Settings, env_name
+from shadowpipe.config import ConfigError, Settings, env_name
 from shadowpipe.tables import database
 
 log = logging.getLogger(__name__)
@@ -507,9 +507,19 @@ def engine_path(settings: Settings) -> str | None:
 
 def attach(app: Any, settings: Settings) -> None:
     """Serve the endpoint with the monitor's worker (``app``) while it owns the embedded
-    engine; nothing with ``sql_port`` 0 or a ClickHouse server."""
+    engine; nothing with ``sql_port`` 0 or a ClickHouse server.
+
+    >>> attach(None, Settings.load(env={"SHADOWPIPE_SQL_PORT": "6066"}))
+    Traceback (most recent call last):
+    ...
+    shadowpipe.config.ConfigError: SHADOWPIPE_SQL_PORT [worker monitor]: 6066 is also ...
+    """
     import mode
 
+    if settings.sql_port == settings.web_port:
+        raise ConfigError(env_name("sql_port"), f"{settings.sql_port} is also "
+                          f"{env_name('web_port')}: the SQL endpoint needs a port of its own",
+                          "worker monitor")
     path = engine_path(settings)
     if not settings.sql_port or path is None:
         log.info("read-only SQL endpoint off (%s)", f"{env_name('sql_port')}=0"
