@@ -109,7 +109,7 @@ _CONTENT_TYPES = {
 
 
 class Refused(Exception):
-    """A request the endpoint does not run; ``str()`` is ClickHouse's error text."""
+    """A request refused, or a query failed; ``str()`` is ClickHouse's error text."""
 
     def __init__(self, code: int, name: str, message: str) -> None:
         self.code, self.name = code, name
