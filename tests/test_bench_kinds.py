@@ -21,7 +21,7 @@ def test_bench_shadow_onnx_against_sklearn(settings: Settings, tmp_path: Path) -
     assert out["kind"] == "onnx"
     assert out["onnx_vs_sklearn"] == pytest.approx(
         out["onnx_worker_events_per_s"] / out["worker_events_per_s"], abs=0.002)
-    assert len(out["onnx_runs_events_per_s"]) == 1
+    assert len(out["onnx_runs_events_per_s"]) == len(out["onnx_vs_sklearn_runs"]) == 1
     assert out["worker_errors"] == out["onnx_worker_errors"] == 0
     assert out["predictions"] == 2200 and out["onnx_predictions"] == 2000
 

@@ -84,7 +84,7 @@ def test_hung_then_killed_server_never_stalls_the_worker(
         f'outputs = ["predict_proba"]\nclasses = [{classes}]\ntimeout_ms = 5000\n\n'
         f'[[challengers]]\nname = "sleepy"\nversion = "1"\nkind = "oip"\n'
         f'location = "{server.url("sleepy")}"\nfeatures = ["mean_radius", "mean_texture"]\n'
-        "timeout_ms = 300\n")
+        "timeout_ms = 1000\n")
     s = settings.replace(challengers=str(path))
     proc = spawn_cli(s, "worker", "shadow", log=tmp_path / "worker.log")
     try:

@@ -267,10 +267,13 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
                  if kind != "sklearn" else None)
         runs, kind_runs = [], []
         for i in range(passes):
+            # The kind's pass goes second, then first, in turn: a machine or broker that
+            # slows down over the run must not always hit the same side.
+            if other is not None and i % 2 == 1:
+                kind_runs.append(_kind_pass(settings, work, model, events, stack, other, kind))
             runs.append(_pass(settings, work, model, events,
                               (lag_events, lag_rate) if i == passes - 1 else None, stack))
-            if other is not None:
-                say(f"the same events, the model as an {kind} challenger")
+            if other is not None and i % 2 == 0:
                 kind_runs.append(_kind_pass(settings, work, model, events, stack, other, kind))
     worker = max(r["worker"] for r in runs)
     ceiling = max(r["ceiling"] for r in runs)
@@ -300,6 +303,7 @@ def _kind_pass(settings: Settings, work: Path, model: Any, events: int, stack: E
     """A worker pass scoring with ``challengers``; for oip, then the raw round trip."""
     from shadowpipe.bench import shadow_kinds
 
+    say(f"the same events, the model as an {kind} challenger")
     run = _pass(settings, work, model, events, None, stack, challengers)
     if kind == "oip":
         batch = max(1, round(run["stats"]["batches"]["mean"]))

@@ -114,6 +114,9 @@ def summary(kind: str, base: list[dict[str, Any]], runs: list[dict[str, Any]]) -
     }
     if kind == "onnx":
         out["onnx_vs_sklearn"] = round(best / max(r["worker"] for r in base), 3)
+        # pass by pass (the two sides of a pass ran one right after the other)
+        out["onnx_vs_sklearn_runs"] = [round(k["worker"] / b["worker"], 3)
+                                       for b, k in zip(base, runs, strict=True)]
     if kind == "oip":
         # Pass by pass; the best pass counts, like the throughputs.
         pairs = [(r["kind_s_per_event"], r["raw_s_per_event"]) for r in runs]
