@@ -49,6 +49,7 @@ from shadowpipe.stack import _pid_alive, _runs, free_port
 KINDS = ("shadow", "join", "monitor")
 STOP_S = 50.0  # a worker's own stop limit is 45 s (processors/worker.py)
 STANDBY_POLL_S = 1.0
+STANDBY_GRACE_S = 120.0  # the active monitor's start-up (imports, checks, migrations)
 
 
 def parse_workers(spec: str) -> dict[str, int]:
@@ -311,6 +312,12 @@ def standby(settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    # Started with the active monitor: let it take the directory first, or the standby
+    # could win the race and the active one would exit at start-up.
+    grace = time.monotonic() + STANDBY_GRACE_S
+    while (path is not None and not stopping and not directory_held(path)
+           and time.monotonic() < grace):
+        time.sleep(STANDBY_POLL_S / 4)
     while not stopping:
         if path is not None and directory_held(path):
             time.sleep(STANDBY_POLL_S)
