@@ -23,7 +23,7 @@ import pytest
 from shadowpipe.config import Settings
 from shadowpipe.kafka import ensure_topics
 from shadowpipe.processors.join.core import JoinCore
-from shadowpipe.processors.join.store import GROUPS, ClusterJoinStore, group_of
+from shadowpipe.processors.join.store import GROUPS, ClusterJoinStore, StoreError, group_of
 from shadowpipe.redis_cluster import LocalRedisCluster
 from shadowpipe.stack import free_port
 from shadowpipe.stores import redis_client
@@ -31,6 +31,8 @@ from tests.conftest import spawn_cli
 from tests.test_join_core import (  # noqa: F401 - collected again here, on the cluster
     latest,
     make_requests,
+    messages_of,
+    msg,
     test_any_order_with_duplicates_reaches_the_expected_state,
     test_bad_messages_are_dead_lettered,
     test_claimed_orphans_are_reissued_until_finished,
@@ -199,3 +201,24 @@ def test_pending_is_unknown_while_a_master_is_away(
         redis_cluster.start_node(port)
         redis_cluster.wait_ok()
     assert store.pending() == 0
+
+
+def test_out_of_memory_on_the_layouts_master_is_oom(join_settings: Settings) -> None:
+    """The feature layouts are written first with a direct HSET: redis-py raises its OOM
+    reply as OutOfMemoryError, whose text lacks "OOM"; it must still count as out of memory
+    (it did not: test_redis_out_of_memory_is_an_error_and_a_counter failed when the layouts
+    key sat on a full master)."""
+    core = JoinCore(join_settings)
+    store = core.store
+    node = store.client.get_node_from_key(store.layouts_key)
+    reqs = make_requests(random.Random(8), 5)
+    msgs = [msg(k, 0, n, None, v)
+            for n, (k, v) in enumerate(m for r in reqs for m in messages_of(r))]
+    store.client.config_set("maxmemory", 1, target_nodes=node)
+    try:
+        with pytest.raises(StoreError) as err:
+            core.process(msgs)
+        assert err.value.oom
+    finally:
+        store.client.config_set("maxmemory", 0, target_nodes=node)
+    assert core.process(msgs).joined  # nothing lost: the retry goes through

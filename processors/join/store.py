@@ -564,8 +564,10 @@ class ClusterJoinStore(JoinStore):
             yield from self._merge_groups(groups, now_ms)
         except redis.RedisError as exc:
             self._refresh(exc)
-            raise StoreError(f"Redis Cluster merge failed: {exc}",
-                             oom="OOM" in str(exc)) from exc
+            # redis-py turns a direct command's OOM reply into OutOfMemoryError, whose text
+            # has lost the code (the layouts' HSET here); pipelined script replies keep it.
+            oom = isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc)
+            raise StoreError(f"Redis Cluster merge failed: {exc}", oom=oom) from exc
 
     def _save_layouts(self) -> None:
         """Feature layouts first, synchronously: merges on other masters refer to them."""
