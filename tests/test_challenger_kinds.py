@@ -332,3 +332,21 @@ def test_docs_have_a_valid_example_of_each_kind() -> None:
         for spec in parse_specs(tomllib.loads(block), 1000):
             kinds.add(spec.kind)
     assert {"onnx", "mlflow", "oip"} <= kinds
+
+
+def test_oip_reopens_a_dropped_keep_alive_connection_once(
+        world: World, records: list[dict[str, Any]], mlserver: Any, tmp_path: Path) -> None:
+    import socket
+
+    classes = [str(c) for c in world.primary.classes_]
+    model = from_file(tmp_path, oip_body(mlserver.url("primary"), world.primary_features,
+                                         classes))
+    want = reference(world.primary, world.primary_features, records[:20])
+    runner = Runner("kind", model, 30_000)
+    try:
+        assert_same(runner.collect(runner.submit(records[:20])), want)
+        # as when the server closes an idle connection: the next call must not fail for it
+        model._conn.sock.shutdown(socket.SHUT_RDWR)
+        assert_same(runner.collect(runner.submit(records[:20])), want)
+    finally:
+        runner.close()
