@@ -1,8 +1,9 @@
 """The replay loop: pages of stored requests, scored in the shadow worker's micro-batches by
 its own :class:`~shadowpipe.processors.shadow.core.ShadowProcessor` (the challenger declared
 in ``SHADOWPIPE_CHALLENGERS``, loaded, sampled, called under its timeout with errors
-contained), written as JoinedRecords into the replay run's ``joined_records`` with the
-monitor's columns and sink, then the progress mark.
+contained), written into the replay run's ``joined_records`` as one Arrow insert per page
+(ClickHouse parses the stored columns it sent, Python never holds them), then the
+progress mark.
 
 >>> run_id("gbm-v3.1")
 'gbm_v3_1'
@@ -17,10 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from shadowpipe.config import ConfigError, Settings
-from shadowpipe.processors.monitor.sink import Sink
 from shadowpipe.processors.replay import progress, stored
 from shadowpipe.processors.replay.progress import Mark
-from shadowpipe.processors.replay.records import Who, columns, concat, inputs
+from shadowpipe.processors.replay.records import Who, inputs, rows
 from shadowpipe.processors.shadow.challengers import ChallengerSpec, load_specs
 from shadowpipe.processors.shadow.core import ShadowProcessor
 from shadowpipe.processors.shadow.service import tune_gc
@@ -66,18 +66,32 @@ def start(client: Any, settings: Settings, name: str, source: str, since_s: int 
     return mark
 
 
-def score(processor: ShadowProcessor, page: dict[str, list[Any]], who: Who, batch: int
-          ) -> dict[str, list[Any]]:
-    """``joined_records`` columns of ``page`` (stored requests) scored in micro-batches of
-    ``batch``, as the worker scores them; requests outside the sample yield no row."""
-    records, parts = inputs(page), []
+def score(processor: ShadowProcessor, page: Any, who: Who, batch: int) -> Any:
+    """``joined_records`` rows (Arrow) of ``page`` (stored requests, Arrow) scored in
+    micro-batches of ``batch``, as the worker scores them; requests outside the sample
+    yield no row."""
+    records = inputs(page)
+    picked: list[int] = []
+    results: list[Any] = []
+    shares: list[float] = []
     for at in range(0, len(records), batch):
-        chunk = records[at:at + batch]
-        for outcome in processor.run_challengers(chunk):
+        for outcome in processor.run_challengers(records[at:at + batch]):
             share_ms = outcome.pending.elapsed_s() * 1000 / max(len(outcome.picked), 1)
-            rows = {name: values[at:at + batch] for name, values in page.items()}
-            parts.append(columns(rows, outcome.picked, outcome.results, who, share_ms))
-    return concat(parts)
+            picked.extend(at + i for i in outcome.picked)
+            results.extend(outcome.results)
+            shares.extend([share_ms] * len(outcome.picked))
+    return rows(page, picked, results, shares, who)
+
+
+def insert(client: Any, table: str, rows: Any) -> None:
+    """Insert an Arrow table as an uncompressed Arrow stream: ClickHouse reads it as it
+    is (clickhouse-connect's ``insert_arrow`` writes a file, compressed for a server)."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    client.raw_insert(table, rows.column_names, sink.getvalue().to_pybytes(), fmt="ArrowStream")
 
 
 class Replayer:
@@ -91,21 +105,20 @@ class Replayer:
         self.client = client
         self.who = Who(spec.name, spec.version, spec.is_control)
         self.processor = ShadowProcessor(settings, [spec])
-        self.sink = Sink(settings, client_factory=lambda: client)
 
-    def write(self, mark: Mark, seen: int, cols: dict[str, list[Any]],
+    def write(self, mark: Mark, seen: int, scored: Any,
               cursor: tuple[int, str] | None = None, offsets: dict[int, int] | None = None
               ) -> None:
-        """Store a page's rows, then move the mark past the page (to the stored request
-        ``cursor``, or the topic's next ``offsets``)."""
-        if cols.get("request_id"):
-            self.sink.write({"joined_records": cols})
+        """Store a page's rows (an Arrow table), then move the mark past the page (to the
+        stored request ``cursor``, or the topic's next ``offsets``)."""
+        if scored.num_rows:
+            insert(self.client, f"{self.db}.joined_records", scored)
         if cursor is not None:
             mark.cursor_time, mark.cursor_id = cursor
         if offsets is not None:
             mark.offsets = offsets
         mark.seen += seen
-        mark.scored += len(cols.get("request_id", ()))
+        mark.scored += scored.num_rows
         progress.save(self.client, self.db, mark)
 
     def from_clickhouse(self, mark: Mark, show: Show) -> None:
@@ -117,23 +130,32 @@ class Replayer:
         """
         live = database(self.settings.replace(run=""))
         tune_gc()  # as in the worker: pages of containers must not trigger full collections
-        source = stored.pages(self.client, live, mark.since_ms, mark.until_ms, mark.cursor,
+        source = stored.pages(self.settings, live, mark.since_ms, mark.until_ms, mark.cursor,
                               self.page_rows)
         with ThreadPoolExecutor(1, "replay-read") as reader, \
                 ThreadPoolExecutor(1, "replay-write") as writer:
-            ahead: Future = reader.submit(next, source, None)
-            written: Future | None = None
-            while (page := ahead.result()) is not None:
-                ahead = reader.submit(next, source, None)
-                cols = score(self.processor, page, self.who, self.settings.shadow_batch_size)
-                cursor = page["event_time"][-1], page["request_id"][-1]
-                if written is not None:
-                    written.result()
-                    show(mark)
-                written = writer.submit(self.write, mark, len(page["request_id"]), cols, cursor)
+            try:
+                self._pipeline(mark, show, source, reader, writer)
+            finally:  # on the thread that opened the stream
+                reader.submit(source.close).result()
+
+    def _pipeline(self, mark: Mark, show: Show, source: Any, reader: ThreadPoolExecutor,
+                  writer: ThreadPoolExecutor) -> None:
+        ahead: Future = reader.submit(next, source, None)
+        written: Future | None = None
+        while (page := ahead.result()) is not None:
+            ahead = reader.submit(next, source, None)
+            scored = score(self.processor, page, self.who, self.settings.shadow_batch_size)
+            last = page.slice(page.num_rows - 1)
+            cursor = (last.column("event_time").cast("int64")[0].as_py(),
+                      last.column("request_id")[0].as_py())
             if written is not None:
                 written.result()
                 show(mark)
+            written = writer.submit(self.write, mark, page.num_rows, scored, cursor)
+        if written is not None:
+            written.result()
+            show(mark)
 
     def finish(self, mark: Mark) -> None:
         mark.done = True

@@ -22,6 +22,7 @@ from typing import Any
 
 from shadowpipe import kafka
 from shadowpipe.processors.replay.progress import Mark
+from shadowpipe.processors.replay.records import table
 from shadowpipe.processors.replay.replayer import Replayer, Show, score
 from shadowpipe.schemas.codec import DecodeError
 from shadowpipe.tables import database
@@ -67,9 +68,9 @@ def _messages(replayer: Replayer, mark: Mark) -> Iterator[list[Any]]:
         consumer.close()
 
 
-def _page(events: list[dict[str, Any]], labels: dict[str, tuple]) -> dict[str, list[Any]]:
-    """Stored-request columns (as :mod:`~shadowpipe.processors.replay.stored` reads them)
-    of decoded InferenceEvents and their stored labels."""
+def _page(events: list[dict[str, Any]], labels: dict[str, tuple]) -> Any:
+    """Stored-request columns (as :mod:`~shadowpipe.processors.replay.stored` reads them,
+    an Arrow table) of decoded InferenceEvents and their stored labels."""
     cols: dict[str, list[Any]] = {}
     for name in ("request_id", "event_time", "model", "model_version", "context",
                  "num_features", "cat_features", "null_features", "inclusion_prob", "trace_id"):
@@ -87,7 +88,7 @@ def _page(events: list[dict[str, Any]], labels: dict[str, tuple]) -> dict[str, l
     cols["version"] = [v or 1 for v in cols["version"]]
     cols["joined_at"] = [j or e for j, e in zip(cols["joined_at"], cols["event_time"],
                                                  strict=True)]
-    return cols
+    return table(cols)
 
 
 def replay_topic(replayer: Replayer, mark: Mark, show: Show) -> None:
@@ -119,6 +120,6 @@ def _replay_page(replayer: Replayer, mark: Mark, msgs: list[Any], live: str, dec
     ids = [e["request_id"] for e in events]
     rows = replayer.client.query(label_sql(live), parameters={"ids": ids}).result_rows
     page = _page(events, {row[0]: row[1:] for row in rows})
-    cols = score(replayer.processor, page, replayer.who, replayer.settings.shadow_batch_size)
+    scored = score(replayer.processor, page, replayer.who, replayer.settings.shadow_batch_size)
     offsets = {**mark.offsets, **{m.partition(): m.offset() + 1 for m in msgs}}
-    replayer.write(mark, len(msgs), cols, offsets=offsets)
+    replayer.write(mark, len(msgs), scored, offsets=offsets)
