@@ -28,7 +28,7 @@ from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.service import PRODUCER_OVERRIDES, join_loop, sweep_once
 from shadowpipe.processors.join.store import StoreError
 from shadowpipe.processors.publisher import DeliveryError, Publisher
-from shadowpipe.processors.runtime.health import add_health, loop_readiness
+from shadowpipe.processors.runtime.health import add_health, loop_lag, loop_readiness
 from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.runtime.thread import add_loop_service
 
@@ -68,6 +68,7 @@ def install(app: Any, settings: Settings) -> BatchLoop:
             log.info("join counters: %s", core.stats())
 
     add_health(app, "join", lambda: {"pending": core.store.pending(), **core.stats()},
-               lambda: loop_readiness(loop), stats_aliases=(OLD_STATS_PATH,))
+               lambda: loop_readiness(loop), stats_aliases=(OLD_STATS_PATH,),
+               lag=loop_lag(loop))
 
     return loop

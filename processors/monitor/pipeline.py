@@ -51,6 +51,7 @@ from shadowpipe.processors.monitor.core import (
 )
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.processors.runtime.message import Message
+from shadowpipe.processors.runtime.metrics import DELAY_BOUNDS, Buckets
 from shadowpipe.processors.runtime.retry import Stopped, retry
 from shadowpipe.processors.state_marker import monitor_holds_state, monitor_marker
 from shadowpipe.schemas import schema
@@ -179,6 +180,8 @@ class Pipeline:
         self.sleep = sleep
         self.clock = clock
         self.totals = Totals()
+        self.label_delays = Buckets(DELAY_BOUNDS)  # seconds, for /metrics
+        self.verdicts: dict[str, str] = {}  # challenger -> current verdict (verdict agent)
         self.retrying: str | None = None  # what a retry loop is waiting for, if any
         self._abort = threading.Event()
         self.last_record_ms = clock()  # a restart with open windows and no traffic closes them
@@ -270,6 +273,7 @@ class Pipeline:
     def _process(self, messages: list[Message]) -> BatchResult:
         records, dead, in_file = self._decode_batch(messages)
         result = BatchResult(records=len(records), dead_letters=dead)
+        self._observe_delays(records)
         rest, pending = self._insert_from_file(records, in_file)
         try:
             self._count(records, result)
@@ -279,6 +283,12 @@ class Pipeline:
             if pending is not None:
                 result.rows += pending.result()
         return result
+
+    def _observe_delays(self, records: list[dict[str, Any]]) -> None:
+        observe = self.label_delays.observe
+        for r in records:
+            if r.get("label_time") is not None:
+                observe(max(0, r["label_time"] - r["event_time"]) / 1000)
 
     def _insert_from_file(self, records: list[dict[str, Any]], in_file: list[bool],
                           ) -> tuple[list[dict[str, Any]], Future[int] | None]:

@@ -31,6 +31,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -69,9 +70,16 @@ class MonitorHandler(Handler):
         self.settings = settings
         self.pipeline = pipeline
         self.codec = Codec(settings.schema_registry_url)
+        self.alerts: Counter[str] = Counter()
 
     def process(self, batch: list[Message]) -> Outputs:
-        return outputs(self.settings, self.pipeline.process(batch), self.codec)
+        result = self.pipeline.process(batch)
+        self.count_alerts(result)
+        return outputs(self.settings, result, self.codec)
+
+    def count_alerts(self, result: BatchResult) -> None:
+        """Alerts by detector, for /metrics."""
+        self.alerts.update(a["detector"] for a in result.alerts)
 
     def settled(self, batch: list[Message]) -> None:
         self.pipeline.checkpoint()
@@ -127,6 +135,7 @@ class Runtime:
         alerts, checkpoint; nothing is checkpointed when nothing closed."""
         def run() -> BatchResult:
             result = close()
+            self.handler.count_alerts(result)
             if result.windows or result.rows:
                 self.loop.deliver(outputs(self.settings, result, self.handler.codec))
                 self.pipeline.checkpoint()
@@ -199,6 +208,15 @@ class Runtime:
         return state_of(started=self.started, stopping=self.stopping, retrying=retrying,
                         batch_s=time.monotonic() - started if started is not None else None)
 
+    def lag(self, highwater: Callable[[str, int], int | None]) -> dict[tuple[str, int], int]:
+        """Records behind the high watermark per partition processed (unknown: left out)."""
+        lag = {}
+        for (topic, partition), offset in dict(self.offsets).items():
+            high = highwater(topic, partition)
+            if high is not None:
+                lag[(topic, partition)] = max(0, high - offset)
+        return lag
+
     def stats(self, highwater: Callable[[str, int], int | None]) -> dict[str, Any]:
         """Counters, window and detector figures, last write, lag, readiness."""
         totals = self.pipeline.totals
@@ -217,7 +235,12 @@ class Runtime:
             "windows_provisional": totals.windows_provisional,
             "late_dropped": totals.late_dropped, "detectors": self.measured["detectors"],
             "alerts_raised": totals.alerts,
+            "alerts_by_detector": dict(self.handler.alerts),
+            "verdicts": dict(self.pipeline.verdicts),
+            "label_delay_seconds": self.pipeline.label_delays.snapshot(),
             "clickhouse": {"rows_written": totals.rows_written,
+                           "failures": self.pipeline.sink.failures,
+                           "insert_seconds": self.pipeline.sink.insert_seconds.snapshot(),
                            "last_write_ms": totals.last_write_ms,
                            "last_write_rows": totals.last_write_rows,
                            "retrying": self.pipeline.sink.retrying},

@@ -18,6 +18,7 @@ from operator import itemgetter
 from typing import Any
 
 from shadowpipe.config import Settings
+from shadowpipe.processors.runtime.metrics import Buckets
 from shadowpipe.processors.runtime.retry import retry
 from shadowpipe.tables import JOINED_COLUMNS, database
 
@@ -120,6 +121,7 @@ class Sink:
         self.failures = 0
         self.retrying = False  # readiness: a write is waiting for ClickHouse
         self.last_error: str | None = None
+        self.insert_seconds = Buckets()  # successful attempts only, for /metrics
 
     def connect(self) -> Any:
         if self.client is None:
@@ -136,6 +138,7 @@ class Sink:
         batches = {t: cols for t, cols in tables.items() if cols and next(iter(cols.values()))}
 
         def insert() -> int:
+            started = time.perf_counter()
             client = self.connect()
             for table, cols in batches.items():
                 client.insert(table, list(cols.values()), column_names=list(cols),
@@ -143,6 +146,7 @@ class Sink:
             for sql, _rows in statements:
                 client.command(sql)
             rows = sum(len(next(iter(c.values()))) for c in batches.values())
+            self.insert_seconds.observe(time.perf_counter() - started)
             return rows + sum(n for _sql, n in statements)
 
         def failed(exc: BaseException) -> None:

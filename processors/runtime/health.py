@@ -3,7 +3,8 @@
 * ``GET /shadowpipe/<worker>/ready``: 200 ``{"ready": true, "state": "ready", ...}`` or
   503 with the state (``starting``, ``retrying``, ``stalled``, ``stopping``) and why;
 * ``GET /shadowpipe/<worker>/stats``: the worker's counters as JSON, with the same
-  ``state``, ``ready`` and ``reason``.
+  ``state``, ``ready`` and ``reason``;
+* ``GET /metrics``: the same counters in the Prometheus text format (:mod:`.metrics`).
 
 ``<worker>`` is ``shadow``, ``join`` or ``monitor``; ``worker all`` serves all three.
 
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shadowpipe.processors.runtime import metrics
 from shadowpipe.processors.runtime.loop import BatchLoop
 
 STALL_S = 60.0  # a batch running longer than this (without a retry logged) is stalled
@@ -54,10 +56,18 @@ def loop_readiness(loop: BatchLoop, retrying: str | None = None) -> Readiness:
                     batch_s=time.monotonic() - started if started is not None else None)
 
 
+def loop_lag(loop: BatchLoop) -> metrics.Lag:
+    """The consumer lag per (topic, partition) of a threaded loop, for ``/metrics``."""
+    return lambda: metrics.consumer_lag(
+        dict(loop.source.highwater) if loop.source is not None else {}, dict(loop.positions))
+
+
 def add_health(app: Any, worker: str, stats: Callable[[], dict[str, Any]],
-               readiness: Callable[[], Readiness], stats_aliases: Sequence[str] = ()) -> None:
+               readiness: Callable[[], Readiness], stats_aliases: Sequence[str] = (),
+               lag: metrics.Lag | None = None) -> None:
     """Serve ``worker``'s readiness and stats on ``app``'s web port (the stats also on
-    ``stats_aliases``: older paths still in use)."""
+    ``stats_aliases``: older paths still in use), and both on ``/metrics`` with ``lag``
+    (consumer lag per topic and partition, :func:`loop_lag`)."""
     ready_path, stats_path = paths(worker)
 
     def verdict() -> dict[str, Any]:
@@ -74,3 +84,4 @@ def add_health(app: Any, worker: str, stats: Callable[[], dict[str, Any]],
     app.page(ready_path, name=f"{worker}_ready")(ready)
     for path in (stats_path, *stats_aliases):
         app.page(path, name=f"{worker}_stats")(counters)
+    metrics.serve(app, worker, stats, readiness, lag)

@@ -52,6 +52,7 @@ log = logging.getLogger("shadowpipe.runtime")
 # (topic, [(key, value), ...]) per output topic of a batch
 Outputs = Sequence[tuple[str, Sequence[tuple[Any, bytes]]]]
 Offsets = dict[tuple[str, int], int]  # (topic, partition) -> next offset
+HIGHWATER_S = 1.0  # how often the loop refreshes the watermarks /metrics reads
 
 
 def produce(publisher: Publisher, outputs: Outputs) -> None:
@@ -121,6 +122,11 @@ class KafkaSource:
         self.batch_size, self.wait_s, self.overrides = batch_size, wait_s, overrides
         self.consumer: Any = None
         self.assigned: list[tuple[str, int]] = []
+        # High watermark per partition, refreshed on the loop's thread: other threads
+        # (``/metrics``) read this dict and never call the consumer (a call from the web
+        # thread waited for the loop's consume() and blocked the event loop for seconds).
+        self.highwater: dict[tuple[str, int], int] = {}
+        self._highwater_at = 0.0
 
     def open(self, on_assign: Callable[[], None], on_revoke: Callable[[], None]) -> None:
         def assign(_consumer: Any, partitions: list[Any]) -> None:
@@ -141,7 +147,25 @@ class KafkaSource:
         batch, errors = from_kafka(self.consumer.consume(self.batch_size, self.wait_s))
         for error in errors:
             log.warning("%s consumer: %s", self.group, error)
+        if time.monotonic() - self._highwater_at >= HIGHWATER_S:
+            self._refresh_highwater()
         return batch
+
+    def _refresh_highwater(self) -> None:
+        """librdkafka's cached watermarks of the assigned partitions (no broker call)."""
+        from confluent_kafka import TopicPartition
+
+        self._highwater_at = time.monotonic()
+        fresh = {}
+        for topic, partition in self.assigned:
+            try:
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), cached=True)
+            except Exception:  # noqa: BLE001 - not fetched yet: unknown, not zero
+                continue
+            if high >= 0:
+                fresh[(topic, partition)] = high
+        self.highwater = fresh
 
     def commit(self, offsets: Offsets, asynchronous: bool) -> None:
         from confluent_kafka import KafkaException, TopicPartition

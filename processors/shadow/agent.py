@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from shadowpipe.config import Settings
-from shadowpipe.processors.runtime.health import add_health, loop_readiness
+from shadowpipe.processors.runtime.health import add_health, loop_lag, loop_readiness
 from shadowpipe.processors.runtime.loop import BatchLoop
 from shadowpipe.processors.runtime.thread import add_loop_service
 from shadowpipe.processors.shadow.challengers import load_specs
@@ -36,5 +36,6 @@ def install(app: Any, settings: Settings) -> BatchLoop:
     log.info("shadow: challengers %s", names)
 
     add_loop_service(app, loop, "shadow-loop")
-    add_health(app, "shadow", processor.stats.snapshot, lambda: loop_readiness(loop))
+    add_health(app, "shadow", processor.stats.snapshot, lambda: loop_readiness(loop),
+               lag=loop_lag(loop))
     return loop

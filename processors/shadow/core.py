@@ -150,7 +150,9 @@ class ShadowProcessor:
         self, ch: Challenger, picked: list[int], pending: Pending, results: list[Result],
         records: list[dict[str, Any]], lags: list[float], scored_at: bytes, out: Scored,
     ) -> None:
-        share_ms = pending.elapsed_s() * 1000 / max(len(picked), 1)
+        elapsed_s = pending.elapsed_s()
+        self.stats.model_seconds[ch.spec.name].observe(elapsed_s)
+        share_ms = elapsed_s * 1000 / max(len(picked), 1)
         if len(picked) == len(records):  # sampled at rate 1: no copies
             chosen, chosen_lags = records, lags
         else:

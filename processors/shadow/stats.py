@@ -21,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from shadowpipe.processors.runtime.metrics import Buckets
+
 LAG_WINDOW = 20_000  # recent records the lag percentiles are computed over
 
 
@@ -59,6 +61,8 @@ class Stats:
     def __init__(self, challengers: Iterable[str]) -> None:
         self.started = time.time()
         self.challengers = {name: ChallengerCounters() for name in challengers}
+        # One observation per challenger call on a micro-batch, not per event: cheap.
+        self.model_seconds = {name: Buckets() for name in self.challengers}
         self.consumed = 0
         self.batches = 0
         self.max_batch = 0
@@ -117,6 +121,7 @@ class Stats:
                 "p99": percentile(lags, 0.99), "max": lags[-1] if lags else None,
             },
             "challengers": {name: asdict(c) for name, c in self.challengers.items()},
+            "model_seconds": {name: b.snapshot() for name, b in self.model_seconds.items()},
             **{step: _summary(v) for step, v in timings.items()},
         }
 

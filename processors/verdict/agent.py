@@ -56,6 +56,9 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
         async with lock:  # one evaluation at a time: each compares with the latched state
             outcome = await loop.run_in_executor(
                 executor, evaluator.evaluate, challenger, policy, reset, replay)
+            if not (challenger or policy or reset or replay):  # every live one: /metrics
+                pipeline.verdicts.update({d["challenger"]: d["verdict"]
+                                          for d in outcome.reply["verdicts"]})
             if outcome.events:
                 await loop.run_in_executor(executor, _publish, publisher, outcome.events,
                                            pipeline.pause)
