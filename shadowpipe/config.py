@@ -144,6 +144,14 @@ class Settings:
     monitor_close_on_stop: str = _opt(
         "due", "on SIGINT/SIGTERM: due = close due windows and store the open ones as "
         "provisional rows; all = close every window (a finite stream)", choices=("due", "all"))
+    monitor_mode: str = _opt(
+        "single", "single = one monitor process (a second is a hot standby); partitioned = "
+        "N monitors in one consumer group, records re-keyed by series onto a repartition "
+        "topic (processors/monitor/partitioned.py)", choices=("single", "partitioned"))
+    monitor_sink: str = _opt(
+        "on", "partitioned mode: this process also writes ClickHouse (joined records and the "
+        "monitors' rows); with the embedded engine exactly one process may: off on the others",
+        choices=("on", "off"))
     policy: str = _opt("", "verdict policy file (TOML); empty = the built-in defaults")
     verdict_interval_s: int = _opt(
         60, "the monitor re-evaluates every challenger's verdict this often, s", min=1)

@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from shadowpipe.config import Settings
-from shadowpipe.processors.monitor import reference
+from shadowpipe.processors.monitor import partitioned, reference
 from shadowpipe.processors.monitor.pipeline import Pipeline
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
 from shadowpipe.processors.monitor.sql import attach as attach_sql
@@ -60,6 +60,8 @@ def idle_tick_s(idle_s: int) -> float:
 def install(app: Any, settings: Settings) -> None:
     """Check Redis and ClickHouse, migrate the tables, declare the agent, the idle timer,
     the stop handler and the endpoints (query, readiness, stats)."""
+    if settings.monitor_mode == "partitioned":  # N processes in consumer groups
+        return partitioned.install(app, settings)
     check_redis(settings, "worker monitor")
     client = check_clickhouse(settings, "worker monitor")
     pipeline = Pipeline(settings, client_factory=_client_factory(settings, client))
@@ -104,7 +106,7 @@ def install(app: Any, settings: Settings) -> None:
         await runtime.stop()
 
     add_health(app, "monitor", lambda: runtime.stats(lambda t, p: _highwater(app, t, p)),
-               runtime.readiness, lag=lambda: runtime.lag(lambda t, p: _highwater(app, t, p)))
+               runtime.readiness)
 
     @app.page(QUERY_PATH)
     async def query(web: Any, request: Any) -> Any:

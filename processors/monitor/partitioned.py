@@ -1,0 +1,366 @@
+"""``monitor_mode=partitioned``: N monitor processes share the work through Kafka consumer
+groups, with the same window rows and alerts as one process.
+
+Three stages, each a :class:`~shadowpipe.processors.runtime.loop.BatchLoop` on its own
+thread with its own consumer group, in every monitor process (the sink only where
+``monitor_sink=on``):
+
+1. **repartition** (group ``<prefix>monitor-repartition``, topic ``joined``): decode and
+   validate (dead letters as the single monitor), then produce each record, unchanged, to
+   ``<prefix>monitor-series`` once per series it feeds, keyed by series
+   (:func:`.series.series_keys`): a ``group_by`` as in Kafka Streams or Faust.
+2. **series** (group ``<prefix>monitor-series``): the owner of a repartition partition owns
+   its keys' :class:`.series.SeriesMonitor` (windows, detectors, conditions). Facts are
+   deduplicated per (series, request, challenger) (:mod:`.dedup`, namespace
+   ``<prefix>series.``); closed windows become rows on ``<prefix>monitor-rows`` (JSON), alerts
+   go to the alerts topic; then each touched partition's state is checkpointed to Redis
+   (``<prefix>monitor:series:<partition>``) in one transaction with the dedup bits; then
+   the offsets are committed. A rebalance settles the batch in flight, drops the revoked
+   partitions' state, and loads the assigned ones' checkpoints: the state moves with the
+   partition.
+3. **sink** (group ``<prefix>monitor-sink``, topics ``joined`` and ``monitor-rows``): writes
+   joined records, orphans, window rows, alerts and drift statistics into ClickHouse (the
+   ReplacingMergeTree tables of :mod:`shadowpipe.tables`: a replay writes the same keys
+   again, ``FINAL`` keeps one), then commits. The embedded engine admits one process per
+   data directory: one monitor runs the sink, the others ``monitor_sink=off``; with a
+   ClickHouse server every process may run it and the group splits the partitions.
+
+At-least-once throughout: a stage commits only once its outputs are acknowledged (and, for
+the series stage, its checkpoint written). A killed process's partitions move to the others
+within the session timeout and are replayed from their last commit against their last
+checkpoint.
+
+Not in this mode yet: reference profiles for PSI (stream references only), the query
+endpoint and the verdict agent (run them in a ``single`` monitor or read ClickHouse), and
+provisional rows of open windows on a stop (they close after the restart).
+
+>>> rows_message("windows", {"challenger": "c", "segment": "", "window_start": 0})[0]
+b'windows\\x1fc\\x1f\\x1f0'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from shadowpipe.config import Settings
+from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.monitor import sink as sink_mod
+from shadowpipe.processors.monitor.dedup import Deduper
+from shadowpipe.processors.monitor.pipeline import ORPHAN_STATES, BatchResult, due_watermark
+from shadowpipe.processors.monitor.runtime import outputs as alert_outputs
+from shadowpipe.processors.monitor.series import (
+    SeriesMonitor,
+    decode_key,
+    dedup_pair,
+    restore,
+    series_keys,
+    snapshot,
+)
+from shadowpipe.processors.publisher import Publisher
+from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
+from shadowpipe.processors.runtime.message import Message
+from shadowpipe.schemas.codec import Codec, DecodeError
+from shadowpipe.schemas.validate import check
+from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
+
+log = logging.getLogger("shadowpipe.monitor")
+HEADER = b"shadowpipe-series-state/1\n"
+ROW_KEYS = {"windows": ("challenger", "segment", "window_start"), "alerts": ("alert_id",),
+            "drift_stats": ("model", "challenger", "metric", "window_start")}
+ROW_COLUMNS = {"windows": WINDOW_COLUMNS, "alerts": ALERT_COLUMNS, "drift_stats": DRIFT_COLUMNS}
+
+
+def series_topic(settings: Settings) -> str:
+    return f"{settings.topic_prefix}monitor-series"
+
+
+def rows_topic(settings: Settings) -> str:
+    return f"{settings.topic_prefix}monitor-rows"
+
+
+def rows_message(table: str, row: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(key, value) of a row on the rows topic: keyed by its table identity."""
+    key = "\x1f".join((table, *(str(row[k]) for k in ROW_KEYS[table])))
+    return key.encode(), json.dumps({"table": table, "row": row}).encode()
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create the repartition and rows topics (``partitions`` each) if missing."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import NewTopic
+
+    from shadowpipe.kafka import admin
+
+    client = admin(settings)
+    existing = set(client.list_topics(timeout=10).topics)
+    new = [NewTopic(t, settings.partitions, settings.replication_factor)
+           for t in (series_topic(settings), rows_topic(settings)) if t not in existing]
+    for future in (client.create_topics(new, operation_timeout=10).values() if new else ()):
+        try:
+            future.result()
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+def decode(codec: Codec, m: Message) -> dict[str, Any]:
+    """The validated JoinedRecord of ``m`` (raises :class:`DecodeError`)."""
+    rec = codec.decode(m.value, "JoinedRecord")
+    check("JoinedRecord", rec)
+    return rec
+
+
+class Repartition(Handler):
+    """Stage 1: each joined record onto the repartition topic, once per series key."""
+
+    name = "monitor-repartition"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.codec = Codec(settings.schema_registry_url)
+        self.records = 0
+
+    def process(self, batch: list[Message]) -> Outputs:
+        out, dead = [], []
+        for m in batch:
+            try:
+                rec = decode(self.codec, m)
+            except DecodeError as exc:
+                dead.append(dead_letter(exc.kind, exc.reason, "monitor", m.topic, m.partition,
+                                        m.offset, m.key, m.value, m.timestamp))
+                continue
+            out += [(key, m.value) for key in series_keys(rec, self.settings.segments)]
+        self.records += len(batch)
+        return [(series_topic(self.settings), out),
+                (self.settings.topic("deadletter"),
+                 [(d["key"], self.codec.encode("DeadLetter", d)) for d in dead])]
+
+
+class Series(Handler):
+    """Stage 2: the series monitors of the partitions this process owns."""
+
+    name = "monitor-series"
+
+    def __init__(self, settings: Settings, redis: Any,
+                 clock: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+        self.settings, self.redis, self.clock = settings, redis, clock
+        self.codec = Codec(settings.schema_registry_url)
+        self.topic = series_topic(settings)
+        self.dedup = Deduper(redis, f"{settings.topic_prefix}series.",
+                             settings.feedback_horizon_s)
+        self.partitions: dict[int, dict[bytes, SeriesMonitor]] = {}
+        self.touched: set[int] = set()
+        self.loop: BatchLoop | None = None  # set by install: the idle close delivers through it
+        self.last_record_ms = clock()
+        self.counted = self.duplicates = self.windows_closed = self.alerts = 0
+
+    def state_key(self, partition: int) -> str:
+        return f"{self.settings.topic_prefix}monitor:series:{partition}"
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def assigned(self, partitions: list[tuple[str, int]]) -> None:
+        owned = {p for t, p in partitions if t == self.topic}
+        for p in set(self.partitions) - owned:
+            del self.partitions[p]  # settled and checkpointed by the loop's revoke first
+        for p in sorted(owned - set(self.partitions)):
+            self.partitions[p] = self.load(p)
+        self.last_record_ms = self.clock()  # idleness counts from when records can arrive
+
+    def load(self, partition: int) -> dict[bytes, SeriesMonitor]:
+        blob = self.redis.get(self.state_key(partition))
+        if not blob:
+            return {}
+        if not blob.startswith(HEADER):
+            raise ValueError(f"{self.state_key(partition)} is not a series checkpoint")
+        return restore(self.settings, pickle.loads(blob[len(HEADER):]))  # noqa: S301 - ours
+
+    def monitor(self, partition: int, key: bytes) -> SeriesMonitor:
+        monitors = self.partitions.get(partition)
+        if monitors is None:
+            monitors = self.partitions[partition] = self.load(partition)
+        found = monitors.get(key)
+        if found is None:
+            found = monitors[key] = SeriesMonitor(self.settings, decode_key(key))
+        return found
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def process(self, batch: list[Message]) -> Outputs:
+        items = []
+        for m in batch:
+            if m.key is None:
+                continue
+            mon = self.monitor(m.partition, m.key)
+            rec = decode(self.codec, m)
+            items.append((m.partition, mon, rec, dedup_pair(mon.key, rec)))
+        bits = self.dedup.lookup((pair, _time(rec)) for _p, _m, rec, pair in items)
+        touched: dict[int, SeriesMonitor] = {}
+        for partition, mon, rec, pair in items:
+            before = bits[pair]
+            after = mon.add(rec, before)
+            if after != before:
+                bits[pair] = after
+                self.dedup.mark(pair, _time(rec), after)
+                self.counted += 1
+            else:
+                self.duplicates += 1
+            touched[id(mon)] = mon
+            self.touched.add(partition)
+        if items:
+            self.last_record_ms = self.clock()
+        return self.close(list(touched.values()), None)
+
+    def close(self, monitors: list[SeriesMonitor], watermark: Callable[[SeriesMonitor],
+                                                                       int | None] | None,
+              ) -> Outputs:
+        """Advance ``monitors`` (to ``watermark(monitor)`` if given): their closed rows on
+        the rows topic, their alerts on the alerts topic."""
+        rows: list[tuple[bytes, bytes]] = []
+        alerts: list[dict[str, Any]] = []
+        version = self.clock()
+        for mon in monitors:
+            closed, raised = mon.advance(watermark(mon) if watermark else None)
+            rows += [rows_message("windows", {**r, "version": version}) for r in closed]
+            rows += [rows_message("alerts", a) for a in raised]
+            rows += [rows_message("drift_stats", d) for d in mon.drain_drift_stats()]
+            alerts += raised
+            self.windows_closed += len(closed)
+        self.alerts += len(alerts)
+        out = list(alert_outputs(self.settings, BatchResult(alerts=alerts), self.codec))
+        return [*out, (rows_topic(self.settings), rows)]
+
+    def settled(self, batch: list[Message]) -> None:
+        self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """The touched partitions' states and the staged dedup bits, in one transaction."""
+        pipe = self.redis.pipeline(transaction=True)
+        self.dedup.stage(pipe)
+        for p in sorted(self.touched):
+            if p in self.partitions:
+                blob = pickle.dumps(snapshot(self.partitions[p]), protocol=pickle.HIGHEST_PROTOCOL)
+                pipe.set(self.state_key(p), HEADER + blob)
+        pipe.execute()
+        self.dedup.committed()
+        self.touched.clear()
+
+    def tick(self) -> None:
+        """An idle stream closes the windows whose end + allowed lateness the wall clock
+        has passed (as the single monitor's idle timer)."""
+        now = self.clock()
+        if self.loop is None or now - self.last_record_ms < self.settings.monitor_idle_s * 1000:
+            return
+        held = (self.settings.window_s + self.settings.allowed_lateness_s) * 1000
+        due: list[tuple[int, SeriesMonitor]] = []
+        for p, monitors in self.partitions.items():
+            due += [(p, m) for m in monitors.values()
+                    if due_watermark(m.due_starts(), held, now) is not None]
+        if not due:
+            return
+        outputs = self.close([m for _p, m in due],
+                             lambda m: due_watermark(m.due_starts(), held, now))
+        self.loop.deliver(outputs)
+        self.touched.update(p for p, _m in due)
+        self.checkpoint()
+
+    def stats(self) -> dict[str, Any]:
+        return {"partitions": sorted(self.partitions), "counted": self.counted,
+                "duplicates": self.duplicates, "windows_closed": self.windows_closed,
+                "alerts_raised": self.alerts,
+                "series": sum(len(m) for m in list(self.partitions.values()))}
+
+
+def _time(rec: dict[str, Any]) -> int:
+    t = rec.get("event_time")
+    return int(t if t is not None else rec["joined_at"])
+
+
+class Sink(Handler):
+    """Stage 3: joined records and the monitors' rows into ClickHouse, then commit."""
+
+    name = "monitor-sink"
+
+    def __init__(self, settings: Settings, sink: sink_mod.Sink) -> None:
+        self.settings, self.sink = settings, sink
+        self.codec = Codec(settings.schema_registry_url)
+        self.rows_topic = rows_topic(settings)
+        self.rows_written = 0
+
+    def process(self, batch: list[Message]) -> Outputs:
+        joined, orphans = [], []
+        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for m in batch:
+            if m.topic == self.rows_topic:
+                body = json.loads(m.value)  # type: ignore[arg-type]
+                rows[body["table"]].append(body["row"])
+                continue
+            try:
+                rec = decode(self.codec, m)
+            except DecodeError:
+                continue  # the repartition stage dead-letters it
+            (orphans if rec["state"] in ORPHAN_STATES else joined).append(rec)
+        tables = {"joined_records": sink_mod.joined_columns(joined),
+                  "orphans": sink_mod.orphan_columns(orphans)}
+        for table, names in ROW_COLUMNS.items():
+            tables[table] = sink_mod.rows_to_columns(rows.get(table, []), names)
+        self.rows_written += self.sink.write(tables)
+        return []
+
+
+def install(app: Any, settings: Settings) -> None:
+    """Check Redis (and ClickHouse where this process sinks), create the topics, register
+    the three loops and the health views."""
+    from shadowpipe.processors.runtime.health import add_health, loop_readiness
+    from shadowpipe.processors.runtime.thread import add_loop_service
+    from shadowpipe.stores import check_clickhouse, check_redis, redis_client
+    from shadowpipe.tables import migrate
+
+    check_redis(settings, "worker monitor")
+    ensure_topics(settings)
+    size, wait_s = settings.monitor_batch_size, settings.monitor_batch_ms / 1000
+    prefix = settings.topic_prefix
+
+    def loop(handler: Handler, group: str, topics: list[str]) -> BatchLoop:
+        source = KafkaSource(settings, f"{prefix}{group}", topics, size, wait_s)
+        made = BatchLoop(handler, lambda: Publisher(settings), source, overlap=False)
+        add_loop_service(app, made, group)
+        return made
+
+    series = Series(settings, redis_client(settings, socket_timeout=5.0))
+    loops = [loop(Repartition(settings), "monitor-repartition", [settings.topic("joined")])]
+    series.loop = loop(series, "monitor-series", [series_topic(settings)])
+    loops.append(series.loop)
+    sink: Sink | None = None
+    if settings.monitor_sink == "on":
+        client = check_clickhouse(settings, "worker monitor")
+        for line in migrate(client, settings):
+            log.info("clickhouse %s", line)
+        sink = Sink(settings, sink_mod.Sink(settings, _factory(settings, client)))
+        loops.append(loop(sink, "monitor-sink", [settings.topic("joined"), rows_topic(settings)]))
+
+    def readiness() -> tuple[str, str]:
+        states = [loop_readiness(one) for one in loops]
+        return next((s for s in states if s[0] != "ready"), ("ready", ""))
+
+    def stats() -> dict[str, Any]:
+        return {"mode": "partitioned", **series.stats(),
+                "rows_written": sink.rows_written if sink else None,
+                "positions": {f"{t}:{p}": o for one in loops
+                              for (t, p), o in dict(one.positions).items()}}
+
+    add_health(app, "monitor", stats, readiness)
+
+
+def _factory(settings: Settings, first: Any) -> Callable[[], Any]:
+    """Reuse the start-up check's client, then reconnect after failures."""
+    from shadowpipe.stores import clickhouse_client
+
+    pending = [first]
+    return lambda: pending.pop() if pending else clickhouse_client(settings)
