@@ -183,3 +183,42 @@ def test_bench_replay_scores_every_stored_request(settings: Settings, tmp_path: 
     assert out["stored_scored_requests"] == 3000
     assert out["ratio"] == pytest.approx(out["requests_per_s"] / out["live_requests_per_s"],
                                          rel=0.01)
+
+
+@pytest.mark.parametrize("nums", [
+    [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 4.0}, {"a": 5.0, "b": 6.0}],  # same keys: NumPy cut
+    [{"a": 1.0, "b": 2.0}, {"b": 4.0, "a": 3.0}, {}],  # other order, missing: per row
+    [{"a": 1.0}, {"a": 2.0, "b": 3.0}, {"a": 4.0}],
+])
+def test_inputs_give_the_challenger_the_stored_feature_maps(nums: list[dict]) -> None:
+    from shadowpipe.processors.replay.records import inputs, table
+
+    cats = [{"c": "x"}, {}, {"c": "y", "d": "z"}]
+    page = table({"request_id": ["r0", "r1", "r2"], "event_time": [5, 6, 7],
+                  "num_features": nums, "cat_features": cats,
+                  "null_features": [[], ["n"], []]})
+    got = inputs(page)
+    assert [r["num_features"] for r in got] == nums
+    assert [list(r["num_features"]) for r in got] == [list(n) for n in nums]  # key order kept
+    assert [r["cat_features"] for r in got] == cats
+    assert [(r["request_id"], r["event_time"], r["null_features"]) for r in got] == [
+        ("r0", 5, []), ("r1", 6, ["n"]), ("r2", 7, [])]
+
+
+def test_rows_copy_the_picked_requests_and_store_errors_as_the_worker() -> None:
+    from shadowpipe.processors.replay.records import Who, rows, table
+    from shadowpipe.processors.shadow.runner import Result
+
+    page = table({"request_id": ["r0", "r1", "r2"], "event_time": [5, 6, 7],
+                  "label": ["a", None, "b"], "context": [{"k": "v"}, {}, {}]})
+    results = [Result({"label": "b", "probabilities": {"a": 0.25, "b": 0.75}, "value": None}),
+               Result(None, "ValueError: bad", "exception")]
+    out = rows(page, [0, 2], results, [0.5, 0.5], Who("lr", "2", True)).to_pydict()
+    assert out["request_id"] == ["r0", "r2"] and out["label"] == ["a", "b"]
+    assert out["context"] == [[("k", "v")], []]
+    assert out["shadow_label"] == ["b", None]
+    assert out["shadow_probabilities"] == [[("a", 0.25), ("b", 0.75)], []]
+    assert out["shadow_error"] == [None, "ValueError: bad"]
+    assert out["shadow_error_kind"] == [None, "exception"]
+    assert out["challenger"] == ["lr", "lr"] and out["is_control"] == [True, True]
+    assert out["model_time_ms"] == [0.5, 0.5] and out["queue_lag_ms"] == [None, None]
