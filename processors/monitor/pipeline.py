@@ -286,8 +286,8 @@ class Pipeline:
 
     def _observe_delays(self, records: list[dict[str, Any]]) -> None:
         observe = self.label_delays.observe
-        for r in records:
-            if r.get("label_time") is not None:
+        for r in records:  # an orphan label has no event time: no delay to observe
+            if r.get("label_time") is not None and r.get("event_time") is not None:
                 observe(max(0, r["label_time"] - r["event_time"]) / 1000)
 
     def _insert_from_file(self, records: list[dict[str, Any]], in_file: list[bool],

@@ -78,8 +78,8 @@ class MonitorHandler(Handler):
         return outputs(self.settings, result, self.codec)
 
     def count_alerts(self, result: BatchResult) -> None:
-        """Alerts by detector, for /metrics."""
-        self.alerts.update(a["detector"] for a in result.alerts)
+        """Alerts raised (not their resolutions) by detector, for /metrics."""
+        self.alerts.update(a["detector"] for a in result.alerts if a["status"] != "resolved")
 
     def settled(self, batch: list[Message]) -> None:
         self.pipeline.checkpoint()

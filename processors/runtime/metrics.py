@@ -36,6 +36,10 @@ SECONDS_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
                   10.0, 30.0, 60.0)
 # Label delays run from seconds to the feedback horizon (days).
 DELAY_BOUNDS = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0, 7 * 86400.0)
+# The joiner's orphan counters (processors/join/core.py), reported before they first move.
+ORPHAN_KINDS = ("feedback_late", "prediction_late", "feedback_unknown", "prediction_no_primary")
+# The monitor's detectors (processors/monitor/core.py), reported before they first fire.
+DETECTORS = ("ADWIN", "PSI", "threshold")
 VERDICTS = ("PROMOTE", "HOLD", "INCONCLUSIVE", "REJECT")
 Lag = Callable[[], dict[tuple[str, int], int]]
 Stats = Callable[[], dict[str, Any]]
@@ -173,10 +177,11 @@ def join_metrics(f: Families, stats: dict[str, Any]) -> None:
     _events(f, "join", events_in, events_out, dead)
     f.gauge("shadowpipe_join_pending_requests", "requests waiting in Redis for their parts",
             stats.get("pending"))
-    for key, n in sorted(stats.items()):
-        if key.startswith("orphan_"):
-            f.counter("shadowpipe_join_orphans", "orphans by kind", n,
-                      kind=key.removeprefix("orphan_"))
+    # Every kind from the start (0 until one occurs): a rate() needs the series to exist.
+    orphans = dict.fromkeys(ORPHAN_KINDS, 0) | {k.removeprefix("orphan_"): v for k, v in
+                                               stats.items() if k.startswith("orphan_")}
+    for kind, n in sorted(orphans.items()):
+        f.counter("shadowpipe_join_orphans", "orphans by kind", n, kind=kind)
     f.counter("shadowpipe_join_redis_errors", "failed Redis calls", stats.get("redis_errors", 0))
     f.counter("shadowpipe_redis_state_lost", "Redis came back without the pending state",
               stats.get("redis_state_lost", 0), worker="join")
@@ -201,7 +206,8 @@ def monitor_metrics(f: Families, stats: dict[str, Any]) -> None:
                 ch.get("insert_seconds"))
     f.histogram("shadowpipe_label_delay_seconds", "label time minus event time of labelled "
                 "joined records", stats.get("label_delay_seconds"))
-    for detector, n in sorted(stats.get("alerts_by_detector", {}).items()):
+    alerts = dict.fromkeys(DETECTORS, 0) | stats.get("alerts_by_detector", {})
+    for detector, n in sorted(alerts.items()):
         f.counter("shadowpipe_alerts", "alerts raised", n, detector=detector)
     for challenger, verdict in sorted(stats.get("verdicts", {}).items()):
         for state in VERDICTS:
