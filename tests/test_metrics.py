@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shadowpipe.config import Settings
 from shadowpipe.stack import free_port
 from tests.conftest import spawn_cli
+from tests.test_bench_runs import _bench
 from tests.test_verdict_e2e import (
     CHALLENGERS,
     REPO,
@@ -231,3 +232,15 @@ def test_a_scrape_never_waits_for_the_consuming_thread(settings: Settings) -> No
         consuming.join()
     finally:
         source.close()
+
+
+def test_bench_shadow_measures_the_scrape_cost_in_the_same_run(
+        settings: Settings, tmp_path: Path) -> None:
+    """``bench shadow --scrape S`` adds a pass scraped every S s beside the plain one."""
+    out = _bench(settings, tmp_path, "shadow", "--events", "2000", "--lag-events", "200",
+                 "--lag-rate", "1000", "--passes", "1", "--scrape", "0.05")
+    assert out["scrape_interval_s"] == 0.05
+    assert out["scrapes"] > 0 and out["scrape_failures"] == 0, out
+    ratio = out["scrape_events_per_s"] / out["worker_events_per_s"]
+    assert out["scrape_ratio"] == pytest.approx(ratio, abs=0.002)
+    assert out["predictions"] == 2200  # the plain pass's; the scraped one is not counted

@@ -31,10 +31,11 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
+from shadowpipe.bench import shadow_scrape
 from shadowpipe.config import Settings
 from shadowpipe.stack import free_port, reachable_or_embedded
 
@@ -48,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lag-rate", type=int, default=5_000, help="events/s of the lag phase")
     p.add_argument("--passes", type=int, default=2, help="ceiling + worker passes; best counts")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
+    p.add_argument("--scrape", type=float, default=0.0, metavar="S",
+                   help="also passes with /metrics scraped every S s: scrape_ratio")
     p.add_argument("--kind", choices=("sklearn", "onnx", "oip"), default="sklearn",
                    help="also run the worker with the model as this challenger kind: onnx "
                         "(events/s against the scikit-learn kind), oip (served by MLServer: "
@@ -203,9 +206,11 @@ def _spawn_worker(settings: Settings, challengers: Path, log: Path) -> subproces
 
 
 def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, int] | None,
-          stack: ExitStack, challengers: Path | None = None) -> dict[str, Any]:
+          stack: ExitStack, challengers: Path | None = None, scrape_s: float = 0.0,
+          ) -> dict[str, Any]:
     """One pass on fresh topics: ceiling, then the worker (then the lag phase if asked).
-    With another ``challengers`` file: only the worker, scoring with it."""
+    With another ``challengers`` file: only the worker, scoring with it. With ``scrape_s``:
+    only the worker, its ``/metrics`` scraped every ``scrape_s`` seconds meanwhile."""
     from shadowpipe.kafka import ensure_topics
     from shadowpipe.schemas.codec import Codec
 
@@ -216,12 +221,14 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     say(f"producing {events} events to {settings.topic('inference')} (4 partitions)")
     _produce(settings, events, "bulk")
     ceiling = None
-    if challengers is None:
+    if challengers is None and not scrape_s:
         ceiling = _ceiling(settings, model, events)
         say(f"ceiling (consume + decode + batched predict): {ceiling:.0f} events/s")
     proc = _spawn_worker(settings, challengers or work / "challengers.toml", work / "worker.log")
     stack.callback(_stop, proc)
-    _wait_consumed(settings.web_port, events, proc, timeout_s=600)
+    with shadow_scrape.scraper(settings.web_port, scrape_s) if scrape_s else nullcontext(
+            {}) as scrapes:
+        _wait_consumed(settings.web_port, events, proc, timeout_s=600)
     expected = events
     if lag is not None:
         say(f"worker caught up; lag phase: {lag[0]} events at {lag[1]}/s")
@@ -243,15 +250,17 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     say(f"worker: {worker:.0f} events/s")
     return {"ceiling": ceiling, "worker": worker, "stats": stats, "lags": sorted(lags),
             "predictions": len(bulk_ts) + len(lags),
-            "model_s_per_event": model_ms / 1000 / max(len(bulk_ts), 1)}
+            "model_s_per_event": model_ms / 1000 / max(len(bulk_ts), 1), **scrapes}
 
 
 def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
-              passes: int = 2, kind: str = "sklearn") -> dict[str, Any]:
+              passes: int = 2, kind: str = "sklearn", scrape_s: float = 0.0
+              ) -> dict[str, Any]:
     """``passes`` passes (ceiling then worker on fresh topics); the best of each counts, so
     a burst of load from elsewhere on a shared machine hits both sides alike. With
     ``kind`` onnx or oip, each pass then runs the worker with that kind too
-    (:mod:`~shadowpipe.bench.shadow_kinds`)."""
+    (:mod:`~shadowpipe.bench.shadow_kinds`); with ``scrape_s``, a pass with ``/metrics``
+    scraped too, first or last in turn (:mod:`~shadowpipe.bench.shadow_scrape`)."""
     from shadowpipe.bench import shadow_kinds
 
     with ExitStack() as stack:
@@ -265,8 +274,11 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
         )
         other = (shadow_kinds.prepare(kind, work, model, FEATURES, stack)
                  if kind != "sklearn" else None)
-        runs, kind_runs = [], []
+        runs, kind_runs, scraped = [], [], []
         for i in range(passes):
+            if scrape_s and i % 2 == 1:
+                scraped.append(_pass(settings, work, model, events, None, stack,
+                                     scrape_s=scrape_s))
             # The kind's pass goes second, then first, in turn: a machine or broker that
             # slows down over the run must not always hit the same side.
             if other is not None and i % 2 == 1:
@@ -275,6 +287,9 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
                               (lag_events, lag_rate) if i == passes - 1 else None, stack))
             if other is not None and i % 2 == 0:
                 kind_runs.append(_kind_pass(settings, work, model, events, stack, other, kind))
+            if scrape_s and i % 2 == 0:
+                scraped.append(_pass(settings, work, model, events, None, stack,
+                                     scrape_s=scrape_s))
     worker = max(r["worker"] for r in runs)
     ceiling = max(r["ceiling"] for r in runs)
     lags, stats = runs[-1]["lags"], runs[-1]["stats"]
@@ -295,6 +310,7 @@ def run_bench(settings: Settings, events: int, lag_events: int, lag_rate: int,
         "worker_errors": sum(c["errors"] + c["timeouts"] for c in stats["challengers"].values()),
         "worker_mean_batch": stats["batches"]["mean"],
         **({"kind": kind, **shadow_kinds.summary(kind, runs, kind_runs)} if kind_runs else {}),
+        **(shadow_scrape.summary(runs, scraped, scrape_s) if scraped else {}),
     }
 
 
@@ -325,6 +341,6 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def bench_cmd(args: argparse.Namespace, settings: Settings) -> int:
     result = run_bench(settings, args.events, args.lag_events, args.lag_rate, args.passes,
-                       args.kind)
+                       args.kind, args.scrape)
     print(json.dumps(result))
     return 0
