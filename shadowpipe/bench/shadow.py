@@ -210,7 +210,7 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
           ) -> dict[str, Any]:
     """One pass on fresh topics: ceiling, then the worker (then the lag phase if asked).
     With another ``challengers`` file: only the worker, scoring with it. With ``scrape_s``:
-    only the worker, its ``/metrics`` scraped every ``scrape_s`` seconds meanwhile."""
+    the worker's ``/metrics`` scraped every ``scrape_s`` seconds while it consumes."""
     from shadowpipe.kafka import ensure_topics
     from shadowpipe.schemas.codec import Codec
 
@@ -221,7 +221,7 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     say(f"producing {events} events to {settings.topic('inference')} (4 partitions)")
     _produce(settings, events, "bulk")
     ceiling = None
-    if challengers is None and not scrape_s:
+    if challengers is None:  # the scraped passes too: both sides run the same steps
         ceiling = _ceiling(settings, model, events)
         say(f"ceiling (consume + decode + batched predict): {ceiling:.0f} events/s")
     proc = _spawn_worker(settings, challengers or work / "challengers.toml", work / "worker.log")
