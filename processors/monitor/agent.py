@@ -106,7 +106,7 @@ def install(app: Any, settings: Settings) -> None:
         await runtime.stop()
 
     add_health(app, "monitor", lambda: runtime.stats(lambda t, p: _highwater(app, t, p)),
-               runtime.readiness)
+               runtime.readiness, lag=lambda: runtime.lag(lambda t, p: _highwater(app, t, p)))
 
     @app.page(QUERY_PATH)
     async def query(web: Any, request: Any) -> Any:
