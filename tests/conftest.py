@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,14 @@ def chdb_rows(clickhouse_dir: Path, sql: str) -> list[list[Any]]:
     out = subprocess.run([sys.executable, "-c", code, str(clickhouse_dir), sql],
                          capture_output=True, text=True, timeout=300, check=True)
     return json.loads(out.stdout)
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout_s: float = 120.0) -> Any:
+    """``fn()``'s first truthy value, polled twice a second (a condition, never a fixed
+    sleep); an AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if value := fn():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from shadowpipe.kafka import producer
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor.pipeline import Message, Pipeline
 from shadowpipe.schemas.codec import Codec
-from tests.conftest import spawn_cli
+from tests.conftest import spawn_cli, wait_for
 
 CODEC = Codec()
 AMOUNT, REGION = "amount due", "région"
@@ -140,14 +141,7 @@ def _monitor_up(s: Settings) -> bool:
         return False
 
 
-def _wait(what: str, fn: Any, timeout_s: float = 180) -> Any:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = partial(wait_for, timeout_s=180.0)
 
 
 def _windows(s: Settings) -> bool:

@@ -13,6 +13,7 @@ import math
 import random
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from shadowpipe.processors.monitor.partitioned import rows_topic, series_topic
 from shadowpipe.processors.monitor.series import SeriesMonitor, decode_key, dedup_pair, series_keys
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import free_port
-from tests.conftest import chdb_rows, spawn_cli
+from tests.conftest import chdb_rows, spawn_cli, wait_for
 
 REQUESTS = 1500
 INTERVAL_MS = 400  # the stream spans 10 minutes of event time
@@ -129,14 +130,7 @@ def _produce(s: Settings, records: list[dict[str, Any]]) -> None:
     assert prod.flush(30) == 0
 
 
-def _wait(what: str, fn: Any, timeout_s: float = TIMEOUT_S) -> Any:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = partial(wait_for, timeout_s=TIMEOUT_S)
 
 
 def _caught_up(s: Settings, group: str, topic: str) -> bool:

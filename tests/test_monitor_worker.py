@@ -17,7 +17,7 @@ from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
 from shadowpipe.schemas.codec import Codec
-from tests.conftest import spawn_cli
+from tests.conftest import spawn_cli, wait_for
 
 
 def _query(s: Settings, name: str, **params: Any) -> dict[str, Any] | None:
@@ -34,14 +34,6 @@ def _rows(reply: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(zip(reply["columns"], r, strict=True)) for r in reply["rows"]]
 
 
-def _wait(what: str, fn: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_worker_monitor_end_to_end(settings: Settings, tmp_path: Path) -> None:
@@ -67,7 +59,7 @@ def test_worker_monitor_end_to_end(settings: Settings, tmp_path: Path) -> None:
             reply = _query(s, "arms")
             return bool(reply) and sum(r["published"] for r in _rows(reply)) == len(predicted)
 
-        _wait("all joined records in ClickHouse", published)
+        wait_for("all joined records in ClickHouse", published)
         windows = _rows(_query(s, "windows"))
         closed = [w for w in windows if w["segment"] == ""]
         assert closed

@@ -27,7 +27,7 @@ from shadowpipe.processors.monitor.sql import (
 )
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import free_port
-from tests.conftest import spawn_cli
+from tests.conftest import spawn_cli, wait_for
 from tests.test_deploy_grafana import CLICKHOUSE, DASHBOARDS, _concrete, _queries
 
 # -- the classifier ----------------------------------------------------------------------
@@ -109,14 +109,6 @@ def test_sql_settings_are_checked() -> None:
 # -- a real monitor ----------------------------------------------------------------------
 
 
-def _wait(what: str, fn: Any, timeout_s: float = 120.0) -> Any:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _listening(pid: int) -> set[int]:
@@ -168,17 +160,17 @@ def test_sql_endpoint_on_a_writing_monitor(settings: Settings, tmp_path: Path) -
     _send(s, first)
     worker = spawn_cli(s, "worker", "monitor", log=tmp_path / "worker.log")
     try:
-        _wait("the monitor's readiness", lambda: _ready(s))
-        _wait("the SQL port", lambda: port in _listening(worker.pid))
+        wait_for("the monitor's readiness", lambda: _ready(s))
+        wait_for("the SQL port", lambda: port in _listening(worker.pid))
         assert _listening(worker.pid) == {s.web_port, port}  # and nothing else
         client = clickhouse_connect.get_client(host="127.0.0.1", port=port)
 
         def count() -> int:
             return client.query("SELECT count() FROM joined_records").result_rows[0][0]
 
-        _wait("the first records counted", lambda: count() == len(first))
+        wait_for("the first records counted", lambda: count() == len(first))
         _send(s, second)  # the monitor writes these while the endpoint answers
-        _wait("every record counted", lambda: count() == len(records))
+        wait_for("every record counted", lambda: count() == len(records))
 
         by_challenger = client.query(
             "SELECT count() FROM joined_records WHERE challenger = {c:String}",
@@ -279,7 +271,7 @@ def test_sql_endpoint_off(settings: Settings, tmp_path: Path) -> None:
                          sql_port=0, log_level="INFO")
     worker = spawn_cli(s, "worker", "monitor", log=tmp_path / "worker.log")
     try:
-        _wait("the monitor's readiness", lambda: _ready(s))
+        wait_for("the monitor's readiness", lambda: _ready(s))
         assert _listening(worker.pid) == {s.web_port}
         assert "read-only SQL endpoint off (SHADOWPIPE_SQL_PORT=0)" in (
             tmp_path / "worker.log").read_text()
