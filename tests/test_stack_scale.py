@@ -16,8 +16,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ import pytest
 from shadowpipe.config import Settings
 from shadowpipe.fleet import Fleet, Worker, get_json
 from shadowpipe.stack import free_port
-from tests.conftest import chdb_rows
+from tests.conftest import chdb_rows, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHALLENGERS = """
@@ -80,30 +79,30 @@ def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str,
         assert f"{w.name}: pid {w.pid}" in up.stdout and str(w.port) in up.stdout
     assert [w.standby for w in workers if w.kind == "monitor"] == [False, True]
 
-    both = _wait("both shadow workers own partitions",
+    both = wait_for("both shadow workers own partitions",
                  lambda: _partitions(shadow) if all(_partitions(shadow)) else None)
     assert sorted(p for parts in both for p in parts) == list(range(settings.partitions))
 
     first = _emit(settings, "a", 1500)
-    _wait("the first requests consumed by both shadow workers",
+    wait_for("the first requests consumed by both shadow workers",
           lambda: all(_stats(w)["consumed"] > 0 for w in shadow)
           and sum(_stats(w)["consumed"] for w in shadow) >= len(first))
 
     victim, survivor = shadow
     os.kill(victim.pid, signal.SIGKILL)
-    _wait("the killed worker's partitions moved to the survivor",
+    wait_for("the killed worker's partitions moved to the survivor",
           lambda: _stats(survivor)["assigned_partitions"] == list(range(settings.partitions)))
     second = _emit(settings, "b", 1500)
-    _wait("the second requests consumed by the survivor",
+    wait_for("the second requests consumed by the survivor",
           lambda: _stats(survivor)["consumed"] >= len(second))
 
     monitor, standby = (w for w in workers if w.kind == "monitor")
     expected = len(first) + len(second)
-    _wait("every request joined and labelled in ClickHouse",
+    wait_for("every request joined and labelled in ClickHouse",
           lambda: _arm_counts(monitor) == (expected, expected // 2), timeout_s=180)
     # The embedded ClickHouse has one writer: the standby monitor takes the directory over.
     os.kill(monitor.pid, signal.SIGKILL)
-    _wait("the standby monitor serving", lambda: _arm_counts(standby) == (expected,
+    wait_for("the standby monitor serving", lambda: _arm_counts(standby) == (expected,
                                                                          expected // 2))
     assert cluster["url"].startswith("redis+cluster://")
 
@@ -152,11 +151,3 @@ def _arm_counts(monitor: Worker) -> tuple[int, int] | None:
     mine = [r for r in rows if r["challenger"] == "thr" and r["segment"] == ""]
     return (mine[0]["published"], mine[0]["labelled"]) if mine else None
 
-
-def _wait(what: str, check: Callable[[], Any], timeout_s: float = 120) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
