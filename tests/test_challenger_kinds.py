@@ -75,6 +75,16 @@ def toml_list(names: list[str]) -> str:
 # -- onnx ------------------------------------------------------------------------------
 
 
+def primary_onnx(world: World, tmp_path: Path, **options: Any) -> str:
+    """The demo's primary converted to ``tmp_path/m.onnx``; the challenger body naming it."""
+    from skl2onnx import to_onnx
+
+    cols = [world.names.index(n) for n in world.primary_features]
+    onnx = to_onnx(world.primary, world.x[:1, cols].astype(np.float32), options=options)
+    (tmp_path / "m.onnx").write_bytes(onnx.SerializeToString())
+    return f'kind = "onnx"\nlocation = "m.onnx"\nfeatures = {toml_list(world.primary_features)}\n'
+
+
 def test_onnx_scores_the_demo_models_as_sklearn(world: World, records: list[dict[str, Any]],
                                                 tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
@@ -96,15 +106,9 @@ def test_onnx_zipmap_read_as_maps_without_the_onnx_package(
         world: World, records: list[dict[str, Any]], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("onnxruntime")
-    from skl2onnx import to_onnx
-
-    cols = [world.names.index(n) for n in world.primary_features]
-    file = tmp_path / "m.onnx"
-    file.write_bytes(to_onnx(world.primary, world.x[:1, cols].astype(np.float32))
-                     .SerializeToString())
+    body = primary_onnx(world, tmp_path)
     monkeypatch.setitem(sys.modules, "onnx", None)  # onnxruntime alone: the ZipMap stays
-    model = from_file(tmp_path, f'kind = "onnx"\nlocation = "m.onnx"\n'
-                                f"features = {toml_list(world.primary_features)}\n")
+    model = from_file(tmp_path, body)
     assert model._zipmap
     want = reference(world.primary, world.primary_features, records)
     assert_same(score(model, records), want)
@@ -113,13 +117,7 @@ def test_onnx_zipmap_read_as_maps_without_the_onnx_package(
 def test_onnx_probability_tensor_needs_classes(world: World, records: list[dict[str, Any]],
                                                tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from skl2onnx import to_onnx
-
-    cols = [world.names.index(n) for n in world.primary_features]
-    onnx = to_onnx(world.primary, world.x[:1, cols].astype(np.float32),
-                   options={"zipmap": False})
-    (tmp_path / "m.onnx").write_bytes(onnx.SerializeToString())
-    base = f'kind = "onnx"\nlocation = "m.onnx"\nfeatures = {toml_list(world.primary_features)}\n'
+    base = primary_onnx(world, tmp_path, zipmap=False)
     with pytest.raises(ConfigError, match="challenger 'c': .*set classes"):
         from_file(tmp_path, base)
     classes = [str(c) for c in world.primary.classes_]
@@ -131,14 +129,7 @@ def test_onnx_probability_tensor_needs_classes(world: World, records: list[dict[
 def test_onnx_record_missing_a_feature_fails_alone(world: World, records: list[dict[str, Any]],
                                                    tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
-    from skl2onnx import to_onnx
-
-    cols = [world.names.index(n) for n in world.primary_features]
-    file = tmp_path / "m.onnx"
-    file.write_bytes(to_onnx(world.primary, world.x[:1, cols].astype(np.float32))
-                     .SerializeToString())
-    model = from_file(tmp_path, f'kind = "onnx"\nlocation = "m.onnx"\n'
-                                f"features = {toml_list(world.primary_features)}\n")
+    model = from_file(tmp_path, primary_onnx(world, tmp_path))
     broken = dict(records[1], num_features={
         k: v for k, v in records[1]["num_features"].items() if k != "mean_radius"})
     got = score(model, [records[0], broken, records[2]])
