@@ -134,9 +134,9 @@ def test_newcomer_path(settings: Settings, tmp_path: Path) -> None:
                               "FINAL WHERE segment = '' GROUP BY challenger")
     assert dict(map(tuple, published)) == {c: REQUESTS for c in ("tight", "loose", "copy")}
     primary = chdb_rows(ch, "SELECT challenger, status, alert_id, details['resolves'], "
-                            "details['repeat_of'] FROM newcomer.alerts FINAL "
-                            "WHERE arm = 'primary' AND metric = 'error_rate' "
-                            "ORDER BY time, status = 'firing'")
+                            "details['repeat_of'], toUnixTimestamp64Milli(time) "
+                            "FROM newcomer.alerts FINAL "
+                            "WHERE arm = 'primary' AND metric = 'error_rate'")
     assert {a[0] for a in primary} == {""}, primary  # about the primary, not a challenger
     assert _episodes(primary) >= 1, primary
 
@@ -147,8 +147,13 @@ def _episodes(alerts: list[list[Any]]) -> int:
     one's repeat, and a resolution names the open firing. The arrival order of the four
     joined partitions decides whether the detector refires after a resolution, so more than
     one episode is allowed; two at the same time are not."""
+    fired = {a[2]: a[5] for a in alerts if a[1] == "firing"}
+    # A resolution's own time may precede its firing's (event time across partitions): it
+    # is placed right after the firing it names.
+    ordered = sorted(alerts, key=lambda a: (fired.get(a[3], a[5]), a[1] == "resolved")
+                     if a[1] == "resolved" else (a[5], False))
     open_id, episodes = None, 0
-    for _challenger, status, aid, resolves, repeat_of in alerts:
+    for _challenger, status, aid, resolves, repeat_of, _time in ordered:
         if status == "resolved":
             assert resolves == open_id, alerts
             open_id = None
