@@ -337,7 +337,7 @@ def test_oip_reopens_a_dropped_keep_alive_connection_once(
     try:
         assert_same(runner.collect(runner.submit(records[:20])), want)
         # as when the server closes an idle connection: the next call must not fail for it
-        model._conn.sock.shutdown(socket.SHUT_RDWR)
+        model._idle[0].sock.shutdown(socket.SHUT_RDWR)
         assert_same(runner.collect(runner.submit(records[:20])), want)
     finally:
         runner.close()

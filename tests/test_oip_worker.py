@@ -143,3 +143,47 @@ def test_misconfigured_kind_stops_the_worker_with_one_line(
     lines = log.read_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith("shadowpipe: error: SHADOWPIPE_CHALLENGERS [shadow]: " + message)
+
+
+def test_pipelined_batches_on_a_real_server(server: Any, tmp_path: Path) -> None:
+    """Each batch submitted before the previous one is collected (as the worker does) gets
+    its own records' scores; a batch the server hangs on times out alone, the one in
+    flight beside it is scored."""
+    from shadowpipe.processors.shadow.runner import Runner
+    from tests.conftest import wait_for as wait_until
+    from tests.test_challenger_kinds import assert_same, from_file, oip_body, reference
+
+    world = World.build()
+    records = [{"request_id": r.request_id, "num_features": r.features, "cat_features": {},
+                "null_features": []} for r in world.requests(400, seed=5)]
+    batches = [records[i:i + 100] for i in range(0, 400, 100)]
+    classes = [str(c) for c in world.primary.classes_]
+    lr = from_file(tmp_path, oip_body(server.url("primary"), world.primary_features, classes))
+    runner = Runner("lr", lr, 30_000)
+    try:
+        pending = runner.submit(batches[0])
+        for i, records_i in enumerate(batches):
+            ahead = runner.submit(batches[i + 1]) if i + 1 < len(batches) else None
+            assert_same(runner.collect(pending),
+                        reference(world.primary, world.primary_features, records_i))
+            pending = ahead
+    finally:
+        runner.close()
+
+    sleepy = from_file(tmp_path, f'kind = "oip"\nlocation = "{server.url("sleepy")}"\n'
+                                 'features = ["mean_radius", "mean_texture"]\n'
+                                 "timeout_ms = 1000\n")
+    runner = Runner("sleepy", sleepy, 1000)
+
+    def rows(xs: list[float]) -> list[dict[str, Any]]:
+        return [{"num_features": {"mean_radius": x, "mean_texture": 1.0}} for x in xs]
+
+    try:
+        hung = runner.submit(rows([-1.0, 2.0, 3.0]))
+        beside = runner.submit(rows([1.0, 2.0]))
+        assert [r.error_kind for r in runner.collect(hung)] == ["timeout"] * 3
+        assert [r.output["value"] for r in runner.collect(beside)] == [2.0, 3.0]
+        wait_until("the hung call to free its thread", lambda: hung.future.done(), 30)
+        assert [r.output["value"] for r in runner.collect(runner.submit(rows([5.0])))] == [6.0]
+    finally:
+        runner.close()

@@ -71,6 +71,16 @@ class Scoring(NamedTuple):
     results: list[Result]
 
 
+class Started(NamedTuple):
+    """A batch decoded and submitted (see :meth:`ShadowProcessor.start`)."""
+
+    batch: Sequence[Message]
+    records: list[dict[str, Any]]
+    lags: list[float]
+    calls: list[tuple[Challenger, list[int], Pending | None]]
+    out: Scored
+
+
 class ShadowProcessor:
     """Scores micro-batches of InferenceEvents with every challenger."""
 
@@ -95,15 +105,36 @@ class ShadowProcessor:
 
     def score(self, batch: Sequence[Message], consumed_at_ms: int) -> Scored:
         """Score ``batch``; undecodable or invalid messages become dead letters."""
+        return self.finish(self.start(batch, consumed_at_ms))
+
+    @property
+    def pipelined(self) -> bool:
+        """Some challenger takes a batch while still scoring the one before (the worker
+        then starts the next batch before finishing this one: :meth:`start`)."""
+        return any(ch.runner.depth > 1 for ch in self.challengers)
+
+    def start(self, batch: Sequence[Message], consumed_at_ms: int,
+              ahead: bool = False) -> Started:
+        """Decode ``batch`` and submit it to the challengers; :meth:`finish` collects it.
+        ``ahead`` (the batch after one not finished yet): only the pipelined challengers
+        are submitted now, the others at :meth:`finish`."""
         out = Scored()
         records, lags = self._decode(batch, consumed_at_ms, out)
-        self.stats.record_batch(len(batch), lags)
-        if not records:
+        calls = self._submit(records, ahead) if records else []
+        return Started(batch, records, lags, calls, out)
+
+    def finish(self, started: Started) -> Scored:
+        """The outputs of a started batch, once every challenger answered or timed out."""
+        out = started.out
+        # counted as consumed once finished (a batch started ahead may never be, at a stop)
+        self.stats.record_batch(len(started.batch), started.lags)
+        if not started.records:
             return out
-        collected = self.run_challengers(records)
+        collected = self._collect(started.records, started.calls)
         scored_at = long_bytes(int(time.time() * 1000))
         for ch, picked, pending, results in collected:
-            self._encode(ch, picked, pending, results, records, lags, scored_at, out)
+            self._encode(ch, picked, pending, results, started.records, started.lags,
+                         scored_at, out)
         return out
 
     def run_challengers(self, records: Sequence[dict[str, Any]]) -> list[Scoring]:
@@ -111,11 +142,23 @@ class ShadowProcessor:
         records in its sample, its call, one Result per picked record). All calls are
         started before any is awaited, each under its own deadline. The worker encodes
         these; ``shadowpipe replay`` stores them (same sampling, isolation and outputs)."""
+        return self._collect(records, self._submit(records, ahead=False))
+
+    def _submit(self, records: Sequence[dict[str, Any]], ahead: bool
+                ) -> list[tuple[Challenger, list[int], Pending | None]]:
         digests = [sampling.digest(r["request_id"]) for r in records] if self._hash else None
-        running = []
+        calls = []
         for ch in self.challengers:
             picked = self._pick(ch, digests, len(records))
-            running.append((ch, picked, ch.runner.submit([records[i] for i in picked])))
+            now = not ahead or ch.runner.depth > 1
+            calls.append((ch, picked, ch.runner.submit([records[i] for i in picked])
+                          if now else None))
+        return calls
+
+    def _collect(self, records: Sequence[dict[str, Any]],
+                 calls: list[tuple[Challenger, list[int], Pending | None]]) -> list[Scoring]:
+        running = [(ch, picked, pending or ch.runner.submit([records[i] for i in picked]))
+                   for ch, picked, pending in calls]
         return [Scoring(ch, picked, pending, ch.runner.collect(pending))
                 for ch, picked, pending in running]
 

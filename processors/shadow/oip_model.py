@@ -55,7 +55,13 @@ class ServerError(RuntimeError):
 
 
 class OipModel(MatrixModel):
-    """The model behind ``spec.location``, called over one keep-alive HTTP connection."""
+    """The model behind ``spec.location``, called over keep-alive HTTP connections.
+
+    ``pipelined``: the worker sends the next batch while the server still works on the
+    previous one, so the client's encoding and decoding overlap the server's work.
+    """
+
+    pipelined = True
 
     def __init__(self, spec: ChallengerSpec) -> None:
         import orjson  # noqa: F401  (the oip extra: fail at start-up, not per batch)
@@ -76,35 +82,43 @@ class OipModel(MatrixModel):
         self.infer_path = url.path.rstrip("/") + "/infer"
         self._requested = [{"name": n} for n in spec.outputs]
         self._classes = list(spec.classes)
-        self._conn: http.client.HTTPConnection | None = None
+        # Kept-alive connections not in use (list append/pop are atomic): the Runner has
+        # up to two calls in flight (``pipelined``), each on a connection of its own.
+        self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
         self._input, self._datatype = self._metadata()
         self._head, self._middle, self._tail = self._framing()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = (http.client.HTTPSConnection if self._url.scheme == "https"
-                   else http.client.HTTPConnection)
-            self._conn = cls(self._url.hostname, self._url.port, timeout=self._timeout_s)
-        return self._conn
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = (http.client.HTTPSConnection if self._url.scheme == "https"
+               else http.client.HTTPConnection)
+        return cls(self._url.hostname, self._url.port, timeout=self._timeout_s)
 
     def request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        """``method path`` on the kept-alive connection; the body of a 200 answer, else
-        :class:`ServerError` (and socket errors: ``TimeoutError``, ``OSError``)."""
+        """``method path`` on a kept-alive connection (one per call in flight); the body of
+        a 200 answer, else :class:`ServerError` (and socket errors: ``TimeoutError``,
+        ``OSError``)."""
         for attempt in (1, 2):
-            reused = self._conn is not None
-            conn = self._connection()
+            try:
+                conn, reused = self._idle.pop(), True
+            except IndexError:
+                conn, reused = self._connect(), False
             try:
                 conn.request(method, path, body, self._headers)
                 resp = conn.getresponse()
                 data = resp.read()
             except STALE:
-                self.close()
+                conn.close()
                 if reused and attempt == 1:
                     continue  # the server closed an idle connection: once more, afresh
                 raise
             except BaseException:
-                self.close()
+                conn.close()
                 raise
+            if self._closed:
+                conn.close()
+            else:
+                self._idle.append(conn)
             if resp.status != 200:
                 raise ServerError(resp.status, data.decode(errors="replace"))
             return data
@@ -220,9 +234,9 @@ class OipModel(MatrixModel):
                 for row in zip(*[it] * width)]  # noqa: B905 - lengths checked above
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
 
 
 def _flat(data: Any) -> list[Any]:

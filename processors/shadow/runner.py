@@ -89,38 +89,50 @@ class Runner:
         self.model = model
         self.timeout_s = timeout_ms / 1000
         self.max_batch = max_batch
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"challenger-{name}",
+        # A model with ``pipelined = True`` (a remote server: the oip kind) takes the next
+        # batch while the previous one is still on the server, on a second thread.
+        self.depth = 2 if getattr(model, "pipelined", False) else 1
+        self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix=f"challenger-{name}",
                                         initializer=self._started)
-        self._last: Future | None = None
-        self._tid: int | None = None  # the challenger thread, once started
+        self._calls: list[Pending] = []  # submitted, possibly still running
+        self._tids: list[int] = []  # the challenger threads, as they start
+        self._pinned = 0  # how many of them follow the caller's CPU
         self._cpu = -1
         self._normalized = getattr(model, "normalized", False)
 
     def submit(self, records: Sequence[dict[str, Any]]) -> Pending:
-        """Start scoring ``records``; fails fast if the previous call is still hung."""
-        pending = Pending([None] * len(records), time.perf_counter(), None, threading.Event())
-        if self._last is not None and not self._last.done():
+        """Start scoring ``records``; fails fast if a previous call is still hung (or, for a
+        pipelined model, two are still running)."""
+        now = time.perf_counter()
+        pending = Pending([None] * len(records), now, None, threading.Event())
+        running = [p for p in self._calls if p.future is not None and not p.future.done()]
+        if running and now - running[0].started > self.timeout_s:
             pending.reason = "previous call still running past its timeout"
             return pending
+        if len(running) >= self.depth:
+            pending.reason = f"{len(running)} previous calls still running"
+            return pending
         self._follow_caller()
-        pending.future = self._last = self._pool.submit(self._score, records, pending)
+        pending.future = self._pool.submit(self._score, records, pending)
+        self._calls = [*running, pending]
         return pending
 
     def _started(self) -> None:
-        self._tid = threading.get_native_id()
+        self._tids.append(threading.get_native_id())
 
     def _follow_caller(self) -> None:
-        """Wake the challenger's thread on the CPU the caller runs on (see
+        """Wake the challenger's threads on the CPU the caller runs on (see
         :mod:`~shadowpipe.processors.shadow.affinity`: sharing data across CPUs made
         both threads ~1.6x slower per event)."""
-        if self._tid is None or current_cpu is None:
+        if self._pinned < 0 or current_cpu is None or not self._tids:
             return
         cpu = current_cpu()
-        if cpu != self._cpu:
-            if pin_thread(self._tid, cpu):
-                self._cpu = cpu
+        if cpu != self._cpu or self._pinned != len(self._tids):
+            tids = list(self._tids)
+            if all(pin_thread(tid, cpu) for tid in tids):
+                self._cpu, self._pinned = cpu, len(tids)
             else:  # not allowed here: leave it to the scheduler
-                self._tid = None
+                self._pinned = -1
 
     def _score(self, records: Sequence[dict[str, Any]], pending: Pending) -> None:
         step = self.max_batch or len(records) or 1

@@ -26,10 +26,16 @@ from typing import Any
 
 from shadowpipe.config import Settings
 from shadowpipe.processors.publisher import Publisher
-from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
-from shadowpipe.processors.runtime.message import Message
+from shadowpipe.processors.runtime.loop import (
+    HIGHWATER_S,
+    BatchLoop,
+    Handler,
+    KafkaSource,
+    Outputs,
+)
+from shadowpipe.processors.runtime.message import Message, from_kafka
 from shadowpipe.processors.shadow.affinity import LoopPin, thread_ids
-from shadowpipe.processors.shadow.core import ShadowProcessor
+from shadowpipe.processors.shadow.core import ShadowProcessor, Started
 
 log = logging.getLogger("shadowpipe.shadow")
 LOG_EVERY_S = 30.0
@@ -68,14 +74,47 @@ def group_id(settings: Settings) -> str:
     return f"{settings.topic_prefix}shadow"
 
 
+class LookaheadSource(KafkaSource):
+    """A KafkaSource that can take the next batch ahead, without waiting.
+
+    :meth:`peek` returns what librdkafka already fetched (up to a batch) and :meth:`poll`
+    hands that same batch to the loop next, so offsets and commits stay the loop's: a
+    batch taken ahead and not yet processed is not committed (a stop replays it). A
+    rebalance can only run inside a consume, so a batch taken ahead always belongs to
+    the assignment it was fetched under; the batch being processed when it happens is
+    published and committed after it (its commit may fail: duplicates, never gaps).
+    """
+
+    _ahead: list[Message] | None = None
+
+    def peek(self) -> list[Message]:
+        if self._ahead is None:
+            batch, errors = from_kafka(self.consumer.consume(self.batch_size, 0))
+            for error in errors:
+                log.warning("%s consumer: %s", self.group, error)
+            self._ahead = batch
+        return self._ahead
+
+    def poll(self) -> list[Message]:
+        batch, self._ahead = self._ahead, None
+        if not batch:
+            return super().poll()
+        if time.monotonic() - self._highwater_at >= HIGHWATER_S:
+            self._refresh_highwater()
+        return batch
+
+
 class ShadowHandler(Handler):
     """The shadow worker in the batch loop: score, and pin the loop to its CPU."""
 
     name = "shadow"
 
-    def __init__(self, settings: Settings, processor: ShadowProcessor) -> None:
+    def __init__(self, settings: Settings, processor: ShadowProcessor,
+                 source: LookaheadSource | None = None) -> None:
         self.settings = settings
         self.processor = processor
+        self.source = source
+        self._ahead: Started | None = None  # the next batch, started before this one ended
         self.stats = processor.stats
         self.topics = (settings.topic("predictions"), settings.topic("deadletter"))
         self.pin = LoopPin(enabled=settings.shadow_cpu_pinning == "auto")
@@ -83,10 +122,19 @@ class ShadowHandler(Handler):
         self._last_log = time.monotonic()
 
     def process(self, batch: list[Message]) -> Outputs:
-        consumed_at = int(time.time() * 1000)
-        started = time.perf_counter()
-        scored = self.processor.score(batch, consumed_at)
-        self.stats.record_timing("score_ms", (time.perf_counter() - started) * 1000)
+        began = time.perf_counter()
+        ahead, self._ahead = self._ahead, None
+        proc = self.processor
+        started = (ahead if ahead is not None and ahead.batch is batch
+                   else proc.start(batch, int(time.time() * 1000)))
+        if self.source is not None and proc.pipelined:
+            # The next batch, if already fetched, goes to the pipelined challengers now:
+            # the server works on it while this one is collected, encoded and published.
+            nxt = self.source.peek()
+            if nxt:
+                self._ahead = proc.start(nxt, int(time.time() * 1000), ahead=True)
+        scored = proc.finish(started)
+        self.stats.record_timing("score_ms", (time.perf_counter() - began) * 1000)
         return ((self.topics[0], scored.predictions), (self.topics[1], scored.dead_letters))
 
     def settled(self, batch: list[Message]) -> None:
@@ -122,7 +170,8 @@ class ShadowHandler(Handler):
 def shadow_loop(settings: Settings, processor: ShadowProcessor) -> BatchLoop:
     """The scoring loop over ``settings.topic("inference")`` (run it on a thread)."""
     s = settings
-    source = KafkaSource(s, group_id(s), [s.topic("inference")], s.shadow_batch_size,
-                         s.shadow_batch_ms / 1000, **CONSUMER_OVERRIDES)
-    return BatchLoop(ShadowHandler(s, processor), lambda: Publisher(s, **PRODUCER_OVERRIDES),
+    source = LookaheadSource(s, group_id(s), [s.topic("inference")], s.shadow_batch_size,
+                             s.shadow_batch_ms / 1000, **CONSUMER_OVERRIDES)
+    return BatchLoop(ShadowHandler(s, processor, source),
+                     lambda: Publisher(s, **PRODUCER_OVERRIDES),
                      source, timing=processor.stats.record_timing)
