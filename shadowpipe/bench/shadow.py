@@ -323,7 +323,8 @@ def _kind_pass(settings: Settings, work: Path, model: Any, events: int, stack: E
     run = _pass(settings, work, model, events, None, stack, challengers)
     if kind == "oip":
         batch = max(1, round(run["stats"]["batches"]["mean"]))
-        run["kind_s_per_event"], run["raw_s_per_event"] = shadow_kinds.kind_vs_raw(
+        (run["kind_s_per_event"], run["raw_s_per_event"],
+         run["raw_pipelined_s_per_event"]) = shadow_kinds.kind_vs_raw(
             challengers, FEATURES, _rows(events), events, batch)
         say(f"oip: kind {run['kind_s_per_event'] * 1e6:.1f} us/event, raw round trip "
             f"{run['raw_s_per_event'] * 1e6:.1f} us/event (batches of {batch}); in the "
