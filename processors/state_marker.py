@@ -144,15 +144,17 @@ def has_committed_offsets(settings: Settings, groups: Sequence[str], topics: Seq
 
 
 def monitor_groups(settings: Settings) -> list[str]:
-    """The consumer groups a monitor runs in: alone, or in ``worker all``.
+    """The consumer groups a monitor runs in: its own, or (earlier releases, a Faust agent)
+    alone or in ``worker all``.
 
     >>> monitor_groups(Settings.load(env={}))
-    ['shadowpipe.worker-monitor', 'shadowpipe.worker-shadow-join-monitor']
+    ['shadowpipe.monitor', 'shadowpipe.worker-monitor', 'shadowpipe.worker-shadow-join-monitor']
     """
     from shadowpipe.processors.app import app_id
     from shadowpipe.processors.worker import PROCESSORS
 
-    return [app_id(settings, ("monitor",)), app_id(settings, PROCESSORS)]
+    return [f"{settings.topic_prefix}monitor", app_id(settings, ("monitor",)),
+            app_id(settings, PROCESSORS)]
 
 
 def monitor_marker(client: Any, settings: Settings, checkpoint_key: str) -> StateMarker:

@@ -19,9 +19,9 @@ import yaml
 
 from shadowpipe.cli import build_parser
 from shadowpipe.config import Settings
-from shadowpipe.processors.app import app_id
 from shadowpipe.processors.join.service import INPUT_KINDS
 from shadowpipe.processors.join.service import group_id as join_group
+from shadowpipe.processors.monitor.agent import group_id as monitor_group
 from shadowpipe.processors.runtime.health import paths
 from shadowpipe.processors.shadow.challengers import load, parse_specs
 from shadowpipe.processors.shadow.service import group_id as shadow_group
@@ -140,7 +140,7 @@ def _workers() -> dict[str, tuple[str, set[str]]]:
     s = Settings.load(env={})
     return {"shadow": (shadow_group(s), {s.topic("inference")}),
             "join": (join_group(s), {s.topic(k) for k in INPUT_KINDS}),
-            "monitor": (app_id(s, ["monitor"]), {s.topic("joined")})}
+            "monitor": (monitor_group(s), {s.topic("joined")})}
 
 
 # Keys of KEDA's ScaledObject spec and kafka trigger metadata used or allowed here (KEDA

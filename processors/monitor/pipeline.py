@@ -276,7 +276,10 @@ class Pipeline:
         self._observe_delays(records)
         rest, pending = self._insert_from_file(records, in_file)
         try:
-            self._count(records, result)
+            # In event-time order: a batch holds runs of several partitions one after the
+            # other, and the one watermark must not pass a partition's records because
+            # another partition's run came first (they would count as late).
+            self._count(sorted(records, key=record_time), result)
             result.windows, result.alerts = self.monitor.advance()
             result.rows = self.sink.write(self.tables(rest, result))
         finally:  # the file must not be rewritten while the engine still reads it

@@ -1,12 +1,18 @@
 """The monitor worker's life around :class:`.pipeline.Pipeline`: one batch at a time,
-readiness, stats, idle closing, a bounded graceful stop, and exit on a dead agent.
+readiness, stats, idle closing, a bounded graceful stop, and exit on a dead loop.
+
+**Consuming.** The workers' one batch loop
+(:class:`~shadowpipe.processors.runtime.loop.BatchLoop`, without overlap) runs on its own
+thread with a librdkafka consumer in the group ``<prefix>monitor`` (:class:`MonitorLoop`),
+as the shadow worker and the joiner do: process, publish alerts and dead letters, flush
+(again until the broker has them all), checkpoint (:meth:`MonitorHandler.settled`), then
+commit. (A Faust stream spent more CPU per record on the event loop, fetching, wrapping and
+acking each message, than the pipeline spent on it: profiled in docs/monitor.md.)
 
 **Serialised.** A batch and a window close (idle timer or stop) each run whole under one
-lock, on one executor thread: a checkpoint never saves the counts of a batch whose alerts
-are not yet published. A batch goes through the workers' one batch loop
-(:class:`~shadowpipe.processors.runtime.loop.BatchLoop`, without overlap): process, publish
-alerts and dead letters, flush (again until the broker has them all), checkpoint
-(:meth:`MonitorHandler.settled`); then the agent acks it.
+lock (:attr:`Runtime.lock`): a checkpoint never saves the counts of a batch whose alerts
+are not yet published. Closes, queries and the verdict agent run on :attr:`Runtime.executor`,
+whose one thread takes the same lock for each job.
 
 **Never alive while dead.** Transient Redis and ClickHouse errors are retried inside the
 batch (0.2 s doubling to 10 s, as the joiner); readiness says ``retrying`` meanwhile. Any
@@ -18,7 +24,7 @@ manager restarts it and the uncommitted batch is replayed against the last check
 ``STALL_S``) or ``stopping``.
 
 **Graceful stop** (SIGINT/SIGTERM): new batches are skipped (they stay uncommitted), the
-batch in flight gets :data:`STOP_BATCH_S`, then due windows are closed and open ones stored
+loop's batch in flight gets :data:`STOP_BATCH_S`, then due windows are closed and open ones stored
 (``monitor_close_on_stop``) within :data:`STOP_FLUSH_S`; retries are abandoned past that.
 
 >>> outputs(Settings.load(env={}), BatchResult())
@@ -30,23 +36,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from shadowpipe.config import Settings
 from shadowpipe.processors.monitor.pipeline import BatchResult, Message, Pipeline
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.health import Readiness, state_of
-from shadowpipe.processors.runtime.loop import BatchLoop, Handler, Outputs
+from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
 from shadowpipe.processors.runtime.retry import Stopped
 from shadowpipe.schemas.codec import Codec
 
 log = logging.getLogger("shadowpipe.monitor")
 STOP_BATCH_S = 10.0  # a stop waits this long for the batch in flight
 STOP_FLUSH_S = 10.0  # then this long for closing and storing windows
+STOP_POLL_S = 0.05
 EXIT_DEAD = 1
 
 
@@ -88,47 +96,100 @@ class MonitorHandler(Handler):
         self.pipeline.note_error(f"{what}: {exc}")
 
 
-class Runtime:
-    """Shared by the agent, the idle timer, the stop handler and the web views."""
+class LockedExecutor(ThreadPoolExecutor):
+    """One thread whose every job holds ``lock`` (the lock the consuming loop's batches hold).
 
-    def __init__(self, settings: Settings, pipeline: Pipeline) -> None:
+    >>> lock = threading.Lock()
+    >>> with LockedExecutor(lock) as ex:
+    ...     ex.submit(lock.locked).result()
+    True
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        super().__init__(1, thread_name_prefix="monitor")
+        self.lock = lock
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        def locked() -> Any:
+            with self.lock:
+                return fn(*args, **kwargs)
+
+        return super().submit(locked)
+
+
+class MonitorLoop(BatchLoop):
+    """The batch loop on the consuming thread: each batch whole under the runtime's lock;
+    a batch polled once the stop began is left uncommitted (replayed after the restart);
+    an error that is not a stop's ends the process (:meth:`Runtime.die`)."""
+
+    def __init__(self, runtime: Runtime, source: KafkaSource | None) -> None:
+        super().__init__(runtime.handler, lambda: Publisher(runtime.settings), source,
+                         overlap=False, pause=runtime.pipeline.pause)
+        self.runtime = runtime
+        self.running = False  # run() has not returned yet
+        self.abandoned = False  # a stop gave up a batch's retries: it is replayed
+
+    def step(self, batch: list[Message]) -> None:
+        if not batch or self.runtime.stopping:
+            return  # nothing in flight without overlap: nothing to settle
+        with self.runtime.lock:
+            try:
+                super().step(batch)
+            except Stopped:
+                self.abandoned = True
+                raise
+            finally:
+                self.runtime.measure()
+
+    def run(self) -> None:
+        self.running = True
+        try:
+            super().run()
+        except BaseException as exc:  # a loop that died processes nothing: exit 1
+            self.runtime.die(exc)
+        finally:
+            self.running = False
+
+
+class Runtime:
+    """Shared by the consuming loop, the idle timer, the stop handler and the web views.
+
+    ``source`` is the loop's consumer (None: batches only through :meth:`MonitorLoop.step`,
+    as a test or a benchmark drives them)."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline,
+                 source: KafkaSource | None = None) -> None:
         self.settings = settings
         self.pipeline = pipeline
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="monitor")
+        self.lock = threading.Lock()
+        self.executor = LockedExecutor(self.lock)
         self.handler = MonitorHandler(settings, pipeline)
-        # No source: the Faust agent consumes, and acks a batch once step() returned.
-        self.loop = BatchLoop(self.handler, lambda: Publisher(settings), overlap=False,
-                              pause=pipeline.pause)
-        self.lock = asyncio.Lock()
+        self.loop = MonitorLoop(self, source)
         self.stopping = False
-        self.inflight: asyncio.Task | None = None
         self.measured: dict[str, Any] = {"windows_open": 0, "detectors": 0, "watermark_ms": None}
         self.start_time = time.monotonic()
 
     @property
     def started(self) -> bool:
-        """The agent is consuming."""
+        """The loop is consuming."""
         return self.loop.started
-
-    @started.setter
-    def started(self, value: bool) -> None:
-        self.loop.started = value
 
     @property
     def offsets(self) -> dict[tuple[str, int], int]:
         """Next offset per partition processed."""
         return self.loop.positions
 
-    # -- batches and closes ----------------------------------------------------------------
+    def assigned(self) -> bool:
+        """The loop's consumer owns partitions (records can arrive)."""
+        source = self.loop.source
+        return bool(source is not None and source.assigned)
 
-    def submit(self, messages: list[Message]) -> asyncio.Task:
-        """Run one batch as its own task (a cancelled agent does not cut it in half)."""
-        self.inflight = asyncio.ensure_future(self._batch(messages))
-        return self.inflight
+    def highwater(self, topic: str, partition: int) -> int | None:
+        """The loop's cached high watermark of a partition it owns (unknown: None)."""
+        source = self.loop.source
+        return source.highwater.get((topic, partition)) if source is not None else None
 
-    async def _batch(self, messages: list[Message]) -> None:
-        async with self.lock:
-            await self._run(self.loop.step, messages)
+    # -- closes ------------------------------------------------------------------------------
 
     async def close(self, close: Callable[[], BatchResult]) -> BatchResult:
         """Close windows (``pipeline.close_idle`` or ``close_on_stop``), publish their
@@ -139,24 +200,19 @@ class Runtime:
             if result.windows or result.rows:
                 self.loop.deliver(outputs(self.settings, result, self.handler.codec))
                 self.pipeline.checkpoint()
+            self.measure()
             return result
 
-        async with self.lock:
-            return await self._run(run)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn`` on the pipeline thread, then the figures that must not be read while it
-        runs (the state dicts change under a reader on another thread)."""
-        def call() -> Any:
-            value = fn(*args)
-            state = self.pipeline.monitor.state
-            self.measured = {"windows_open": self.pipeline.windows_open(),
-                             "detectors": len(getattr(state, "detectors", ())),
-                             "watermark_ms": state.watermark if state.watermark > -(2**61)
-                             else None}
-            return value
-
-        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
+    def measure(self) -> None:
+        """The figures that must not be read while a batch or a close runs (the state dicts
+        change under a reader on another thread); call under :attr:`lock`."""
+        state = self.pipeline.monitor.state
+        self.measured = {"windows_open": self.pipeline.windows_open(),
+                         "detectors": len(getattr(state, "detectors", ())),
+                         "watermark_ms": state.watermark if state.watermark > -(2**61)
+                         else None}
 
     # -- dying and stopping -----------------------------------------------------------------
 
@@ -172,19 +228,16 @@ class Runtime:
         """The graceful stop of the module doc; returns within ~STOP_BATCH_S + STOP_FLUSH_S."""
         t0 = time.monotonic()
         self.stopping = True
-        loop = asyncio.get_running_loop()
-        inflight = self.inflight
-        if inflight is not None and not inflight.done():
-            await asyncio.wait({inflight}, timeout=STOP_BATCH_S)
-            if not inflight.done():
-                self.pipeline.abort_retries()
-                await asyncio.wait({inflight}, timeout=STOP_FLUSH_S)
-        if inflight is not None and (not inflight.done() or inflight.cancelled()
-                                     or inflight.exception() is not None):
+        self.loop.stop()
+        if not await self._loop_ended(STOP_BATCH_S):
+            self.pipeline.abort_retries()
+            await self._loop_ended(STOP_FLUSH_S)
+        if self.loop.running or self.loop.abandoned:
             log.warning("monitor stop: the batch in flight did not finish; it is replayed "
                         "after the restart, windows are not closed now")
             return
-        abort = loop.call_later(STOP_FLUSH_S, self.pipeline.abort_retries)
+        abort = asyncio.get_running_loop().call_later(STOP_FLUSH_S,
+                                                      self.pipeline.abort_retries)
         try:
             result = await self.close(self.pipeline.close_on_stop)
             log.info("monitor stop: %d windows closed, %d rows stored, %d alerts, in %.1f s",
@@ -197,6 +250,13 @@ class Runtime:
             log.exception("monitor stop: closing windows failed")
         finally:
             abort.cancel()
+
+    async def _loop_ended(self, timeout_s: float) -> bool:
+        """Whether the consuming loop ended (settled and closed its consumer) in time."""
+        deadline = time.monotonic() + timeout_s
+        while self.loop.running and time.monotonic() < deadline:
+            await asyncio.sleep(STOP_POLL_S)
+        return not self.loop.running
 
     # -- readiness and stats ------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ Figures (of that trial):
   record being queryable in ClickHouse, for a sample of requests (1 in 50): the monitor
   commits a joined record's offset only after the batch holding it is inserted into
   ClickHouse, so queryable = the monitor group's committed offset passed the record's
-  offset. The monitor commits once a second, so this is an upper bound (by up to ~1 s).
+  offset (it commits after every batch; the offsets are sampled every 0.5 s, so this is an
+  upper bound by up to ~0.5 s).
   At the end the sampled ids are looked up in ClickHouse through the monitor.
 * ``lag_max``: the largest total lag (messages not yet consumed, summed over the stages)
   seen in the trial; ``lag_max_by_stage`` per stage.
@@ -279,7 +280,7 @@ class Watch(threading.Thread):
         from confluent_kafka import TopicPartition
 
         from shadowpipe import kafka
-        from shadowpipe.processors.app import app_id
+        from shadowpipe.processors.monitor.agent import group_id as monitor_group
 
         s = settings
         self.settings, self.traffic = s, traffic
@@ -290,7 +291,7 @@ class Watch(threading.Thread):
             "shadow": (f"{s.topic_prefix}shadow", tps["inference"]),
             "join": (f"{s.topic_prefix}join",
                      tps["inference"] + tps["predictions"] + tps["feedback"]),
-            "monitor": (app_id(s, ["monitor"]), tps["joined"]),
+            "monitor": (monitor_group(s), tps["joined"]),
         }
         self.groups = {name: kafka.consumer(s, group, **{"enable.auto.commit": False})
                        for name, (group, _) in self.stages.items()}
