@@ -65,9 +65,12 @@ _EXPRESSIONS = {
 # then why each record was selected.
 STORED = ", ".join(_EXPRESSIONS.get(name, name) for name, _ in COLUMNS[:-2])
 SELECT = f"{STORED}, kind, score"
-# Arrow strings, not binary; one block at a time, as few threads as keep up with a writer.
+# Arrow strings, not binary; one block at a time, as few threads as keep up with a writer;
+# blocks not LZ4-compressed (ClickHouse's default): compressing for a reader in the same
+# process, or one behind HTTP compression, costs buffers on both sides for nothing.
 ARROW_SETTINGS = "max_threads = 1, output_format_arrow_string_as_string = 1, " \
-                 "output_format_arrow_low_cardinality_as_dictionary = 0"
+                 "output_format_arrow_low_cardinality_as_dictionary = 0, " \
+                 "output_format_arrow_compression_method = 'none'"
 # Every version of a (challenger, request) has the request's event time, so they share a
 # partition (toYYYYMM(event_time)): FINAL need not merge across partitions.
 FINAL_SETTINGS = "do_not_merge_across_partitions_select_final = 1"
