@@ -143,3 +143,42 @@ def test_a_batch_started_ahead_goes_only_to_pipelined_challengers_until_finished
         for name in ("remote", "local"):
             assert [p["output"]["value"] for p in preds if p["challenger"] == name] == xs
     assert proc.stats.consumed == 6
+
+
+def test_lookahead_source_hands_every_message_to_the_loop_once_in_order(
+        settings: Settings) -> None:
+    from shadowpipe import kafka
+    from shadowpipe.processors.shadow.service import (
+        CONSUMER_OVERRIDES,
+        LookaheadSource,
+        group_id,
+    )
+
+    topic = settings.topic("inference")
+    producer = kafka.producer(settings)
+
+    def produce(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            producer.produce(topic, b"v%d" % i, b"one-partition")
+        assert producer.flush(30) == 0
+
+    produce(0, 1100)
+    source = LookaheadSource(settings, group_id(settings), [topic], 500, 0.2,
+                             **CONSUMER_OVERRIDES)
+    source.open(lambda: None, lambda: None)
+    seen: list[Message] = []
+    try:
+        wait_for("the first batch", lambda: seen.extend(source.poll()) or seen, 60)
+        ahead = wait_for("a full batch taken ahead", source.peek, 30)
+        assert len(ahead) == 500
+        assert source.poll() is ahead  # the loop gets the very batch already started
+        seen += ahead
+        wait_for("the rest", lambda: seen.extend(source.poll()) or len(seen) >= 1100, 30)
+        # fewer than a batch fetched: not taken ahead, kept for the next poll
+        produce(1100, 10)
+        wait_for("10 more fetched", lambda: source.peek() == [] and len(source._ahead) == 10,
+                 30)
+        seen += source.poll()
+    finally:
+        source.close()
+    assert [m.value for m in seen] == [b"v%d" % i for i in range(1110)]

@@ -77,30 +77,36 @@ def group_id(settings: Settings) -> str:
 class LookaheadSource(KafkaSource):
     """A KafkaSource that can take the next batch ahead, without waiting.
 
-    :meth:`peek` returns what librdkafka already fetched (up to a batch) and :meth:`poll`
-    hands that same batch to the loop next, so offsets and commits stay the loop's: a
-    batch taken ahead and not yet processed is not committed (a stop replays it). A
-    rebalance can only run inside a consume, so a batch taken ahead always belongs to
-    the assignment it was fetched under; the batch being processed when it happens is
-    published and committed after it (its commit may fail: duplicates, never gaps).
+    :meth:`peek` returns the next batch if librdkafka already fetched a full one, and
+    :meth:`poll` hands that same batch to the loop next, so offsets and commits stay the
+    loop's: a batch taken ahead and not yet processed is not committed (a stop replays
+    it). Fewer messages than a batch are kept for the next poll, which fills them up as
+    usual (no smaller batches, so no more requests to a model server, than without
+    lookahead). A rebalance runs inside a consume: the batch being processed when one
+    happens in :meth:`peek` is published and committed after it (its commit may fail:
+    duplicates, never gaps).
     """
 
     _ahead: list[Message] | None = None
 
     def peek(self) -> list[Message]:
-        if self._ahead is None:
-            batch, errors = from_kafka(self.consumer.consume(self.batch_size, 0))
-            for error in errors:
-                log.warning("%s consumer: %s", self.group, error)
-            self._ahead = batch
-        return self._ahead
+        ahead = self._ahead = self._ahead or []
+        if len(ahead) < self.batch_size:
+            ahead += self._take(self.batch_size - len(ahead), 0)
+        return ahead if len(ahead) >= self.batch_size else []
 
     def poll(self) -> list[Message]:
-        batch, self._ahead = self._ahead, None
-        if not batch:
-            return super().poll()
+        batch, self._ahead = self._ahead or [], None
+        if len(batch) < self.batch_size:
+            batch += self._take(self.batch_size - len(batch), self.wait_s)
         if time.monotonic() - self._highwater_at >= HIGHWATER_S:
             self._refresh_highwater()
+        return batch
+
+    def _take(self, n: int, wait_s: float) -> list[Message]:
+        batch, errors = from_kafka(self.consumer.consume(n, wait_s))
+        for error in errors:
+            log.warning("%s consumer: %s", self.group, error)
         return batch
 
 
