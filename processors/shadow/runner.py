@@ -7,6 +7,8 @@
 * While a hung call still occupies the challenger's thread, the next batches fail fast
   as ``"timeout"`` instead of queueing behind it: memory stays bounded and the stream
   keeps its pace; the challenger recovers by itself as soon as the hung call returns.
+* A model with ``pipelined = True`` (a remote server) has a second thread: the worker
+  submits the next batch before it collects the current one (at most two in flight).
 
 >>> from shadowpipe.processors.shadow.challengers import CallableModel
 >>> runner = Runner("inv", CallableModel(lambda f: 1 / f["x"], False), timeout_ms=1000)
