@@ -182,3 +182,41 @@ def test_lookahead_source_hands_every_message_to_the_loop_once_in_order(
     finally:
         source.close()
     assert [m.value for m in seen] == [b"v%d" % i for i in range(1110)]
+
+
+class Serial(Model):
+    """A server that answers one call at a time; the first call waits for ``release``."""
+
+    vectorized = True
+    normalized = True
+    pipelined = True
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.turn = threading.Lock()
+        self.calls = 0
+
+    def predict_batch(self, records: Any) -> list[Any]:
+        with self.turn:
+            self.calls += 1
+            if self.calls == 1:
+                self.release.wait(30)
+            return [{"label": None, "probabilities": {}, "value": 1.0} for _ in records]
+
+
+def test_a_pipelined_call_is_timed_from_when_the_call_ahead_of_it_ended() -> None:
+    model = Serial()
+    runner = Runner("serial", model, timeout_ms=30_000)
+    try:
+        first = runner.submit(batch(0))
+        second = runner.submit(batch(10))  # sent while the first one is held at the server
+        model.release.set()
+        runner.collect(first)
+        runner.collect(second)
+    finally:
+        runner.close()
+    assert first.finished is not None and second.finished is not None
+    assert first.finished > second.started  # the second waited behind the first...
+    assert second.begun == first.finished  # ...and that wait is not its own time
+    assert second.elapsed_s() == second.finished - first.finished
+    assert first.elapsed_s() == first.finished - first.started

@@ -77,10 +77,24 @@ class Pending:
     cancel: threading.Event
     reason: str = ""
     finished: float | None = None
+    # The call still running when this one was sent (pipelined models): a server answers
+    # them in turn, so this call's own time starts when that one ends.
+    ahead: Pending | None = None
+    begun: float | None = None
 
     def elapsed_s(self) -> float:
-        """Duration of the call (so far, if it is still running)."""
-        return (self.finished or time.perf_counter()) - self.started
+        """The call's own duration (so far, if it is still running): from when it was sent,
+        or from when the call ahead of it ended, whichever is later. The wait behind that
+        call is the shadow worker's pipelining, not a latency the model would add to a
+        request if it served users."""
+        return (self.finished or time.perf_counter()) - (self.begun or self.started)
+
+    def finish(self) -> None:
+        """Mark the call ended (on its thread); drops the link to the call ahead."""
+        self.finished = time.perf_counter()
+        ahead, self.ahead = self.ahead, None
+        ended = ahead.finished if ahead is not None else None
+        self.begun = max(self.started, ended) if ended is not None else self.started
 
 
 class Runner:
@@ -115,6 +129,7 @@ class Runner:
             pending.reason = f"{len(running)} previous calls still running"
             return pending
         self._follow_caller()
+        pending.ahead = running[-1] if running else None
         pending.future = self._pool.submit(self._score, records, pending)
         self._calls = [*running, pending]
         return pending
@@ -142,7 +157,7 @@ class Runner:
             if pending.cancel.is_set():
                 break
             self._score_chunk(records[start:start + step], pending.slots, start, pending.cancel)
-        pending.finished = time.perf_counter()
+        pending.finish()
 
     def _score_chunk(
         self, records: Sequence[dict[str, Any]], slots: list[Result | None], offset: int,
