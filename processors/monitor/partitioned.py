@@ -44,7 +44,7 @@ import json
 import logging
 import pickle
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +65,7 @@ from shadowpipe.processors.monitor.series import (
 from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
 from shadowpipe.processors.runtime.message import Message
+from shadowpipe.processors.runtime.metrics import DELAY_BOUNDS, Buckets
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.validate import check
 from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
@@ -124,7 +125,7 @@ class Repartition(Handler):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.codec = Codec(settings.schema_registry_url)
-        self.records = 0
+        self.records = self.dead_letters = self.published = 0
 
     def process(self, batch: list[Message]) -> Outputs:
         out, dead = [], []
@@ -137,6 +138,8 @@ class Repartition(Handler):
                 continue
             out += [(key, m.value) for key in series_keys(rec, self.settings.segments)]
         self.records += len(batch)
+        self.dead_letters += len(dead)
+        self.published += len(out)
         return [(series_topic(self.settings), out),
                 (self.settings.topic("deadletter"),
                  [(d["key"], self.codec.encode("DeadLetter", d)) for d in dead])]
@@ -159,6 +162,8 @@ class Series(Handler):
         self.loop: BatchLoop | None = None  # set by install: the idle close delivers through it
         self.last_record_ms = clock()
         self.counted = self.duplicates = self.windows_closed = self.alerts = 0
+        self.late_dropped = self.windows_open = 0
+        self.alerts_by_detector: Counter[str] = Counter()  # raised, not resolved
 
     def state_key(self, partition: int) -> str:
         return f"{self.settings.topic_prefix}monitor:series:{partition}"
@@ -232,7 +237,11 @@ class Series(Handler):
             rows += [rows_message("drift_stats", d) for d in mon.drain_drift_stats()]
             alerts += raised
             self.windows_closed += len(closed)
+            # The overall rows hold a window's late records once (as the single monitor).
+            self.late_dropped += sum(r["late_dropped"] for r in closed if not r["segment"])
         self.alerts += len(alerts)
+        self.alerts_by_detector.update(a["detector"] for a in alerts
+                                       if a["status"] != "resolved")
         out = list(alert_outputs(self.settings, BatchResult(alerts=alerts), self.codec))
         return [*out, (rows_topic(self.settings), rows)]
 
@@ -250,6 +259,14 @@ class Series(Handler):
         pipe.execute()
         self.dedup.committed()
         self.touched.clear()
+        self.windows_open = self.count_open()
+
+    def count_open(self) -> int:
+        """Open (challenger, window) pairs of the owned series, as the single monitor's
+        ``windows_open``: the overall challenger keys hold each pair once."""
+        return sum(len({(c, start) for c, seg, start in m.state.windows if not seg})
+                   for monitors in self.partitions.values() for m in monitors.values()
+                   if m.role == "c" and not m.segment)
 
     def tick(self) -> None:
         """An idle stream closes the windows whose end + allowed lateness the wall clock
@@ -292,6 +309,7 @@ class Sink(Handler):
         self.codec = Codec(settings.schema_registry_url)
         self.rows_topic = rows_topic(settings)
         self.rows_written = 0
+        self.label_delays = Buckets(DELAY_BOUNDS)  # seconds, of the records it stores
 
     def process(self, batch: list[Message]) -> Outputs:
         joined, orphans = [], []
@@ -306,6 +324,8 @@ class Sink(Handler):
             except DecodeError:
                 continue  # the repartition stage dead-letters it
             (orphans if rec["state"] in ORPHAN_STATES else joined).append(rec)
+            if rec.get("label_time") is not None and rec.get("event_time") is not None:
+                self.label_delays.observe(max(0, rec["label_time"] - rec["event_time"]) / 1000)
         tables = {"joined_records": sink_mod.joined_columns(joined),
                   "orphans": sink_mod.orphan_columns(orphans)}
         for table, names in ROW_COLUMNS.items():
@@ -316,8 +336,10 @@ class Sink(Handler):
 
 def install(app: Any, settings: Settings) -> None:
     """Check Redis (and ClickHouse where this process sinks), create the topics, register
-    the three loops and the health views."""
-    from shadowpipe.processors.runtime.health import add_health, loop_readiness
+    the three loops and the health views (``/metrics``: :func:`metrics_stats`, and each
+    stage's readiness and consumer lag as ``worker="monitor-<stage>"``)."""
+    from shadowpipe.processors.runtime import metrics
+    from shadowpipe.processors.runtime.health import add_health, loop_lag, loop_readiness
     from shadowpipe.processors.runtime.thread import add_loop_service
     from shadowpipe.stores import check_clickhouse, check_redis, redis_client
     from shadowpipe.tables import migrate
@@ -334,7 +356,8 @@ def install(app: Any, settings: Settings) -> None:
         return made
 
     series = Series(settings, redis_client(settings, socket_timeout=5.0))
-    loops = [loop(Repartition(settings), "monitor-repartition", [settings.topic("joined")])]
+    repartition = Repartition(settings)
+    loops = [loop(repartition, "monitor-repartition", [settings.topic("joined")])]
     series.loop = loop(series, "monitor-series", [series_topic(settings)])
     loops.append(series.loop)
     sink: Sink | None = None
@@ -351,11 +374,36 @@ def install(app: Any, settings: Settings) -> None:
 
     def stats() -> dict[str, Any]:
         return {"mode": "partitioned", **series.stats(),
+                **metrics_stats(repartition, series, sink),
                 "rows_written": sink.rows_written if sink else None,
                 "positions": {f"{t}:{p}": o for one in loops
                               for (t, p), o in dict(one.positions).items()}}
 
     add_health(app, "monitor", stats, readiness)
+    # The joined topic is read by two groups (repartition, sink): one lag per stage.
+    for one in loops:
+        metrics.serve(app, one.handler.name, dict, lambda one=one: loop_readiness(one),
+                      loop_lag(one))
+
+
+def metrics_stats(repartition: Repartition, series: Series, sink: Sink | None
+                  ) -> dict[str, Any]:
+    """This process's figures under the names the single monitor's stats give them
+    (``metrics.monitor_metrics`` reads both): a figure of a stage this process does not
+    run (the sink with ``monitor_sink=off``) is absent, never 0."""
+    out: dict[str, Any] = {
+        "records": repartition.records, "events_out": repartition.published,
+        "dead_letters": repartition.dead_letters, "windows_open": series.windows_open,
+        "late_dropped": series.late_dropped,
+        "alerts_by_detector": dict(series.alerts_by_detector),
+        # Not watched in this mode (no state marker): absent rather than a false 0.
+        "redis_state_lost": None}
+    if sink is not None:
+        out["label_delay_seconds"] = sink.label_delays.snapshot()
+        out["clickhouse"] = {"rows_written": sink.sink.rows_written,
+                             "failures": sink.sink.failures,
+                             "insert_seconds": sink.sink.insert_seconds.snapshot()}
+    return out
 
 
 def _factory(settings: Settings, first: Any) -> Callable[[], Any]:

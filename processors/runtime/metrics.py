@@ -189,7 +189,9 @@ def join_metrics(f: Families, stats: dict[str, Any]) -> None:
 
 def monitor_metrics(f: Families, stats: dict[str, Any]) -> None:
     """The monitor's stats (``Runtime.stats``) as families."""
-    _events(f, "monitor", stats.get("records"), None,
+    # events_out: only the partitioned monitor republishes its input (onto its repartition
+    # topic); the single monitor publishes nothing but alerts, so the sample is absent.
+    _events(f, "monitor", stats.get("records"), stats.get("events_out"),
             {"any": stats.get("dead_letters", 0)})
     f.counter("shadowpipe_monitor_duplicates", "records already counted (redelivered)",
               stats.get("duplicates"))
@@ -229,7 +231,8 @@ class WorkerCollector:
 
     def add(self, worker: str, stats: Stats, readiness: Readiness, lag: Lag | None = None
             ) -> None:
-        """Report ``worker`` (``shadow``, ``join``, ``monitor``)."""
+        """Report ``worker`` (``shadow``, ``join``, ``monitor``; any other name, such as a
+        stage of the partitioned monitor, reports only its readiness and consumer lag)."""
         self.sources.append((worker, stats, readiness, lag))
 
     def registry(self) -> Any:
@@ -247,7 +250,9 @@ class WorkerCollector:
         families = Families()
         for worker, stats, readiness, lag in self.sources:
             _common(families, worker, readiness()[0], lag() if lag else {})
-            TRANSLATE[worker](families, stats())
+            translate = TRANSLATE.get(worker)
+            if translate is not None:
+                translate(families, stats())
         yield from families.by_name.values()
 
 
