@@ -14,8 +14,10 @@ thread with its own consumer group, in every monitor process (the sink only wher
    deduplicated per (series, request, challenger) (:mod:`.dedup`, namespace
    ``<prefix>series.``); closed windows become rows on ``<prefix>monitor-rows`` (JSON), alerts
    go to the alerts topic; then each touched partition's state is checkpointed to Redis
-   (``<prefix>monitor:series:<partition>``) in one transaction with the dedup bits; then
-   the offsets are committed. A rebalance settles the batch in flight, drops the revoked
+   (``<prefix>monitor:series:<partition>``) in one transaction with that partition's dedup
+   bits; then the offsets are committed. On a Redis Cluster a partition's keys carry the
+   hash tag ``{monitor-series-<partition>}`` after the prefix, so its transaction stays in
+   one slot (:meth:`Series.tag`). A rebalance settles the batch in flight, drops the revoked
    partitions' state, and loads the assigned ones' checkpoints: the state moves with the
    partition.
 3. **sink** (group ``<prefix>monitor-sink``, topics ``joined`` and ``monitor-rows``): writes
@@ -68,6 +70,7 @@ from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.runtime.metrics import DELAY_BOUNDS, Buckets
 from shadowpipe.schemas.codec import Codec, DecodeError
 from shadowpipe.schemas.validate import check
+from shadowpipe.stores import is_cluster_url
 from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
 
 log = logging.getLogger("shadowpipe.monitor")
@@ -155,8 +158,8 @@ class Series(Handler):
         self.settings, self.redis, self.clock = settings, redis, clock
         self.codec = Codec(settings.schema_registry_url)
         self.topic = series_topic(settings)
-        self.dedup = Deduper(redis, f"{settings.topic_prefix}series.",
-                             settings.feedback_horizon_s)
+        self.cluster = is_cluster_url(settings.redis_url)
+        self.dedups: dict[int, Deduper] = {}
         self.partitions: dict[int, dict[bytes, SeriesMonitor]] = {}
         self.touched: set[int] = set()
         self.loop: BatchLoop | None = None  # set by install: the idle close delivers through it
@@ -165,8 +168,23 @@ class Series(Handler):
         self.late_dropped = self.windows_open = 0
         self.alerts_by_detector: Counter[str] = Counter()  # raised, not resolved
 
+    def tag(self, partition: int) -> str:
+        """What follows the prefix in the keys of ``partition``'s transaction: its hash tag
+        on a Redis Cluster (one slot: a transaction cannot span slots), else nothing (the
+        key names of a single Redis are unchanged)."""
+        return f"{{monitor-series-{partition}}}:" if self.cluster else ""
+
     def state_key(self, partition: int) -> str:
-        return f"{self.settings.topic_prefix}monitor:series:{partition}"
+        return f"{self.settings.topic_prefix}{self.tag(partition)}monitor:series:{partition}"
+
+    def deduper(self, partition: int) -> Deduper:
+        """The dedup bits of ``partition``'s series (a series key has one partition)."""
+        found = self.dedups.get(partition)
+        if found is None:
+            found = self.dedups[partition] = Deduper(
+                self.redis, f"{self.settings.topic_prefix}{self.tag(partition)}series.",
+                self.settings.feedback_horizon_s)
+        return found
 
     # -- ownership ---------------------------------------------------------------------------
 
@@ -174,6 +192,7 @@ class Series(Handler):
         owned = {p for t, p in partitions if t == self.topic}
         for p in set(self.partitions) - owned:
             del self.partitions[p]  # settled and checkpointed by the loop's revoke first
+            self.dedups.pop(p, None)
         for p in sorted(owned - set(self.partitions)):
             self.partitions[p] = self.load(p)
         self.last_record_ms = self.clock()  # idleness counts from when records can arrive
@@ -205,14 +224,17 @@ class Series(Handler):
             mon = self.monitor(m.partition, m.key)
             rec = decode(self.codec, m)
             items.append((m.partition, mon, rec, dedup_pair(mon.key, rec)))
-        bits = self.dedup.lookup((pair, _time(rec)) for _p, _m, rec, pair in items)
+        bits: dict[str, int] = {}
+        for p in sorted({item[0] for item in items}):
+            bits |= self.deduper(p).lookup((pair, _time(rec)) for q, _m, rec, pair in items
+                                           if q == p)
         touched: dict[int, SeriesMonitor] = {}
         for partition, mon, rec, pair in items:
             before = bits[pair]
             after = mon.add(rec, before)
             if after != before:
                 bits[pair] = after
-                self.dedup.mark(pair, _time(rec), after)
+                self.deduper(partition).mark(pair, _time(rec), after)
                 self.counted += 1
             else:
                 self.duplicates += 1
@@ -249,15 +271,20 @@ class Series(Handler):
         self.checkpoint()
 
     def checkpoint(self) -> None:
-        """The touched partitions' states and the staged dedup bits, in one transaction."""
-        pipe = self.redis.pipeline(transaction=True)
-        self.dedup.stage(pipe)
+        """Each touched partition's state and staged dedup bits, in one transaction per
+        partition: a crash between two leaves each partition's bits and state agreeing,
+        and its records are replayed against them."""
         for p in sorted(self.touched):
+            dedup = self.deduper(p)
+            if p not in self.partitions and not dedup.staged:
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            dedup.stage(pipe)
             if p in self.partitions:
                 blob = pickle.dumps(snapshot(self.partitions[p]), protocol=pickle.HIGHEST_PROTOCOL)
                 pipe.set(self.state_key(p), HEADER + blob)
-        pipe.execute()
-        self.dedup.committed()
+            pipe.execute()
+            dedup.committed()
         self.touched.clear()
         self.windows_open = self.count_open()
 
