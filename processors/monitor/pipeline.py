@@ -160,6 +160,22 @@ class Totals:
             self.last_write_ms, self.last_write_rows = now_ms, result.rows
 
 
+def state_prefix(settings: Settings) -> str:
+    """What the monitor's Redis keys start with. On a Redis Cluster it ends in one hash tag:
+    the checkpoint writes the state and the counted bits' day hashes in one transaction,
+    which a cluster runs only within one slot (key names on a single Redis are unchanged).
+
+    >>> from shadowpipe.config import Settings
+    >>> on = Settings.load().replace(topic_prefix="p.", redis_url="redis+cluster://h:7000")
+    >>> state_prefix(on), state_prefix(on.replace(redis_url="redis://h:6379/0"))
+    ('p.{p.monitor}:', 'p.')
+    """
+    from shadowpipe.stores import is_cluster_url
+
+    prefix = settings.topic_prefix
+    return f"{prefix}{{{prefix}monitor}}:" if is_cluster_url(settings.redis_url) else prefix
+
+
 class Pipeline:
     """Monitor state + dedup + ClickHouse sink for one monitor instance."""
 
@@ -175,8 +191,9 @@ class Pipeline:
         self._header = self.codec.header("JoinedRecord", SINGLE_OBJECT)
         self.redis = redis if redis is not None else redis_client(
             settings, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
-        self.state_key = f"{settings.topic_prefix}monitor:state"
-        self.dedup = Deduper(self.redis, settings.topic_prefix, settings.feedback_horizon_s)
+        keys = state_prefix(settings)
+        self.state_key = f"{keys}monitor:state"
+        self.dedup = Deduper(self.redis, keys, settings.feedback_horizon_s)
         self.sleep = sleep
         self.clock = clock
         self.totals = Totals()
