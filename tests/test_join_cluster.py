@@ -14,14 +14,12 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from shadowpipe.config import Settings
-from shadowpipe.kafka import ensure_topics
 from shadowpipe.processors.join.core import JoinCore
 from shadowpipe.processors.join.store import GROUPS, ClusterJoinStore, StoreError, group_of
 from shadowpipe.redis_cluster import LocalRedisCluster
@@ -55,22 +53,10 @@ from tests.test_join_worker import (  # noqa: F401 - collected again here, on th
 )
 
 
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
-    """3 masters; ``appendfsync always`` so a kill -9 of a master loses no write."""
-    cluster = LocalRedisCluster(3, tmp_path_factory.mktemp("redis-cluster"),
-                                appendfsync="always").start()
-    yield cluster
-    cluster.stop()
-
-
 @pytest.fixture
-def settings(stack_settings: Settings, redis_cluster: LocalRedisCluster) -> Settings:
-    """The suite's ``settings`` (fresh topics), with the joiner's state on the cluster."""
-    fresh = stack_settings.replace(topic_prefix=f"c{uuid.uuid4().hex[:10]}.",
-                                   web_port=free_port(), redis_url=redis_cluster.url)
-    ensure_topics(fresh)
-    return fresh
+def settings(cluster_settings: Settings) -> Settings:
+    """The joiner's end-to-end tests run with their state on the cluster."""
+    return cluster_settings
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shadowpipe.config import Settings
 from shadowpipe.stack import free_port
-from tests.conftest import spawn_cli
+from tests.conftest import spawn_cli, wait_for
 from tests.test_bench_runs import _bench
 from tests.test_verdict_e2e import (
     CHALLENGERS,
@@ -94,16 +94,13 @@ def _send_bad(s: Settings) -> None:
 
 
 def _wait(worker: dict[str, Any], done: Any, timeout_s: float = 400.0) -> Samples:
-    """Scrape ``worker`` until ``done(samples)``; the last scrape."""
-    deadline = time.monotonic() + timeout_s
-    samples: Samples | None = None
-    while time.monotonic() < deadline:
+    """Scrape ``worker`` until ``done(samples)``; that scrape."""
+    def reached() -> Samples | None:
         assert worker["proc"].poll() is None, worker["log"].read_text()[-3000:]
         samples = scrape(worker["port"])
-        if samples and done(samples):
-            return samples
-        time.sleep(1.0)
-    raise AssertionError(f"{worker['name']}: counters never reached the traffic: {samples}")
+        return samples if samples and done(samples) else None
+
+    return wait_for(f"{worker['name']}: counters to reach the traffic", reached, timeout_s)
 
 
 @pytest.fixture

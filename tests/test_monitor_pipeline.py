@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from shadowpipe.bench import synthetic
@@ -149,13 +150,20 @@ def test_clickhouse_down_mid_run_then_back_loses_and_duplicates_nothing(
 
 
 def test_restart_from_checkpoint_replays_without_double_counting(settings: Settings) -> None:
-    s = _monitor_settings(settings)
+    crash_and_restart(_monitor_settings(settings))
+
+
+def crash_and_restart(s: Settings, check: Callable[[Pipeline], None] = lambda _: None) -> None:
+    """Checkpointed batches, a batch processed but never checkpointed (a crash), ``check``
+    of that first pipeline, then a restart replaying from before the crash: every window
+    count exact."""
     records = synthetic.stream(synthetic.Spec(requests=1500, seed=8, interval_ms=200))
     messages = _messages(records)
     first = Pipeline(s)
     first.migrate()
     _drive(first, s, messages[:2000])
     first.process(messages[2000:2400])  # processed, never checkpointed: a crash
+    check(first)
     second = Pipeline(s)  # restart: state from Redis, replay from the last commit
     _drive(second, s, messages[1800:])
     second.close_all()

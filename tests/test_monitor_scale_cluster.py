@@ -9,21 +9,16 @@ owner that then counts nothing twice) and end to end: the two-process metrics te
 
 from __future__ import annotations
 
-import uuid
 import zlib
-from collections.abc import Iterator
 
 import pytest
 
 from shadowpipe.bench import synthetic
 from shadowpipe.config import Settings
-from shadowpipe.kafka import ensure_topics
 from shadowpipe.processors.monitor.partitioned import Series, series_topic
 from shadowpipe.processors.monitor.series import series_keys
 from shadowpipe.processors.runtime.message import Message
-from shadowpipe.redis_cluster import LocalRedisCluster
 from shadowpipe.schemas.codec import Codec
-from shadowpipe.stack import free_port
 from shadowpipe.stores import redis_client
 from tests.test_monitor_scale import _base, _spec
 from tests.test_monitor_scale_metrics import (  # noqa: F401 - collected again, on the cluster
@@ -31,20 +26,10 @@ from tests.test_monitor_scale_metrics import (  # noqa: F401 - collected again, 
 )
 
 
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
-    cluster = LocalRedisCluster(3, tmp_path_factory.mktemp("redis-cluster")).start()
-    yield cluster
-    cluster.stop()
-
-
 @pytest.fixture
-def settings(stack_settings: Settings, redis_cluster: LocalRedisCluster) -> Settings:
-    """The suite's ``settings`` (fresh topics), with the monitors' state on the cluster."""
-    fresh = stack_settings.replace(topic_prefix=f"c{uuid.uuid4().hex[:10]}.",
-                                   web_port=free_port(), redis_url=redis_cluster.url)
-    ensure_topics(fresh)
-    return fresh
+def settings(cluster_settings: Settings) -> Settings:
+    """The collected metrics test runs with the monitors' state on the cluster."""
+    return cluster_settings
 
 
 def _batches(s: Settings, size: int) -> list[list[Message]]:
