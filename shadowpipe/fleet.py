@@ -259,18 +259,20 @@ class Fleet:
         workers, cluster = self.recorded()
         report = []
         alive = [w for w in workers if w.alive()]
+        t0 = time.monotonic()
         for w in alive:
             os.kill(w.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_S
-        while any(_pid_alive(w.pid) for w in alive) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        took = _wait_exits([w.pid for w in alive], t0 + STOP_S)
         for w in workers:
-            if w in alive and _pid_alive(w.pid):
-                os.kill(w.pid, signal.SIGKILL)
-                report.append(f"{w.name}: killed after {STOP_S:.0f} s (pid {w.pid})")
-            else:
-                report.append(f"{w.name}: stopped (pid {w.pid})" if w in alive
-                              else f"{w.name}: was not running")
+            if w not in alive:
+                report.append(f"{w.name}: was not running")
+            elif w.pid in took:
+                report.append(f"{w.name}: stopped in {took[w.pid] - t0:.1f} s (pid {w.pid})")
+            else:  # its process group: a standby's monitor child goes with it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(w.pid, signal.SIGKILL)
+                report.append(f"{w.name}: killed after {STOP_S:.0f} s (pid {w.pid}); the end "
+                              f"of its log ({w.log}):\n{_tail(w.log)}")
         self._wait_directory_free(any(w.kind == "monitor" for w in alive))
         if cluster:
             pids = [p for p in cluster["pids"] if _pid_alive(p) and _runs(p, "redis-server")]
@@ -297,6 +299,26 @@ class Fleet:
             time.sleep(0.1)
 
 
+def _wait_exits(pids: list[int], deadline: float) -> dict[int, float]:
+    """When (monotonic) each of ``pids`` exited, for those that did before ``deadline``."""
+    exited: dict[int, float] = {}
+    while len(exited) < len(pids) and time.monotonic() < deadline:
+        for pid in pids:
+            if pid not in exited and not _pid_alive(pid):
+                exited[pid] = time.monotonic()
+        time.sleep(0.1)
+    return exited
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of a worker's log (why it did not stop)."""
+    try:
+        text = Path(path).read_bytes()[-8192:].decode("utf-8", "replace")
+    except OSError as exc:
+        return f"  ({exc.strerror})"
+    return "\n".join(f"  {line}" for line in text.splitlines()[-lines:])
+
+
 def standby(settings: Settings) -> int:
     """Wait while another process holds the ClickHouse directory, then run ``worker
     monitor`` in a child; again after it exits with 2 (it lost the race). SIGTERM is passed
@@ -304,11 +326,13 @@ def standby(settings: Settings) -> int:
     path = chdb_directory(settings)
     child: list[subprocess.Popen] = []
     stopping: list[bool] = []
+    passed: list[subprocess.Popen] = []  # children the stop was passed on to
 
     def stop(signum: int, _frame: object) -> None:
         stopping.append(True)
         if child and child[0].poll() is None:
             child[0].send_signal(signum)
+            passed.append(child[0])
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -324,6 +348,8 @@ def standby(settings: Settings) -> int:
             continue
         child[:] = [subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker",
                                       "monitor"])]
+        if stopping and child[0] not in passed:  # the stop came while it was being started
+            child[0].send_signal(signal.SIGTERM)
         code = child[0].wait()
         if code != 2 or stopping:
             return code

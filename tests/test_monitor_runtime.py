@@ -4,6 +4,7 @@ wall clock and on a graceful stop, and the web port checked at start-up."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -348,3 +349,26 @@ def test_close_on_stop_all_closes_every_window(settings: Settings) -> None:
     result = pipeline.close_on_stop()
     assert [w["window_start"] for w in result.windows if not w["segment"]] == [t0]
     assert pipeline.windows_open() == 0
+
+
+def test_stop_does_not_wait_without_bound_behind_a_busy_executor(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stop's close queues behind the executor's job (a slow query, the verdict): the
+    stop gives it up after its bound; the windows close after the restart instead."""
+    from shadowpipe.processors.monitor import runtime as rt
+
+    t0 = (int(time.time() * 1000) // MINUTE - 10) * MINUTE
+    pipeline = _pipeline(settings, [t0 + 50_000])
+    pipeline.process(_messages(_stream(100, t0, 500, seed=12)))  # one open window
+    runtime = rt.Runtime(pipeline.settings, pipeline)
+    monkeypatch.setattr(rt, "STOP_FLUSH_S", 0.2)
+    busy = threading.Event()
+    runtime.executor.submit(busy.wait, 30)  # holds the executor's one thread
+    try:
+        asyncio.run(runtime.stop())
+        assert "did not start or end within" in caplog.text
+        assert _window_rows(pipeline) == {}  # nothing stored by the abandoned close
+    finally:
+        busy.set()
+        runtime.executor.shutdown(wait=True)

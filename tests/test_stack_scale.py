@@ -50,7 +50,7 @@ def scale_env(tmp_path: Path) -> Iterator[dict[str, str]]:
            "SHADOWPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
            "SHADOWPIPE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
            "SHADOWPIPE_CHALLENGERS": str(tmp_path / "challengers.toml"),
-           "SHADOWPIPE_FEEDBACK_HORIZON_S": "3600", "SHADOWPIPE_LOG_LEVEL": "WARNING"}
+           "SHADOWPIPE_FEEDBACK_HORIZON_S": "3600", "SHADOWPIPE_LOG_LEVEL": "INFO"}
     yield env
     _cli(env, "stack", "down", timeout=120)
 
@@ -108,7 +108,7 @@ def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str,
 
     down = _cli(scale_env, "stack", "down", timeout=120)
     assert down.returncode == 0 and f"{victim.name}: was not running" in down.stdout
-    assert f"{standby.name}: stopped" in down.stdout
+    assert f"{standby.name}: stopped in " in down.stdout, down.stdout
     rows = chdb_rows(settings.home_path / "clickhouse",
                      "SELECT request_id, count() FROM shadowpipe.joined_records FINAL "
                      "GROUP BY request_id")

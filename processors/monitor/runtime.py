@@ -239,13 +239,20 @@ class Runtime:
         abort = asyncio.get_running_loop().call_later(STOP_FLUSH_S,
                                                       self.pipeline.abort_retries)
         try:
-            result = await self.close(self.pipeline.close_on_stop)
+            # The close queues behind any job on the executor (a query, the verdict): a
+            # stop must not wait for those without bound.
+            result = await asyncio.wait_for(self.close(self.pipeline.close_on_stop),
+                                            2 * STOP_FLUSH_S)
             log.info("monitor stop: %d windows closed, %d rows stored, %d alerts, in %.1f s",
                      len(result.windows), result.rows, len(result.alerts),
                      time.monotonic() - t0)
         except Stopped:
             log.warning("monitor stop: windows could not be stored within %.0f s (Redis or "
                         "ClickHouse unreachable); they close after the restart", STOP_FLUSH_S)
+        except TimeoutError:
+            log.warning("monitor stop: closing windows did not start or end within %.0f s "
+                        "(the executor was busy); they close after the restart",
+                        2 * STOP_FLUSH_S)
         except Exception:  # the stop goes on: the windows close after the restart
             log.exception("monitor stop: closing windows failed")
         finally:
