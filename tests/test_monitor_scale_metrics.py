@@ -19,6 +19,7 @@ from shadowpipe.config import Settings
 from shadowpipe.kafka import consumer, producer
 from shadowpipe.processors.monitor.partitioned import rows_topic, series_topic
 from shadowpipe.processors.monitor.series import series_keys
+from shadowpipe.processors.read import ask_monitor, fetch, from_monitor, rows
 from shadowpipe.schemas.codec import Codec
 from shadowpipe.stack import free_port
 from tests.conftest import assign_from_start, chdb_rows, spawn_cli
@@ -36,9 +37,11 @@ from tests.test_monitor_scale import (
 
 BAD = 4  # undecodable joined records: dead-lettered by the repartition stage
 STAGES = ("monitor-repartition", "monitor-series", "monitor-sink")
-# Documented families the partitioned monitor cannot report: no verdict agent in this
-# mode, no Redis state marker; the others belong to the shadow worker and the joiner.
-NOT_IN_MODE = {"shadowpipe_verdict", "shadowpipe_redis_state_lost_total"}
+# Documented families the partitioned monitor cannot report: no Redis state marker in this
+# mode; the others belong to the shadow worker and the joiner.
+NOT_IN_MODE = {"shadowpipe_redis_state_lost_total"}
+VERDICTS = {"PROMOTE", "REJECT", "HOLD", "INCONCLUSIVE"}
+ARMS = {"since_ms": 0, "challenger": "", "by": ""}
 
 
 def _send_bad(s: Settings) -> None:
@@ -87,7 +90,8 @@ def test_partitioned_monitors_export_the_monitor_metrics(settings: Settings,
     _produce(s, records)
     _send_bad(s)
     ports = [free_port(), free_port()]
-    procs = [spawn_cli(s.replace(web_port=port, monitor_sink="on" if i == 0 else "off"),
+    procs = [spawn_cli(s.replace(web_port=port, monitor_sink="on" if i == 0 else "off",
+                                 verdict_interval_s=1),
                        "worker", "monitor", log=tmp_path / f"metrics{i}.log")
              for i, port in enumerate(ports)]
     sent = records + _flush_records(start)
@@ -104,13 +108,42 @@ def test_partitioned_monitors_export_the_monitor_metrics(settings: Settings,
             stages_zero = all(v == 0 for m in scrapes for st in STAGES
                               for v in _lags(m, st).values())
             events_in = sum(total(m, "shadowpipe_events_in_total") for m in scrapes)
-            return scrapes if stages_zero and events_in == len(sent) + BAD else None
+            verdicts = {dict(ls)["challenger"] for (n, ls) in scrapes[0]
+                        if n == "shadowpipe_verdict"}  # the verdict timer ran
+            return (scrapes if stages_zero and events_in == len(sent) + BAD
+                    and verdicts == {"c1", "c2"} else None)
 
         sink, other = _wait("both monitors' counters at the input sent", settled)
         alerts = _alerts_on_topic(s)
+        live = _reads_while_running(s.replace(web_port=ports[0]))
     finally:
         _kill(procs)
     _check(s, tmp_path, sent, sink, other, alerts)
+    _check_reads(s, tmp_path, live)
+
+
+def _reads_while_running(s: Settings) -> dict[str, Any]:
+    """What ``compare`` and ``verdict`` get from the process that runs the sink (the
+    embedded engine's directory is that process's: nothing else may open it)."""
+    live = from_monitor(s, "arm_counts", ARMS)
+    assert live is not None, "the sink's process does not serve /shadowpipe/query/"
+    assert fetch(s, "arm_counts", ARMS) == live  # how compare reads
+    verdicts = ask_monitor(s, "/shadowpipe/verdict/", {})
+    assert verdicts is not None
+    assert {v["challenger"]: v["verdict"] in VERDICTS for v in verdicts["verdicts"]} == {
+        "c1": True, "c2": True}
+    return live
+
+
+def _check_reads(s: Settings, tmp_path: Path, live: dict[str, Any]) -> None:
+    """The live answer is the stored data's, read from the directory after the stop."""
+    db = s.clickhouse_database
+    stored = chdb_rows(tmp_path / "metrics", "SELECT challenger, count(), countIf(state = "
+                       f"'labelled') FROM {db}.joined_records FINAL GROUP BY challenger "
+                       "ORDER BY challenger")
+    overall = [(r["challenger"], r["published"], r["labelled"]) for r in rows(live)
+               if r["segment"] == ""]
+    assert overall == [tuple(r) for r in stored] and len(overall) == 2
 
 
 def _check(s: Settings, tmp_path: Path, sent: list[dict[str, Any]], sink: Samples,

@@ -16,10 +16,9 @@ Monitors of earlier releases consumed through a Faust agent in the group
 in the new group adopts that group's committed offsets (:func:`adopt_offsets`), so an
 upgrade resumes where the old monitor stopped.
 
-It also serves ``GET /shadowpipe/query/?name=arms&since_ms=...&challenger=...&by=...``:
-the named read queries of :mod:`shadowpipe.processors.read` as JSON, run on the
-monitor's own ClickHouse client. With the embedded engine only this process may open the
-data directory, so this is how ``shadowpipe compare`` reads while the pipeline runs.
+It also serves the named read queries (:mod:`.queries`), the verdict (:mod:`shadowpipe.
+processors.verdict.agent`) and read-only SQL (:mod:`.sql`) on its own ClickHouse client:
+with the embedded engine only this process may open the data directory.
 
 Run one monitor instance (a second one is a hot standby): window state and detectors are
 per instance, so splitting the joined topic between instances would split the windows
@@ -28,27 +27,22 @@ per instance, so splitting the joined topic between instances would split the wi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from shadowpipe.config import Settings
-from shadowpipe.processors.monitor import partitioned, reference
+from shadowpipe.processors.monitor import partitioned, queries, reference
 from shadowpipe.processors.monitor.pipeline import Pipeline
 from shadowpipe.processors.monitor.runtime import Runtime, guarded
 from shadowpipe.processors.monitor.source import MergedSource
 from shadowpipe.processors.monitor.sql import attach as attach_sql
-from shadowpipe.processors.read import QUERIES
-from shadowpipe.processors.read import run as run_query
 from shadowpipe.processors.runtime.health import add_health
 from shadowpipe.processors.runtime.thread import add_loop_service
 from shadowpipe.processors.state_marker import monitor_groups
 from shadowpipe.processors.verdict import agent as verdict_agent
 from shadowpipe.stores import check_clickhouse, check_redis, clickhouse_client
-from shadowpipe.tables import database
 
 log = logging.getLogger(__name__)
-QUERY_PATH = "/shadowpipe/query/"
 CONSUMER_OVERRIDES: dict[str, Any] = {
     # Runs of at most ~1 MB per partition (a producer's batch), so that MergedSource
     # holds a run of every partition well before its cap (4 micro-batches).
@@ -157,23 +151,7 @@ def install(app: Any, settings: Settings) -> None:
     add_health(app, "monitor", lambda: runtime.stats(runtime.highwater),
                runtime.readiness, lag=lambda: runtime.lag(runtime.highwater))
 
-    @app.page(QUERY_PATH)
-    async def query(web: Any, request: Any) -> Any:
-        params = dict(request.query)
-        name = params.pop("name", "")
-        if name not in QUERIES:
-            return web.json({"error": f"unknown query {name!r}", "queries": sorted(QUERIES)},
-                            status=404)
-        loop = asyncio.get_running_loop()
-        try:
-            # run=ID: a replay run's database (stored earlier in the same data directory)
-            db = database(settings.replace(run=params.pop("run", "")))
-            payload = await loop.run_in_executor(
-                runtime.executor, run_query, pipeline.sink, name, db, params)
-        except Exception as exc:  # report query errors to the caller, keep serving
-            return web.json({"error": str(exc).splitlines()[0]}, status=400)
-        return web.json(payload)
-
+    queries.serve(app, settings, pipeline.sink, runtime.executor)
     reference.attach(app, settings, pipeline, runtime.executor)
     verdict_agent.install(app, settings, pipeline, runtime.executor)
     attach_sql(app, settings)  # read-only SQL on the embedded engine (docs/sql.md)

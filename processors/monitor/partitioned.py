@@ -32,9 +32,13 @@ the series stage, its checkpoint written). A killed process's partitions move to
 within the session timeout and are replayed from their last commit against their last
 checkpoint.
 
-Not in this mode yet: reference profiles for PSI (stream references only), the query
-endpoint and the verdict agent (run them in a ``single`` monitor or read ClickHouse), and
-provisional rows of open windows on a stop (they close after the restart).
+The process that runs the sink also serves what the single monitor serves on its
+ClickHouse client (:func:`serve_reads`): the named queries (``/shadowpipe/query/``, so
+``shadowpipe compare``, ``report`` and ``verdict`` work on its web port while the pipeline
+runs), the verdict timer and endpoints, and read-only SQL on the embedded engine.
+
+Not in this mode yet: reference profiles for PSI (stream references only) and provisional
+rows of open windows on a stop (they close after the restart).
 
 >>> rows_message("windows", {"challenger": "c", "segment": "", "window_start": 0})[0]
 b'windows\\x1fc\\x1f\\x1f0'
@@ -45,9 +49,11 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from shadowpipe.config import Settings
@@ -331,8 +337,11 @@ class Sink(Handler):
 
     name = "monitor-sink"
 
-    def __init__(self, settings: Settings, sink: sink_mod.Sink) -> None:
+    def __init__(self, settings: Settings, sink: sink_mod.Sink,
+                 lock: threading.Lock | None = None) -> None:
         self.settings, self.sink = settings, sink
+        # Held while writing: the query, verdict and SQL views use the same client.
+        self.lock = lock or threading.Lock()
         self.codec = Codec(settings.schema_registry_url)
         self.rows_topic = rows_topic(settings)
         self.rows_written = 0
@@ -357,7 +366,8 @@ class Sink(Handler):
                   "orphans": sink_mod.orphan_columns(orphans)}
         for table, names in ROW_COLUMNS.items():
             tables[table] = sink_mod.rows_to_columns(rows.get(table, []), names)
-        self.rows_written += self.sink.write(tables)
+        with self.lock:
+            self.rows_written += self.sink.write(tables)
         return []
 
 
@@ -388,12 +398,15 @@ def install(app: Any, settings: Settings) -> None:
     series.loop = loop(series, "monitor-series", [series_topic(settings)])
     loops.append(series.loop)
     sink: Sink | None = None
+    reads: Reads | None = None
     if settings.monitor_sink == "on":
         client = check_clickhouse(settings, "worker monitor")
         for line in migrate(client, settings):
             log.info("clickhouse %s", line)
         sink = Sink(settings, sink_mod.Sink(settings, _factory(settings, client)))
-        loops.append(loop(sink, "monitor-sink", [settings.topic("joined"), rows_topic(settings)]))
+        sink_loop = loop(sink, "monitor-sink", [settings.topic("joined"), rows_topic(settings)])
+        loops.append(sink_loop)
+        reads = serve_reads(app, settings, sink, sink_loop)
 
     def readiness() -> tuple[str, str]:
         states = [loop_readiness(one) for one in loops]
@@ -403,6 +416,7 @@ def install(app: Any, settings: Settings) -> None:
         return {"mode": "partitioned", **series.stats(),
                 **metrics_stats(repartition, series, sink),
                 "rows_written": sink.rows_written if sink else None,
+                **({"verdicts": dict(reads.verdicts)} if reads else {}),
                 "positions": {f"{t}:{p}": o for one in loops
                               for (t, p), o in dict(one.positions).items()}}
 
@@ -411,6 +425,40 @@ def install(app: Any, settings: Settings) -> None:
     for one in loops:
         metrics.serve(app, one.handler.name, dict, lambda one=one: loop_readiness(one),
                       loop_lag(one))
+
+
+@dataclass
+class Reads:
+    """What the verdict agent uses of a monitor: the ClickHouse sink it reads, the pause of
+    its publishing retries (raises once the worker stops), the verdicts for /metrics."""
+
+    sink: sink_mod.Sink
+    pause: Callable[[float], None]
+    verdicts: dict[str, str] = field(default_factory=dict)
+
+
+def serve_reads(app: Any, settings: Settings, sink: Sink, sink_loop: BatchLoop) -> Reads:
+    """The process that runs the sink serves what the single monitor serves on its client:
+    the named queries, the verdict (timer and endpoints) and, on the embedded engine,
+    read-only SQL; all on one thread that takes turns with the sink's writes.
+
+    With a ClickHouse server every process may run the sink: the verdict timer (which
+    publishes changes) runs only in the one whose sink owns partition 0 of the joined
+    topic, so the consumer group picks one publisher and moves it when that one dies."""
+    from shadowpipe.processors.monitor import queries
+    from shadowpipe.processors.monitor.runtime import LockedExecutor
+    from shadowpipe.processors.monitor.sql import attach as attach_sql
+    from shadowpipe.processors.verdict import agent as verdict_agent
+
+    executor = LockedExecutor(sink.lock)
+    reads = Reads(sink.sink, sink_loop.pause)
+    first = (settings.topic("joined"), 0)
+    source = sink_loop.source
+    queries.serve(app, settings, sink.sink, executor)
+    verdict_agent.install(app, settings, reads, executor,
+                          leader=lambda: source is not None and first in source.assigned)
+    attach_sql(app, settings)
+    return reads
 
 
 def metrics_stats(repartition: Repartition, series: Series, sink: Sink | None

@@ -40,8 +40,10 @@ RESET_PATH = "/shadowpipe/verdict/reset/"
 GATES = {"promote": lambda v: v == "PROMOTE", "no-reject": lambda v: v != "REJECT"}
 
 
-def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> None:
-    """Declare the verdict timer and endpoints on the monitor's app, client and thread."""
+def install(app: Any, settings: Settings, pipeline: Any, executor: Executor,
+            leader: Callable[[], bool] = lambda: True) -> None:
+    """Declare the verdict timer and endpoints on the monitor's app, client and thread;
+    the timer evaluates only while ``leader()`` (one publisher among N processes)."""
     from faust.web import View
 
     from shadowpipe.processors.verdict.service import Evaluator
@@ -67,6 +69,8 @@ def install(app: Any, settings: Settings, pipeline: Any, executor: Executor) -> 
 
     @app.timer(settings.verdict_interval_s, name=f"{settings.topic_prefix}verdict")
     async def verdicts() -> None:
+        if not leader():
+            return
         try:
             await run()
         except Exception:  # keep the timer alive; the next tick tries again
