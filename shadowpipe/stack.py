@@ -147,6 +147,10 @@ class EmbeddedStack:
 
     # -- state ---------------------------------------------------------------------------
 
+    def pids(self) -> dict[str, int]:
+        """The recorded pid of each service ``up`` started (each leads its own session)."""
+        return self._recorded()
+
     def _recorded(self) -> dict[str, int]:
         try:
             return {k: int(v) for k, v in json.loads(self.state_file.read_text()).items()}

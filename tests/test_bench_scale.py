@@ -3,7 +3,10 @@ the JSON keys, and that what was fed in is accounted for. Timings are not judged
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from shadowpipe.config import Settings
 from tests.test_bench_runs import _bench
@@ -42,6 +45,14 @@ def test_bench_pipeline_accounts_for_every_request(settings: Settings, tmp_path:
     assert out["requests_accounted"] is True
     assert out["emitter"]["dropped"] == 0 and out["e2e_samples"] > 0
     assert out["predictions_total"] >= 2 * out["emitter"]["requests"]  # at least once
+    # Every process of the pipeline used CPU for the trial's requests, and the parts add up.
+    cpu = out["cpu_us_per_request"]
+    roles = {"shadow", "join", "monitor", "kafka", "redis", "emitter"}
+    assert set(cpu) == roles | {"total"} and all(cpu[r] > 0 for r in roles)
+    assert abs(sum(cpu[r] for r in roles) - cpu["total"]) <= 0.1 * len(roles)
+    assert 0 < out["cores_busy"] <= os.cpu_count() + 0.5  # tick rounding
+    assert out["cpu_bound_requests_per_s"] == pytest.approx(
+        os.cpu_count() * 1e6 / cpu["total"], rel=0.01)
 
 
 def test_bench_pipeline_scale_2_reports_both_runs(settings: Settings, tmp_path: Path) -> None:

@@ -33,6 +33,13 @@ Figures (of that trial):
   At the end the sampled ids are looked up in ClickHouse through the monitor.
 * ``lag_max``: the largest total lag (messages not yet consumed, summed over the stages)
   seen in the trial; ``lag_max_by_stage`` per stage.
+* ``cpu_us_per_request``: CPU time per request of each part, from the trial's first
+  request until its traffic is drained (:mod:`.cpu`, from ``/proc``): ``shadow``, ``join``,
+  ``monitor`` (with its embedded ClickHouse's inserts and merges), ``kafka`` (the broker),
+  ``redis``, ``emitter`` (this process: the producer library and the benchmark's watcher)
+  and ``total``; ``cores_busy`` = total CPU / wall time; ``cpu_bound_requests_per_s`` =
+  the rate at which that CPU per request would fill every core (an upper bound on this
+  machine whatever the layout).
 * ``drift_to_alert_s``: at ``--drop-at`` of the window the feedback labels are flipped (the
   primary's accuracy drops, e.g. 0.85 to 0.15): seconds from that moment to the first
   ``ADWIN`` ``error_rate`` alert on the alert topic for this trial's primary model (each
@@ -52,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import threading
@@ -61,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shadowpipe.bench.cpu import CpuMeter
 from shadowpipe.config import Settings
 from shadowpipe.stack import free_port
 
@@ -393,11 +402,12 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
     try:  # a worker that fails to start leaves the others running: down stops them
         fleet.up({"shadow": processes, "join": processes, "monitor": processes}, say=say)
         wait_assigned(fleet)
+        meter = cpu_meter(s, fleet)
         capacity, probed = probe(s, world, args)
         trials = []
         for k in range(args.max_trials):
             rate = max(50.0, capacity * (0.9 - 0.15 * k))
-            trial = run_trial(s, world, args, rate, f"{tag}t{k}")
+            trial = run_trial(s, world, args, rate, f"{tag}t{k}", meter)
             trials.append(trial)
             if trial["sustainable"]:
                 break
@@ -415,6 +425,33 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
             "challengers": 3 if heavy else 2, "requests_emitted": emitted,
             "stored_per_challenger": stored,
             "requests_accounted": bool(stored) and all(n == emitted for n in stored.values())}
+
+
+def cpu_meter(settings: Settings, fleet: Any) -> CpuMeter:
+    """CPU time by role: each worker kind, the broker, Redis and this process (the primary
+    service's emitter, with the benchmark's own watcher thread)."""
+    from shadowpipe.stack import EmbeddedStack
+
+    roles: dict[str, list[int]] = {}
+    for w in fleet.recorded()[0]:
+        roles.setdefault(w.kind, []).append(w.pid)
+    for name, pid in EmbeddedStack(settings).pids().items():
+        roles.setdefault(name, []).append(pid)
+    return CpuMeter(roles, here="emitter")
+
+
+def cpu_figures(spent: dict[str, float], requests: int, wall_s: float) -> dict[str, Any]:
+    """Per request CPU by role, cores busy, and the rate at which that CPU fills every core.
+
+    >>> cpu_figures({"shadow": 0.5, "join": 1.5, "total": 2.0}, 10_000, 4.0)["cpu_us_per_request"]
+    {'shadow': 50.0, 'join': 150.0, 'total': 200.0}
+    """
+    cores = os.cpu_count() or 1
+    return {"cpu_us_per_request": {role: round(sec / requests * 1e6, 1)
+                                   for role, sec in spent.items()} if requests else None,
+            "cores_busy": round(spent["total"] / wall_s, 2) if wall_s > 0 else None,
+            "cpu_bound_requests_per_s": round(cores * requests / spent["total"])
+            if spent["total"] > 0 else None}
 
 
 def wait_assigned(fleet: Any, timeout_s: float = 180.0) -> None:
@@ -458,19 +495,23 @@ def wait_drained(watch: Watch, since: float, timeout_s: float = 900.0) -> float:
 
 
 def run_trial(settings: Settings, world: World, args: argparse.Namespace, rate: float,
-              model: str) -> dict[str, Any]:
-    """Offer ``rate`` for the window; lag, end-to-end latency and drift-to-alert figures."""
+              model: str, meter: CpuMeter) -> dict[str, Any]:
+    """Offer ``rate`` for the window; lag, end-to-end latency, drift-to-alert and CPU
+    figures (from the first request until the trial's traffic is drained)."""
     traffic = Traffic(settings, world, model)
     watch = Watch(settings, traffic)
     predictions_before = sum(watch.high(tp) for tp in watch.tps["predictions"])
     watch.start()
     drop: list[float] = []
     say(f"trial: {rate:.0f} requests/s for {args.lag_window_s:.0f} s")
+    cpu_before, started = meter.read(), time.perf_counter()
     achieved = traffic.offer(rate, args.lag_window_s, args.drop_at, drop.append)
     end = time.perf_counter()
     sent = traffic.close()
     alert_at = wait_alert(watch, model, end + args.alert_timeout_s)
-    wait_drained(watch, end)
+    drained = wait_drained(watch, end)
+    cpu = cpu_figures(meter.spent(cpu_before, meter.read()), sent["requests"],
+                      drained - started)
     time.sleep(1.5)  # the last probes' commits
     predictions = sum(watch.high(tp) for tp in watch.tps["predictions"]) - predictions_before
     watch.close()
@@ -486,7 +527,7 @@ def run_trial(settings: Settings, world: World, args: argparse.Namespace, rate: 
         "lag_slope_per_s": round(slope, 1), "messages_in_per_s": round(entering),
         "drift_to_alert_s": round(alert_at - drop[0], 2) if alert_at and drop else None,
         "sustainable": sustainable, "window_s": args.lag_window_s, "emitter": sent,
-        "predictions_total": predictions,
+        "predictions_total": predictions, **cpu,
     }
     result["predictions_per_s"] = round(predictions / args.lag_window_s)  # all made in-window
     say(f"trial: {achieved:.0f} requests/s achieved, lag slope {slope:.0f}/s "
