@@ -94,14 +94,15 @@ def test_worker_survives_the_restart_of_one_master(
         port = redis_cluster.ports[1]
         redis_cluster.kill_node(port)
         _produce(s, msgs[len(msgs) // 2:])  # arrives while a third of the slots is away
+        # The master comes back only once the joiner has met its absence: restarted at
+        # once, it was back before the worker polled the second half (CI: no error seen).
+        _until_errors(s)
         redis_cluster.start_node(port)
         redis_cluster.wait_ok()
         joined.wait("every request joined after the restart",
                     lambda recs: latest(recs) == _expected(reqs), timeout_s=120)
         _assert_one_content_per_version(joined.records)
-        stats = _stats(s)
-        assert stats["redis_errors"] > 0, "the master's absence was never noticed"
-        assert stats["redis_state_lost"] == 0  # its append-only file kept everything
+        assert _stats(s)["redis_state_lost"] == 0  # its append-only file kept everything
         assert worker.poll() is None, "the worker died"
     finally:
         _stop(worker)
