@@ -9,10 +9,12 @@ joiners ``SHADOWPIPE_REDIS_URL=redis+cluster://...``; the monitor keeps its chec
 the stack's single Redis.
 
 The monitor on the embedded ClickHouse (``chdb://``): one process may open the data
-directory, so the first monitor is active and the others are standbys
-(``python -m shadowpipe.fleet standby``): each waits until the directory is free (the
-active one died or stopped), then runs ``worker monitor``, which resumes from the Redis
-checkpoint. With a ClickHouse server every monitor starts as a member of the group.
+directory. With ``monitor_mode=single`` the first monitor is active and the others are
+standbys (``python -m shadowpipe.fleet standby``): each waits until the directory is free
+(the active one died or stopped), then runs ``worker monitor``, which resumes from the
+Redis checkpoint. With ``monitor_mode=partitioned`` every monitor shares the series work
+and only the first writes ClickHouse (the others run with ``monitor_sink=off``). With a
+ClickHouse server every monitor starts as a member of the group.
 
 What ``up`` started is recorded in ``<home>/workers.json`` so that ``stack status`` shows
 each process and its port and ``stack down`` stops exactly those.
@@ -200,7 +202,8 @@ class Fleet:
         env = {**os.environ, **self.settings.to_env(), "SHADOWPIPE_WEB_PORT": str(port)}
         if kind == "join" and cluster_url:
             env["SHADOWPIPE_REDIS_URL"] = cluster_url
-        standby = kind == "monitor" and n > 1 and chdb_directory(self.settings) is not None
+        standby, role = self._monitor_role(n) if kind == "monitor" else (False, {})
+        env.update(role)
         argv = [sys.executable, "-m", "shadowpipe.fleet", "standby"] if standby else [
             sys.executable, "-m", "shadowpipe.cli", "worker", kind]
         log = logs / f"worker-{name}.log"
@@ -208,6 +211,17 @@ class Fleet:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         return Worker(name, kind, proc.pid, port, str(log), standby)
+
+    def _monitor_role(self, n: int) -> tuple[bool, dict[str, str]]:
+        """(standby?, settings) of the ``n``-th monitor. The embedded ClickHouse admits one
+        process: in ``monitor_mode=single`` the others wait as standbys, in ``partitioned``
+        they share the series work and leave the ClickHouse writes to the first
+        (``SHADOWPIPE_MONITOR_SINK=off``). With a ClickHouse server every one is a member."""
+        if n == 1 or chdb_directory(self.settings) is None:
+            return False, {}
+        if self.settings.monitor_mode == "partitioned":
+            return False, {"SHADOWPIPE_MONITOR_SINK": "off"}
+        return True, {}
 
     def _wait_started(self, started: list[Worker], say: Callable[[str], None],
                       timeout_s: float) -> None:
@@ -234,6 +248,9 @@ class Fleet:
         state = body.get("state", "?") if body else "not answering"
         parts = body.get("assigned_partitions") if body else None
         extra = f", partitions {parts}" if parts is not None else ""
+        if body and body.get("mode") == "partitioned":
+            sink = "on" if body.get("rows_written") is not None else "off"
+            extra = f", series partitions {body.get('partitions')}, sink {sink}"
         return f"{w.name}: pid {w.pid}, port {w.port}, {state}{extra}, {w.stats_url}"
 
     # -- status and down -------------------------------------------------------------------

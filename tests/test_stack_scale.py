@@ -6,7 +6,8 @@ Both shadow workers get partitions of the inference topic, the joiners merge on 
 3-master Redis Cluster, and every request ends up joined exactly once per challenger in
 ClickHouse; after a SIGKILL of one shadow worker its partitions move to the other and the
 counts stay exact. The second monitor is a standby (one process may open the embedded
-ClickHouse) that serves once the first is killed.
+ClickHouse) that serves once the first is killed; in ``monitor_mode=partitioned`` both
+monitors work and the first alone writes.
 """
 
 from __future__ import annotations
@@ -116,16 +117,49 @@ def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str,
     assert {r[1] for r in rows} == {1}  # one challenger: one row per request
 
 
-def _emit(settings: Settings, prefix: str, n: int) -> list[str]:
-    """``n`` requests through the producer library, feedback for every second one."""
+def test_partitioned_monitors_share_the_series_and_one_writes(
+    scale_env: dict[str, str]
+) -> None:
+    """``monitor_mode=partitioned``: ``monitor=2`` starts two active monitors (no standby)
+    that split the series partitions; the first one alone writes the embedded ClickHouse."""
+    env = {**scale_env, "SHADOWPIPE_MONITOR_MODE": "partitioned", "SHADOWPIPE_SEGMENTS": "site"}
+    up = _cli(env, "stack", "up", "--workers", "shadow=1,join=1,monitor=2")
+    assert up.returncode == 0, up.stderr[-2000:]
+    settings = Settings.load(env=env)
+    monitors = [w for w in Fleet(settings).recorded()[0] if w.kind == "monitor"]
+    assert [w.standby for w in monitors] == [False, False]
+    assert "sink on" in up.stdout and "sink off" in up.stdout, up.stdout
+    split = wait_for("both monitors own series partitions",
+                     lambda: [_stats(w)["partitions"] for w in monitors]
+                     if all(_stats(w)["partitions"] for w in monitors) else None)
+    assert sorted(p for parts in split for p in parts) == list(range(settings.partitions))
+    assert [_stats(w)["rows_written"] is not None for w in monitors] == [True, False]
+
+    ids = _emit(settings, "p", 1000, sites=8)  # 18 series: some on each monitor
+    wait_for("every request joined and labelled in ClickHouse",
+             lambda: _arm_counts(monitors[0]) == (len(ids), len(ids) // 2), timeout_s=180)
+    wait_for("both monitors counting their series",
+             lambda: all(_stats(w)["counted"] > 0 for w in monitors))
+
+    down = _cli(env, "stack", "down", timeout=120)
+    assert down.returncode == 0
+    for w in monitors:
+        assert f"{w.name}: stopped in " in down.stdout, down.stdout
+
+
+def _emit(settings: Settings, prefix: str, n: int, sites: int = 0) -> list[str]:
+    """``n`` requests through the producer library, feedback for every second one; with
+    ``sites``, a ``site`` context attribute taking that many values."""
     from shadowpipe.producers import Emitter
 
     emitter = Emitter(settings, name=f"scale-{prefix}")
     rng = random.Random(prefix)
     ids = [f"{prefix}-{i}" for i in range(n)]
     for i, rid in enumerate(ids):
+        context = {"site": f"s{i % sites}"} if sites else None
         assert emitter.emit_inference(rid, {f"x{j}": rng.random() for j in range(4)}, "hi",
-                                      model="primary", version="1", latency_ms=1.0)
+                                      model="primary", version="1", latency_ms=1.0,
+                                      context=context)
         if i % 2 == 0:
             assert emitter.emit_feedback(rid, "hi" if rng.random() > 0.5 else "lo")
     assert emitter.close(30) == 0
