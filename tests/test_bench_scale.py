@@ -56,10 +56,17 @@ def test_bench_pipeline_accounts_for_every_request(settings: Settings, tmp_path:
 
 
 def test_bench_pipeline_scale_2_reports_both_runs(settings: Settings, tmp_path: Path) -> None:
-    out = _bench(settings, tmp_path, "pipeline", "--scale", "2", *SHORT)
+    """With partitioned monitors (the single mode's second monitor would be a standby)."""
+    out = _bench(settings, tmp_path, "pipeline", "--scale", "2", "--monitor-mode",
+                 "partitioned", *SHORT)
     assert set(out) >= PIPELINE_KEYS and "scale_ratio" in out
     assert out["processes_per_worker"] == 2 and out["with_1"]["processes_per_worker"] == 1
     assert out["challengers"] == out["with_1"]["challengers"] == 3
-    assert out["monitor_processes_active"] == 1  # the embedded ClickHouse: one writer
+    assert out["monitor_mode"] == "partitioned"
+    assert out["monitor_processes_active"] == 2 and out["with_1"]["monitor_processes_active"] == 1
+    stages = {"shadow", "join", "monitor-repartition", "monitor-series", "monitor"}
+    assert set(out["lag_max_by_stage"]) == stages
+    # Queryable = committed by the sink: the end-to-end latency is resolved in this mode too.
+    assert out["e2e_samples"] > 0 and out["with_1"]["e2e_samples"] > 0
     assert out["requests_accounted"] is True and out["with_1"]["requests_accounted"] is True
     assert out["scale_ratio"] == round(out["requests_per_s"] / out["with_1"]["requests_per_s"], 3)

@@ -48,8 +48,12 @@ Figures (of that trial):
 ``--scale 2``: the same search twice with a CPU-heavy third challenger (a model that
 costs ~200 us per event), first with one process of each worker, then with two of each;
 ``scale_ratio`` = sustainable requests/s with 2 / with 1. On the embedded ClickHouse only
-one monitor process may open the data directory, so the second monitor is a standby
-(``monitor_processes_active`` says so).
+one monitor process may open the data directory: with the default ``--monitor-mode single``
+the second monitor is a standby, with ``--monitor-mode partitioned`` both monitors share
+the series work and the first alone writes ClickHouse (``monitor_processes_active`` and
+``monitor_mode`` say which; the partitioned monitor's three stages are reported as
+``monitor-repartition``, ``monitor-series`` and ``monitor``, the sink, in
+``lag_max_by_stage``).
 
 Progress goes to stderr; the JSON object (``--json``) to stdout.
 """
@@ -280,6 +284,23 @@ class Traffic:
 
 # -- watching the stages -------------------------------------------------------------------
 
+def monitor_stages(s: Settings, tps: dict[str, list[Any]]) -> dict[str, tuple[str, list]]:
+    """The monitor's consumer groups and their inputs; ``monitor`` is the one whose commit
+    on the joined topic means "queryable in ClickHouse" (the sink, in partitioned mode)."""
+    from confluent_kafka import TopicPartition
+
+    from shadowpipe.processors.monitor.agent import group_id
+    from shadowpipe.processors.monitor.partitioned import series_topic
+
+    if s.monitor_mode != "partitioned":
+        return {"monitor": (group_id(s), tps["joined"])}
+    tps["series"] = [TopicPartition(series_topic(s), p) for p in range(s.partitions)]
+    prefix = s.topic_prefix
+    return {"monitor-repartition": (f"{prefix}monitor-repartition", tps["joined"]),
+            "monitor-series": (f"{prefix}monitor-series", tps["series"]),
+            "monitor": (f"{prefix}monitor-sink", tps["joined"])}
+
+
 class Watch(threading.Thread):
     """Samples every stage's lag, resolves sampled requests' end-to-end latency, and reads
     the alert topic, on its own thread (librdkafka calls only)."""
@@ -289,8 +310,6 @@ class Watch(threading.Thread):
         from confluent_kafka import TopicPartition
 
         from shadowpipe import kafka
-        from shadowpipe.processors.monitor.agent import group_id as monitor_group
-
         s = settings
         self.settings, self.traffic = s, traffic
         parts = range(s.partitions)
@@ -300,7 +319,7 @@ class Watch(threading.Thread):
             "shadow": (f"{s.topic_prefix}shadow", tps["inference"]),
             "join": (f"{s.topic_prefix}join",
                      tps["inference"] + tps["predictions"] + tps["feedback"]),
-            "monitor": (monitor_group(s), tps["joined"]),
+            **monitor_stages(s, tps),
         }
         self.groups = {name: kafka.consumer(s, group, **{"enable.auto.commit": False})
                        for name, (group, _) in self.stages.items()}
@@ -422,6 +441,7 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
                                                 "lag_slope_per_s", "sustainable")}
                        for t in trials],
             "processes_per_worker": processes, "monitor_processes_active": active,
+            "monitor_mode": s.monitor_mode,
             "challengers": 3 if heavy else 2, "requests_emitted": emitted,
             "stored_per_challenger": stored,
             "requests_accounted": bool(stored) and all(n == emitted for n in stored.values())}
