@@ -37,8 +37,12 @@ ClickHouse client (:func:`serve_reads`): the named queries (``/shadowpipe/query/
 ``shadowpipe compare``, ``report`` and ``verdict`` work on its web port while the pipeline
 runs), the verdict timer and endpoints, and read-only SQL on the embedded engine.
 
-Not in this mode yet: reference profiles for PSI (stream references only) and provisional
-rows of open windows on a stop (they close after the restart).
+A graceful stop closes the due windows and puts the open ones on the rows topic as
+provisional rows (``monitor_close_on_stop``, :meth:`Series.closing`), as the single monitor
+does; the sink writes them once it reads them (at once if it runs in another process,
+after the restart if it stopped with this one).
+
+Not in this mode yet: reference profiles for PSI (stream references only).
 
 >>> rows_message("windows", {"challenger": "c", "segment": "", "window_start": 0})[0]
 b'windows\\x1fc\\x1f\\x1f0'
@@ -300,6 +304,31 @@ class Series(Handler):
         return sum(len({(c, start) for c, seg, start in m.state.windows if not seg})
                    for monitors in self.partitions.values() for m in monitors.values()
                    if m.role == "c" and not m.segment)
+
+    def closing(self) -> None:
+        """A graceful stop, while this process still owns its partitions (as the single
+        monitor's ``monitor_close_on_stop``): close the windows the wall clock has passed,
+        then either close the rest (``all``) or put them on the rows topic as provisional
+        rows, which their final rows (a higher version) replace once they close after the
+        restart; then checkpoint, so the next owner does not close them again."""
+        monitors = [(p, m) for p, ms in self.partitions.items() for m in ms.values()]
+        if self.loop is None or not monitors:
+            return
+        held = (self.settings.window_s + self.settings.allowed_lateness_s) * 1000
+        now = self.clock()
+        if self.settings.monitor_close_on_stop == "all":
+            outputs = self.close([m for _p, m in monitors], lambda m: max(
+                m.due_starts(), default=m.state.watermark - held) + held)
+        else:
+            outputs = self.close([m for _p, m in monitors],
+                                 lambda m: due_watermark(m.due_starts(), held, now))
+            version = self.clock()
+            outputs.append((rows_topic(self.settings), [
+                rows_message("windows", {**row, "version": version})
+                for _p, m in monitors if m.role == "c" for row in m.open_rows()]))
+        self.loop.deliver(outputs)
+        self.touched.update(p for p, _m in monitors)
+        self.checkpoint()
 
     def tick(self) -> None:
         """An idle stream closes the windows whose end + allowed lateness the wall clock

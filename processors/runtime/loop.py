@@ -106,6 +106,10 @@ class Handler:
     def tick(self) -> None:
         """On the loop's thread, once per consume."""
 
+    def closing(self) -> None:
+        """On the loop's thread at a graceful stop: the last batch is settled and the
+        consumer still owns its partitions (outputs go through :meth:`BatchLoop.deliver`)."""
+
     def stopped(self) -> None:
         """On the loop's thread, at its end."""
 
@@ -233,6 +237,7 @@ class BatchLoop:
                     self.timing("consume_ms", (time.perf_counter() - waited) * 1000)
                 self.step(batch)
             self.settle(asynchronous=False)
+            h.closing()
         except Stopped:
             log.warning("%s stopped while retrying %s: the batch in flight is replayed "
                         "from the last commit", h.name, self.retrying)
