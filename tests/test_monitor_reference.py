@@ -195,3 +195,63 @@ def test_reference_set_through_a_running_monitor(settings: Settings, tmp_path: P
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == {"features": sorted([AMOUNT, REGION]), "refs": ["profile"]}
+
+
+def _series_profiles(s: Settings) -> dict[str, int] | None:
+    url = f"http://{s.web_host}:{s.web_port}/shadowpipe/monitor/stats"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())["profiles"]
+    except OSError:
+        return None
+
+
+def test_reference_set_reaches_every_partitioned_monitor(settings: Settings,
+                                                         tmp_path: Path) -> None:
+    """``monitor_mode=partitioned``: the profile set through the process that runs the sink
+    is used by the series stage of every process (the other one cannot open the embedded
+    ClickHouse), so the feature's PSI is measured against it whoever owns that series."""
+    from shadowpipe.stack import free_port
+
+    s = settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}", clickhouse_database="ref",
+                         log_level="WARNING", monitor_batch_ms=100, monitor_mode="partitioned",
+                         topic_prefix=f"{settings.topic_prefix}p{uuid.uuid4().hex[:6]}.",
+                         drift_features=(AMOUNT,))
+    sink, other = s.replace(monitor_sink="on"), s.replace(monitor_sink="off",
+                                                           web_port=free_port())
+    procs = [spawn_cli(sink, "worker", "monitor", log=tmp_path / "sink.log"),
+             spawn_cli(other, "worker", "monitor", log=tmp_path / "other.log")]
+    try:
+        _wait("the sink's web endpoint", lambda: _monitor_up(sink))
+        out = tmp_path / "set.txt"
+        cli = spawn_cli(sink, "reference", "set", "--from",
+                        str(_write_csv(tmp_path / "t.csv")), "--model", "m", log=out)
+        assert cli.wait(120) == 0, out.read_text()
+        assert "stored via monitor" in out.read_text()
+        version = _wait("the profile in the sink's process",
+                        lambda: (_series_profiles(sink) or {}).get("m"))
+        _wait("the profile in the other process",
+              lambda: _series_profiles(other) == {"m": version})
+
+        prod = producer(s)
+        for rec in _records(1500, shift_from=10**9):
+            prod.produce(s.topic("joined"), CODEC.encode("JoinedRecord", rec),
+                         rec["request_id"].encode())
+        prod.flush(30)
+        _wait("a closed window", lambda: _windows(sink))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(60)
+    script = (
+        "import json\n"
+        "from shadowpipe.config import Settings\n"
+        "from shadowpipe.stores import clickhouse_client\n"
+        "c = clickhouse_client(Settings.load())\n"
+        "r = c.query(\"SELECT DISTINCT reference FROM ref.drift_stats FINAL \"\n"
+        f"           \"WHERE metric = 'feature:{AMOUNT}'\").result_rows\n"
+        "print(json.dumps([x[0] for x in r]))\n")
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **s.to_env()},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["profile"]

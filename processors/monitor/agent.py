@@ -152,6 +152,13 @@ def install(app: Any, settings: Settings) -> None:
                runtime.readiness, lag=lambda: runtime.lag(runtime.highwater))
 
     queries.serve(app, settings, pipeline.sink, runtime.executor)
-    reference.attach(app, settings, pipeline, runtime.executor)
+    reference.attach(app, settings, pipeline.sink, runtime.executor,
+                     use=lambda rows: _set_profiles(pipeline, rows))
     verdict_agent.install(app, settings, pipeline, runtime.executor)
     attach_sql(app, settings)  # read-only SQL on the embedded engine (docs/sql.md)
+
+
+def _set_profiles(pipeline: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    profiles = reference.profiles_from_rows(rows)
+    pipeline.monitor.set_profiles(profiles)
+    return profiles

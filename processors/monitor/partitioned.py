@@ -37,12 +37,15 @@ ClickHouse client (:func:`serve_reads`): the named queries (``/shadowpipe/query/
 ``shadowpipe compare``, ``report`` and ``verdict`` work on its web port while the pipeline
 runs), the verdict timer and endpoints, and read-only SQL on the embedded engine.
 
+Reference profiles (PSI against training data, ``shadowpipe reference set``): the process
+that runs the sink loads them from ClickHouse (and takes new ones on its reference
+endpoint) and publishes them in Redis (:func:`.reference.publish`); every series stage
+looks for new ones every :data:`PROFILES_REFRESH_S` and applies them to its series.
+
 A graceful stop closes the due windows and puts the open ones on the rows topic as
 provisional rows (``monitor_close_on_stop``, :meth:`Series.closing`), as the single monitor
 does; the sink writes them once it reads them (at once if it runs in another process,
 after the restart if it stopped with this one).
-
-Not in this mode yet: reference profiles for PSI (stream references only).
 
 >>> rows_message("windows", {"challenger": "c", "segment": "", "window_start": 0})[0]
 b'windows\\x1fc\\x1f\\x1f0'
@@ -60,11 +63,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from shadowpipe.config import Settings
 from shadowpipe.processors.dead_letter import dead_letter
+from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor import sink as sink_mod
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.processors.monitor.pipeline import ORPHAN_STATES, BatchResult, due_watermark
+from shadowpipe.processors.monitor.reference import Profile
 from shadowpipe.processors.monitor.runtime import outputs as alert_outputs
 from shadowpipe.processors.monitor.series import (
     SeriesMonitor,
@@ -85,6 +92,7 @@ from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
 
 log = logging.getLogger("shadowpipe.monitor")
 HEADER = b"shadowpipe-series-state/1\n"
+PROFILES_REFRESH_S = 5.0  # a Redis GET: new reference profiles apply within seconds
 ROW_KEYS = {"windows": ("challenger", "segment", "window_start"), "alerts": ("alert_id",),
             "drift_stats": ("model", "challenger", "metric", "window_start")}
 ROW_COLUMNS = {"windows": WINDOW_COLUMNS, "alerts": ALERT_COLUMNS, "drift_stats": DRIFT_COLUMNS}
@@ -177,6 +185,8 @@ class Series(Handler):
         self.counted = self.duplicates = self.windows_closed = self.alerts = 0
         self.late_dropped = self.windows_open = 0
         self.alerts_by_detector: Counter[str] = Counter()  # raised, not resolved
+        self.profiles: dict[str, Profile] = {}  # the reference profiles, from Redis
+        self.profiles_at = 0.0  # monotonic time of the next look for new ones
 
     def tag(self, partition: int) -> str:
         """What follows the prefix in the keys of ``partition``'s transaction: its hash tag
@@ -213,7 +223,10 @@ class Series(Handler):
             return {}
         if not blob.startswith(HEADER):
             raise ValueError(f"{self.state_key(partition)} is not a series checkpoint")
-        return restore(self.settings, pickle.loads(blob[len(HEADER):]))  # noqa: S301 - ours
+        monitors = restore(self.settings, pickle.loads(blob[len(HEADER):]))  # noqa: S301
+        for mon in monitors.values():
+            mon.set_profiles(self.profiles)
+        return monitors
 
     def monitor(self, partition: int, key: bytes) -> SeriesMonitor:
         monitors = self.partitions.get(partition)
@@ -222,7 +235,28 @@ class Series(Handler):
         found = monitors.get(key)
         if found is None:
             found = monitors[key] = SeriesMonitor(self.settings, decode_key(key))
+            found.set_profiles(self.profiles)
         return found
+
+    def refresh_profiles(self) -> None:
+        """Every :data:`PROFILES_REFRESH_S`, the reference profiles the sink's process
+        published (:func:`.reference.publish`); Redis away: the current ones stay."""
+        if time.monotonic() < self.profiles_at:
+            return
+        self.profiles_at = time.monotonic() + PROFILES_REFRESH_S
+        try:
+            found = reference.fetch(self.redis, self.settings)
+        except RedisError as exc:
+            log.warning("reference profiles not refreshed: %s", exc)
+            return
+        if {m: p.version for m, p in found.items()} != self.profile_versions():
+            self.profiles = found
+            for monitors in self.partitions.values():
+                for mon in monitors.values():
+                    mon.set_profiles(found)
+
+    def profile_versions(self) -> dict[str, int]:
+        return {m: p.version for m, p in self.profiles.items()}
 
     # -- batches -----------------------------------------------------------------------------
 
@@ -332,7 +366,8 @@ class Series(Handler):
 
     def tick(self) -> None:
         """An idle stream closes the windows whose end + allowed lateness the wall clock
-        has passed (as the single monitor's idle timer)."""
+        has passed (as the single monitor's idle timer); new reference profiles."""
+        self.refresh_profiles()
         now = self.clock()
         if self.loop is None or now - self.last_record_ms < self.settings.monitor_idle_s * 1000:
             return
@@ -352,6 +387,7 @@ class Series(Handler):
     def stats(self) -> dict[str, Any]:
         return {"partitions": sorted(self.partitions), "counted": self.counted,
                 "duplicates": self.duplicates, "windows_closed": self.windows_closed,
+                "profiles": self.profile_versions(),
                 "alerts_raised": self.alerts,
                 "series": sum(len(m) for m in list(self.partitions.values()))}
 
@@ -478,12 +514,16 @@ def serve_reads(app: Any, settings: Settings, sink: Sink, sink_loop: BatchLoop) 
     from shadowpipe.processors.monitor.runtime import LockedExecutor
     from shadowpipe.processors.monitor.sql import attach as attach_sql
     from shadowpipe.processors.verdict import agent as verdict_agent
+    from shadowpipe.stores import redis_client
 
     executor = LockedExecutor(sink.lock)
     reads = Reads(sink.sink, sink_loop.pause)
     first = (settings.topic("joined"), 0)
     source = sink_loop.source
     queries.serve(app, settings, sink.sink, executor)
+    redis = redis_client(settings, socket_timeout=5.0)
+    reference.attach(app, settings, sink.sink, executor,
+                     use=lambda rows: reference.publish(redis, settings, rows))
     verdict_agent.install(app, settings, reads, executor,
                           leader=lambda: source is not None and first in source.assigned)
     attach_sql(app, settings)

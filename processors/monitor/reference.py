@@ -21,10 +21,11 @@ for every model, ``model = ''``); without one it falls back to the first
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,11 +230,36 @@ def store(client: Any, db: str, rows: list[dict[str, Any]]) -> int:
     return len(rows)
 
 
-def load(client: Any, db: str) -> dict[str, Profile]:
-    """The newest profile of every model stored in ``db``."""
+def load_rows(client: Any, db: str) -> list[dict[str, Any]]:
+    """The rows of the newest profile of every model stored in ``db``."""
     result = client.query(LOAD_SQL.replace("{db}", db))
     names = list(result.column_names)
-    return profiles_from_rows(dict(zip(names, row, strict=True)) for row in result.result_rows)
+    return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+
+def load(client: Any, db: str) -> dict[str, Profile]:
+    """The newest profile of every model stored in ``db``."""
+    return profiles_from_rows(load_rows(client, db))
+
+
+# -- sharing with the partitioned monitor's processes ---------------------------------------
+
+def profiles_key(settings: Settings) -> str:
+    """The Redis key through which the process that reads ClickHouse hands the profiles to
+    every series stage (``monitor_mode=partitioned``: most processes cannot read it)."""
+    return f"{settings.topic_prefix}monitor:profiles"
+
+
+def publish(redis: Any, settings: Settings, rows: list[dict[str, Any]]) -> dict[str, Profile]:
+    """Put the newest profile rows where every series stage finds them; their profiles."""
+    redis.set(profiles_key(settings), json.dumps(rows, default=list))
+    return profiles_from_rows(rows)
+
+
+def fetch(redis: Any, settings: Settings) -> dict[str, Profile]:
+    """The profiles :func:`publish` put in Redis (none yet: empty)."""
+    raw = redis.get(profiles_key(settings))
+    return profiles_from_rows(json.loads(raw)) if raw else {}
 
 
 def set_reference(settings: Settings, path: str | Path, model: str = "",
@@ -281,30 +307,36 @@ def _post_to_monitor(settings: Settings, rows: list[dict[str, Any]]) -> bool:
         raise ConfigError("web_port", f"monitor refused the reference: {exc}") from None
 
 
-def attach(app: Any, settings: Settings, pipeline: Any, executor: Any,
+def attach(app: Any, settings: Settings, sink: Any, executor: Any,
+           use: Callable[[list[dict[str, Any]]], dict[str, Profile]],
            refresh_s: float = 30.0) -> None:
     """Monitor side: load the stored profiles now, accept new ones on ``REFERENCE_PATH``
     and reload them every ``refresh_s`` (profiles stored directly into a ClickHouse server
-    by ``reference set``). Every step runs on the pipeline's own thread (``executor``)."""
+    by ``reference set``). ``use`` puts the newest rows to work (the single monitor's
+    :meth:`~.core.Monitor.set_profiles`, or :func:`publish` to the series stages) and
+    returns their profiles. Every step runs on the ClickHouse client's thread
+    (``executor``)."""
     import asyncio
 
-    db = pipeline.sink.db
-    pipeline.monitor.set_profiles(load(pipeline.sink.connect(), db))
+    in_use: dict[str, Profile] = {}
 
     def reload() -> None:
-        pipeline.monitor.set_profiles(load(pipeline.sink.connect(), db))
+        found = use(load_rows(sink.connect(), sink.db))
+        in_use.clear()
+        in_use.update(found)
 
     def take(rows: list[dict[str, Any]]) -> None:
-        store(pipeline.sink.connect(), db, rows)
+        store(sink.connect(), sink.db, rows)
         reload()
+
+    reload()
 
     from faust.web import View
 
     @app.page(REFERENCE_PATH)
     class ReferenceView(View):  # POST stores a profile; GET lists the ones in use
         async def get(self, request: Any) -> Any:
-            return self.json({"profiles": {m: p.version
-                                           for m, p in pipeline.monitor.profiles.items()}})
+            return self.json({"profiles": {m: p.version for m, p in in_use.items()}})
 
         async def post(self, request: Any) -> Any:
             rows = (await request.json())["rows"]
