@@ -262,11 +262,16 @@ class Series(Handler):
 
     def process(self, batch: list[Message]) -> Outputs:
         items = []
+        # A record comes once per series it feeds, mostly in one batch: decode it once (the
+        # monitors only read it). fastavro's ~25-35 us per record was a third of this mode's CPU.
+        decoded: dict[bytes | None, dict[str, Any]] = {}
         for m in batch:
             if m.key is None:
                 continue
             mon = self.monitor(m.partition, m.key)
-            rec = decode(self.codec, m)
+            rec = decoded.get(m.value)
+            if rec is None:
+                rec = decoded[m.value] = decode(self.codec, m)
             items.append((m.partition, mon, rec, dedup_pair(mon.key, rec)))
         bits: dict[str, int] = {}
         for p in sorted({item[0] for item in items}):
