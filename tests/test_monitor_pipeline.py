@@ -240,3 +240,39 @@ def test_joined_rows_inserted_from_the_bulk_file_equal_the_python_columns(
         assert len(orphans) == 2
         tables.append((repr(rows), repr(orphans)))
     assert tables[0] == tables[1]
+
+
+def test_partitioned_sink_stores_bulk_decoded_records_as_decoded_per_record(
+        settings: Settings) -> None:
+    """The partitioned monitor's sink on the embedded engine: a batch's joined records
+    decoded and inserted by the engine from its file give the rows of the per-record path
+    (fastavro and Python columns); orphans and invalid records as there."""
+    from shadowpipe.processors.monitor import sink as sink_mod
+    from shadowpipe.processors.monitor.partitioned import Sink
+
+    records = _varied(synthetic.stream(synthetic.Spec(
+        requests=150, challengers=("c1", "c2"), seed=6, labelled_fraction=0.5,
+        error_rate=0.1, timeout_rate=0.1, start_ms=RECENT_MS)))
+    records[5] = {**records[5], "request_id": ""}  # invalid: stored by neither path
+    messages = _messages(records)
+    tables = []
+    for bulk in (True, False):
+        s = _monitor_settings(settings)
+        Pipeline(s).migrate()
+        sink = Sink(s, sink_mod.Sink(s))
+        assert sink.bulk is not None
+        if bulk:
+            assert len(sink._bulk(messages)) == len(messages)  # the bulk path is taken
+        else:
+            sink.bulk = None
+        sink.process(messages)
+        db = s.clickhouse_database
+        rows = _client(s).query(f"SELECT * FROM {db}.joined_records FINAL "
+                                "ORDER BY challenger, request_id").result_rows
+        orphans = _client(s).query(f"SELECT * FROM {db}.orphans FINAL "
+                                   "ORDER BY state, challenger, request_id").result_rows
+        assert len(rows) == len({(r["request_id"], r["challenger"]) for r in records
+                                 if r["request_id"] and not r["state"].startswith("orphan")})
+        assert len(orphans) == 2
+        tables.append((repr(rows), repr(orphans), sink.label_delays.snapshot()))
+    assert tables[0] == tables[1]

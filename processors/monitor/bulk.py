@@ -58,6 +58,7 @@ class BulkDecoder:
     def __init__(self, client: Callable[[], Any], parsed_schema: dict[str, Any],
                  fields: Collection[str] | None = None) -> None:
         self.client = client
+        self.off = False  # turned off by a failed canary (decode_batch)
         self.sync = os.urandom(16)
         self.header = ocf_header(parsed_schema, self.sync)
         # Only ``fields`` (all by default) become dict items: the others stay in the file.
@@ -87,6 +88,30 @@ class BulkDecoder:
         except Exception as exc:  # noqa: BLE001 - the per-record path reports why
             log.debug("bulk decode fell back to per-record: %s", str(exc).splitlines()[:1])
             return None
+
+    def decode_batch(self, values: list[bytes | None], header: bytes,
+                     exact: Callable[[bytes], dict[str, Any]], minimum: int,
+                     ) -> dict[int, dict[str, Any]]:
+        """The records of the ``values`` that start with the single-object ``header``, by
+        index; empty when fewer than ``minimum`` do (a bulk query has a fixed cost) or on
+        any doubt. A canary per batch: the engine's reading of the first one must equal
+        ``exact``'s (fastavro), else the decoder turns itself off for good."""
+        if self.off or len(values) < minimum:
+            return {}
+        cut = len(header)
+        index = [i for i, v in enumerate(values) if v and v[:cut] == header]
+        if len(index) < minimum:
+            return {}
+        decoded = self.decode([values[i][cut:] for i in index])  # type: ignore[index]
+        if decoded is None:
+            return {}
+        canary = exact(values[index[0]])  # type: ignore[arg-type]
+        if decoded[0] != {name: canary[name] for name in decoded[0]}:
+            log.warning("bulk Avro decoding disagrees with fastavro: decoding per record")
+            self.close()
+            self.off = True
+            return {}
+        return dict(zip(index, decoded, strict=True))
 
     def _records(self, table: Any) -> list[dict[str, Any]]:
         cols = []

@@ -62,6 +62,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 from redis.exceptions import RedisError
 
@@ -69,8 +70,14 @@ from shadowpipe.config import Settings
 from shadowpipe.processors.dead_letter import dead_letter
 from shadowpipe.processors.monitor import reference
 from shadowpipe.processors.monitor import sink as sink_mod
+from shadowpipe.processors.monitor.bulk import BulkDecoder
 from shadowpipe.processors.monitor.dedup import Deduper
-from shadowpipe.processors.monitor.pipeline import ORPHAN_STATES, BatchResult, due_watermark
+from shadowpipe.processors.monitor.pipeline import (
+    BULK_MIN,
+    ORPHAN_STATES,
+    BatchResult,
+    due_watermark,
+)
 from shadowpipe.processors.monitor.reference import Profile
 from shadowpipe.processors.monitor.runtime import outputs as alert_outputs
 from shadowpipe.processors.monitor.series import (
@@ -85,13 +92,16 @@ from shadowpipe.processors.publisher import Publisher
 from shadowpipe.processors.runtime.loop import BatchLoop, Handler, KafkaSource, Outputs
 from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.runtime.metrics import DELAY_BOUNDS, Buckets
-from shadowpipe.schemas.codec import Codec, DecodeError
+from shadowpipe.schemas import schema
+from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
 from shadowpipe.schemas.validate import check
 from shadowpipe.stores import is_cluster_url
 from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
 
 log = logging.getLogger("shadowpipe.monitor")
 HEADER = b"shadowpipe-series-state/1\n"
+# What the sink reads of a record the engine inserts from its file (orphans: all of it).
+SINK_FIELDS = frozenset(("request_id", "challenger", "state", "event_time", "label_time"))
 PROFILES_REFRESH_S = 5.0  # a Redis GET: new reference profiles apply within seconds
 ROW_KEYS = {"windows": ("challenger", "segment", "window_start"), "alerts": ("alert_id",),
             "drift_stats": ("model", "challenger", "metric", "window_start")}
@@ -416,29 +426,60 @@ class Sink(Handler):
         self.rows_topic = rows_topic(settings)
         self.rows_written = 0
         self.label_delays = Buckets(DELAY_BOUNDS)  # seconds, of the records it stores
+        # On the embedded engine a batch's joined records are decoded and inserted by the
+        # engine from one Avro file (as the single monitor does): fastavro per record was
+        # the sink's largest cost.
+        self.header = self.codec.header("JoinedRecord", SINGLE_OBJECT)
+        self.bulk = (BulkDecoder(sink.connect, schema("JoinedRecord"), SINK_FIELDS)
+                     if urlparse(settings.clickhouse).scheme == "chdb" else None)
 
     def process(self, batch: list[Message]) -> Outputs:
         joined, orphans = [], []
         rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        messages = []
         for m in batch:
             if m.topic == self.rows_topic:
                 body = json.loads(m.value)  # type: ignore[arg-type]
                 rows[body["table"]].append(body["row"])
-                continue
-            try:
-                rec = decode(self.codec, m)
-            except DecodeError:
-                continue  # the repartition stage dead-letters it
-            (orphans if rec["state"] in ORPHAN_STATES else joined).append(rec)
-            if rec.get("label_time") is not None and rec.get("event_time") is not None:
-                self.label_delays.observe(max(0, rec["label_time"] - rec["event_time"]) / 1000)
-        tables = {"joined_records": sink_mod.joined_columns(joined),
-                  "orphans": sink_mod.orphan_columns(orphans)}
-        for table, names in ROW_COLUMNS.items():
-            tables[table] = sink_mod.rows_to_columns(rows.get(table, []), names)
-        with self.lock:
-            self.rows_written += self.sink.write(tables)
+            else:
+                messages.append(m)
+        with self.lock:  # the bulk decoder's query uses the shared client too
+            in_file = self._bulk(messages)
+            for i, m in enumerate(messages):
+                rec = in_file.get(i)
+                if rec is not None and rec["state"] not in ORPHAN_STATES:
+                    self._observe(rec)  # the engine inserts it from its file
+                    continue
+                try:
+                    rec = decode(self.codec, m)
+                except DecodeError:
+                    continue  # the repartition stage dead-letters it
+                (orphans if rec["state"] in ORPHAN_STATES else joined).append(rec)
+                self._observe(rec)
+            tables = {"joined_records": sink_mod.joined_columns(joined),
+                      "orphans": sink_mod.orphan_columns(orphans)}
+            for table, names in ROW_COLUMNS.items():
+                tables[table] = sink_mod.rows_to_columns(rows.get(table, []), names)
+            self.rows_written += self.sink.write(tables, self._from_file(in_file))
         return []
+
+    def _bulk(self, messages: list[Message]) -> dict[int, dict[str, Any]]:
+        """:data:`SINK_FIELDS` of the messages the embedded engine decoded in bulk."""
+        if self.bulk is None:
+            return {}
+        return self.bulk.decode_batch([m.value for m in messages], self.header,
+                                      lambda v: self.codec.decode(v, "JoinedRecord"), BULK_MIN)
+
+    def _from_file(self, in_file: dict[int, dict[str, Any]]) -> tuple[tuple[str, int], ...]:
+        """The INSERT ... SELECT of the joined records in the bulk decoder's file."""
+        joined = sum(1 for rec in in_file.values() if rec["state"] not in ORPHAN_STATES)
+        if self.bulk is None or not joined:
+            return ()
+        return ((sink_mod.joined_from_avro_sql(self.sink.db, self.bulk.source), joined),)
+
+    def _observe(self, rec: dict[str, Any]) -> None:
+        if rec.get("label_time") is not None and rec.get("event_time") is not None:
+            self.label_delays.observe(max(0, rec["label_time"] - rec["event_time"]) / 1000)
 
 
 def install(app: Any, settings: Settings) -> None:

@@ -244,23 +244,13 @@ class Pipeline:
     def _bulk_decode(self, messages: list[Message]) -> dict[int, dict[str, Any]]:
         """Records of the current schema's single-object messages by index, decoded by the
         embedded engine (:mod:`.bulk`); empty when not worth it or on any doubt."""
-        if self.bulk is None or len(messages) < BULK_MIN:
+        if self.bulk is None:
             return {}
-        header = self._header
-        index = [i for i, m in enumerate(messages) if m.value and m.value[:HEADER_LEN] == header]
-        if len(index) < BULK_MIN:
-            return {}
-        decoded = self.bulk.decode([messages[i].value[HEADER_LEN:] for i in index])
-        if decoded is None:
-            return {}
-        # A canary per batch: the engine's reading must equal fastavro's, or bulk is off.
-        canary = self._decode(messages[index[0]].value)
-        if decoded[0] != {name: canary[name] for name in decoded[0]}:
-            log.warning("bulk Avro decoding disagrees with fastavro: decoding per record")
-            self.bulk.close()
+        found = self.bulk.decode_batch([m.value for m in messages], self._header,
+                                       self._decode, BULK_MIN)
+        if self.bulk.off:
             self.bulk = None
-            return {}
-        return dict(zip(index, decoded, strict=True))
+        return found
 
     def _decode(self, data: bytes | None) -> dict[str, Any]:
         """Fast path for the current schema's single-object encoding (the joiner's output);
