@@ -102,6 +102,7 @@ log = logging.getLogger("shadowpipe.monitor")
 HEADER = b"shadowpipe-series-state/1\n"
 # What the sink reads of a record the engine inserts from its file (orphans: all of it).
 SINK_FIELDS = frozenset(("request_id", "challenger", "state", "event_time", "label_time"))
+RECENT = 4096  # decoded series messages kept (a record's copies arrive close together)
 PROFILES_REFRESH_S = 5.0  # a Redis GET: new reference profiles apply within seconds
 ROW_KEYS = {"windows": ("challenger", "segment", "window_start"), "alerts": ("alert_id",),
             "drift_stats": ("model", "challenger", "metric", "window_start")}
@@ -196,6 +197,7 @@ class Series(Handler):
         self.late_dropped = self.windows_open = 0
         self.alerts_by_detector: Counter[str] = Counter()  # raised, not resolved
         self.profiles: dict[str, Profile] = {}  # the reference profiles, from Redis
+        self.recent: dict[bytes | None, dict[str, Any]] = {}  # message value -> record
         self.profiles_at = 0.0  # monotonic time of the next look for new ones
 
     def tag(self, partition: int) -> str:
@@ -272,16 +274,11 @@ class Series(Handler):
 
     def process(self, batch: list[Message]) -> Outputs:
         items = []
-        # A record comes once per series it feeds, mostly in one batch: decode it once (the
-        # monitors only read it). fastavro's ~25-35 us per record was a third of this mode's CPU.
-        decoded: dict[bytes | None, dict[str, Any]] = {}
         for m in batch:
             if m.key is None:
                 continue
             mon = self.monitor(m.partition, m.key)
-            rec = decoded.get(m.value)
-            if rec is None:
-                rec = decoded[m.value] = decode(self.codec, m)
+            rec = self.decode(m)
             items.append((m.partition, mon, rec, dedup_pair(mon.key, rec)))
         bits: dict[str, int] = {}
         for p in sorted({item[0] for item in items}):
@@ -302,6 +299,17 @@ class Series(Handler):
         if items:
             self.last_record_ms = self.clock()
         return self.close(list(touched.values()), None)
+
+    def decode(self, m: Message) -> dict[str, Any]:
+        """A record comes once per series it feeds, within a few batches: decode it once
+        (fastavro's ~25-35 us per record was a third of this mode's CPU) and share the
+        dict, which the monitors only read; the last :data:`RECENT` are kept."""
+        rec = self.recent.get(m.value)
+        if rec is None:
+            rec = self.recent[m.value] = decode(self.codec, m)
+            if len(self.recent) > RECENT:
+                del self.recent[next(iter(self.recent))]  # the oldest
+        return rec
 
     def close(self, monitors: list[SeriesMonitor], watermark: Callable[[SeriesMonitor],
                                                                        int | None] | None,
