@@ -187,6 +187,20 @@ def _varied(records: list[dict]) -> list[dict]:
     return out
 
 
+def _stored(s: Settings, records: list[dict]) -> tuple[str, str]:
+    """The joined_records and orphans rows stored (repr: NaN compares equal), checked
+    against ``records``: one row per valid joined (request, challenger), two orphans."""
+    db = s.clickhouse_database
+    rows = _client(s).query(f"SELECT * FROM {db}.joined_records FINAL "
+                            "ORDER BY challenger, request_id").result_rows
+    orphans = _client(s).query(f"SELECT * FROM {db}.orphans FINAL "
+                               "ORDER BY state, challenger, request_id").result_rows
+    assert len(rows) == len({(r["request_id"], r["challenger"]) for r in records
+                             if r["request_id"] and not r["state"].startswith("orphan")})
+    assert len(orphans) == 2
+    return repr(rows), repr(orphans)
+
+
 def test_bulk_decoding_equals_per_record_and_isolates_bad_messages(settings: Settings) -> None:
     s = _monitor_settings(settings)
     pipeline = Pipeline(s)
@@ -231,14 +245,7 @@ def test_joined_rows_inserted_from_the_bulk_file_equal_the_python_columns(
         assert len(result.dead_letters) == 1
         assert result.rows >= len(records) - 1 - sum(
             1 for r in records if r["state"].startswith("orphan"))
-        rows = _client(s).query(f"SELECT * FROM {s.clickhouse_database}.joined_records FINAL "
-                                "ORDER BY challenger, request_id").result_rows
-        orphans = _client(s).query(f"SELECT * FROM {s.clickhouse_database}.orphans FINAL "
-                                   "ORDER BY state, challenger, request_id").result_rows
-        assert len(rows) == len({(r["request_id"], r["challenger"]) for r in records
-                                 if r["request_id"] and not r["state"].startswith("orphan")})
-        assert len(orphans) == 2
-        tables.append((repr(rows), repr(orphans)))
+        tables.append(_stored(s, records))
     assert tables[0] == tables[1]
 
 
@@ -266,13 +273,5 @@ def test_partitioned_sink_stores_bulk_decoded_records_as_decoded_per_record(
         else:
             sink.bulk = None
         sink.process(messages)
-        db = s.clickhouse_database
-        rows = _client(s).query(f"SELECT * FROM {db}.joined_records FINAL "
-                                "ORDER BY challenger, request_id").result_rows
-        orphans = _client(s).query(f"SELECT * FROM {db}.orphans FINAL "
-                                   "ORDER BY state, challenger, request_id").result_rows
-        assert len(rows) == len({(r["request_id"], r["challenger"]) for r in records
-                                 if r["request_id"] and not r["state"].startswith("orphan")})
-        assert len(orphans) == 2
-        tables.append((repr(rows), repr(orphans), sink.label_delays.snapshot()))
+        tables.append((*_stored(s, records), sink.label_delays.snapshot()))
     assert tables[0] == tables[1]

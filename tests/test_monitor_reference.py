@@ -154,27 +154,37 @@ def _windows(s: Settings) -> bool:
         return False
 
 
+def _set_through(monitor: Settings, tmp_path: Path) -> None:
+    """``shadowpipe reference set`` of a training CSV as model m's, which the monitor on
+    ``monitor``'s port stores."""
+    out = tmp_path / "set.txt"
+    cli = spawn_cli(monitor, "reference", "set", "--from", str(_write_csv(tmp_path / "t.csv")),
+                    "--model", "m", log=out)
+    assert cli.wait(120) == 0, out.read_text()
+    assert "stored via monitor" in out.read_text()
+
+
+def _feed_until_a_window(s: Settings, monitor: Settings) -> None:
+    prod = producer(s)
+    for rec in _records(1500, shift_from=10**9):
+        prod.produce(s.topic("joined"), CODEC.encode("JoinedRecord", rec),
+                     rec["request_id"].encode())
+    prod.flush(30)
+    _wait("a closed window", lambda: _windows(monitor))
+
+
 def test_reference_set_through_a_running_monitor(settings: Settings, tmp_path: Path) -> None:
     s = settings.replace(clickhouse_url=f"chdb://{tmp_path / 'ch'}", clickhouse_database="ref",
                          log_level="WARNING", monitor_batch_ms=100)
     worker = spawn_cli(s, "worker", "monitor", log=tmp_path / "worker.log")
     try:
         _wait("the monitor's web endpoint", lambda: _monitor_up(s))
-        out = tmp_path / "set.txt"
-        cli = spawn_cli(s, "reference", "set", "--from", str(_write_csv(tmp_path / "t.csv")),
-                        "--model", "m", log=out)
-        assert cli.wait(120) == 0, out.read_text()
-        assert "stored via monitor" in out.read_text()
+        _set_through(s, tmp_path)
         url = f"http://{s.web_host}:{s.web_port}{reference.REFERENCE_PATH}"
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert list(json.loads(resp.read())["profiles"]) == ["m"]
 
-        prod = producer(s)
-        for rec in _records(1500, shift_from=10**9):
-            prod.produce(s.topic("joined"), CODEC.encode("JoinedRecord", rec),
-                         rec["request_id"].encode())
-        prod.flush(30)
-        _wait("a closed window", lambda: _windows(s))
+        _feed_until_a_window(s, s)
     finally:
         worker.terminate()
         worker.wait(60)
@@ -223,22 +233,13 @@ def test_reference_set_reaches_every_partitioned_monitor(settings: Settings,
              spawn_cli(other, "worker", "monitor", log=tmp_path / "other.log")]
     try:
         _wait("the sink's web endpoint", lambda: _monitor_up(sink))
-        out = tmp_path / "set.txt"
-        cli = spawn_cli(sink, "reference", "set", "--from",
-                        str(_write_csv(tmp_path / "t.csv")), "--model", "m", log=out)
-        assert cli.wait(120) == 0, out.read_text()
-        assert "stored via monitor" in out.read_text()
+        _set_through(sink, tmp_path)
         version = _wait("the profile in the sink's process",
                         lambda: (_series_profiles(sink) or {}).get("m"))
         _wait("the profile in the other process",
               lambda: _series_profiles(other) == {"m": version})
 
-        prod = producer(s)
-        for rec in _records(1500, shift_from=10**9):
-            prod.produce(s.topic("joined"), CODEC.encode("JoinedRecord", rec),
-                         rec["request_id"].encode())
-        prod.flush(30)
-        _wait("a closed window", lambda: _windows(sink))
+        _feed_until_a_window(s, sink)
     finally:
         for proc in procs:
             proc.terminate()

@@ -82,13 +82,7 @@ def test_series_monitors_equal_one_monitor() -> None:
     # Two "partitions" read in a different interleaving than the input order.
     rng = random.Random(1)
     shuffled = sorted(records, key=lambda r: (r["event_time"] // 120_000, rng.random()))
-    series: dict[bytes, SeriesMonitor] = {}
-    seen: dict[str, int] = {}
-    for rec in shuffled:
-        for key in series_keys(rec, s.segments):
-            mon = series.setdefault(key, SeriesMonitor(s, decode_key(key)))
-            pair = dedup_pair(mon.key, rec)
-            seen[pair] = mon.add(rec, seen.get(pair, 0))
+    series = _fed_series(s, shuffled)
     split_rows, split_alerts = [], []
     for mon in series.values():
         r, a = mon.advance()
@@ -99,6 +93,18 @@ def test_series_monitors_equal_one_monitor() -> None:
     drift = {a["alert_id"] for a in alerts if a["detector"] == "ADWIN"}
     assert drift, "the injected accuracy drop raised no ADWIN alert"
     assert {a["alert_id"] for a in split_alerts} == {a["alert_id"] for a in alerts}
+
+
+def _fed_series(s: Settings, records: list[dict[str, Any]]) -> dict[bytes, SeriesMonitor]:
+    """Each record added, in this order, to the series monitor of every key it feeds."""
+    series: dict[bytes, SeriesMonitor] = {}
+    seen: dict[str, int] = {}
+    for rec in records:
+        for key in series_keys(rec, s.segments):
+            mon = series.setdefault(key, SeriesMonitor(s, decode_key(key)))
+            pair = dedup_pair(mon.key, rec)
+            seen[pair] = mon.add(rec, seen.get(pair, 0))
+    return series
 
 
 def _rows_by_key(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
@@ -341,13 +347,7 @@ def _single_open_rows(s: Settings, records: list[dict[str, Any]]) -> list[dict[s
 def test_open_series_rows_equal_the_single_monitors_provisional_rows() -> None:
     s = _base(Settings.load(env={}))
     records = synthetic.stream(_spec(1_700_000_000_000))
-    series: dict[bytes, SeriesMonitor] = {}
-    seen: dict[str, int] = {}
-    for rec in records:
-        for key in series_keys(rec, s.segments):
-            mon = series.setdefault(key, SeriesMonitor(s, decode_key(key)))
-            pair = dedup_pair(mon.key, rec)
-            seen[pair] = mon.add(rec, seen.get(pair, 0))
+    series = _fed_series(s, records)
     split = [row for mon in series.values() if mon.role == "c" for row in mon.open_rows()]
     want = _rows_by_key(_single_open_rows(s, records))
     assert len(want) > 40 and _rows_by_key(split) == want

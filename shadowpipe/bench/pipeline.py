@@ -20,8 +20,8 @@ How the highest sustainable rate is found:
    slope over the second half of the window is below 1 % of the messages entering the
    stages per second. While trials are sustainable the next offers 1.25x more (the probe
    counts the pipeline's fixed latency as time, so it underestimates a fast pipeline);
-   until one is, the next offers 0.8x. The highest sustainable trial is reported (the
-   last one when none was).
+   until one is, the next offers 0.8x (and the search ends at the first that is). The
+   highest sustainable trial is reported (the last one when none was).
 
 Figures (of that trial):
 
@@ -426,17 +426,15 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
         wait_assigned(fleet)
         meter = cpu_meter(s, fleet)
         capacity, probed = probe(s, world, args)
-        trials, best, rate = [], None, 0.9 * capacity
+        trials: list[dict[str, Any]] = []
+        rate: float | None = 0.9 * capacity
         for k in range(args.max_trials):
-            trial = run_trial(s, world, args, max(50.0, rate), f"{tag}t{k}", meter)
-            trials.append(trial)
-            if trial["sustainable"]:
-                best, rate = trial, rate * 1.25
-            elif best is not None:
+            if rate is None:
                 break
-            else:
-                rate *= 0.8
-        trial = best or trials[-1]
+            trials.append(run_trial(s, world, args, max(50.0, rate), f"{tag}t{k}", meter))
+            rate = next_rate(rate, trials)
+        sustained = [t for t in trials if t["sustainable"]]
+        trial = max(sustained, key=lambda t: t["offered_per_s"]) if sustained else trials[-1]
         active = sum(1 for w in fleet.recorded()[0] if w.kind == "monitor" and not w.standby)
         stored = stored_counts(fleet, s)
         emitted = probed + sum(t["emitter"]["requests"] for t in trials)
@@ -452,6 +450,21 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
             "challengers": 3 if heavy else 2, "requests_emitted": emitted,
             "stored_per_challenger": stored,
             "requests_accounted": bool(stored) and all(n == emitted for n in stored.values())}
+
+
+def next_rate(rate: float, trials: list[dict[str, Any]]) -> float | None:
+    """The rate of the trial after ``trials`` (the last one offered ``rate``), None when
+    the search is over: up 1.25x while sustainable, down 0.8x until one is.
+
+    >>> ok, no = {"sustainable": True}, {"sustainable": False}
+    >>> next_rate(100.0, [ok]), next_rate(100.0, [ok, no]), next_rate(100.0, [no])
+    (125.0, None, 80.0)
+    >>> next_rate(80.0, [no, ok]) is None  # found on the way down: 1.25x was too much
+    True
+    """
+    if trials[-1]["sustainable"]:
+        return None if len(trials) > 1 and not trials[-2]["sustainable"] else rate * 1.25
+    return None if any(t["sustainable"] for t in trials) else rate * 0.8
 
 
 def cpu_meter(settings: Settings, fleet: Any) -> CpuMeter:
