@@ -333,15 +333,11 @@ def test_two_monitors_and_a_kill_equal_one(settings: Settings, tmp_path: Path) -
 
 def _single_open_rows(s: Settings, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The provisional rows a single monitor stores at a stop, for ``records``."""
-    from types import SimpleNamespace
-
-    from shadowpipe.processors.monitor.pipeline import Pipeline
-
     single = Monitor(s)
     bits: dict[str, int] = {}
     for rec in records:
         bits[pair_key(rec)] = single.add(rec, bits.get(pair_key(rec), 0))
-    return Pipeline._open_rows(SimpleNamespace(settings=s, monitor=single))
+    return single.open_rows()
 
 
 def test_open_series_rows_equal_the_single_monitors_provisional_rows() -> None:

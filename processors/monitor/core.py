@@ -298,6 +298,16 @@ class Monitor:
         """Use these reference profiles (by model, ``''`` = any model) from now on."""
         self.profiles = dict(profiles)
 
+    def open_rows(self) -> list[Record]:
+        """Rows of the windows still open, as they stand (merged as a close would): the
+        provisional rows of a stop."""
+        merged: dict[tuple[str, str, int], Window] = {}
+        for (challenger, segments, start), cell in self.state.windows.items():
+            for segment in ("", *segments):
+                merged.setdefault((challenger, segment, start), Window()).merge(cell)
+        return [window_row(c, seg, start, start + self.window_ms, w)
+                for (c, seg, start), w in sorted(merged.items())]
+
     def drain_drift_stats(self) -> list[Record]:
         """The ``drift_stats`` rows of the windows closed since the last call."""
         rows, self.pending_drift = self.pending_drift, []

@@ -44,10 +44,8 @@ from shadowpipe.processors.monitor.bulk import BulkDecoder
 from shadowpipe.processors.monitor.core import (
     Monitor,
     MonitorState,
-    Window,
     pair_key,
     record_time,
-    window_row,
 )
 from shadowpipe.processors.monitor.dedup import Deduper
 from shadowpipe.processors.runtime.message import Message
@@ -352,7 +350,7 @@ class Pipeline:
         if self.settings.monitor_close_on_stop == "all":
             return self.close_all()
         result = self._close_due(now)
-        provisional = self._open_rows()
+        provisional = self.monitor.open_rows()
         if provisional:
             rows = self.sink.write({"windows": self._window_columns(provisional)})
             result.rows += rows
@@ -376,16 +374,6 @@ class Pipeline:
         result.rows = self.sink.write(self.tables([], result))
         self.totals.add(result, self.clock())
         return result
-
-    def _open_rows(self) -> list[dict[str, Any]]:
-        """Rows of the windows still open, as they stand (merged as a close would)."""
-        window_ms = self.settings.window_s * 1000
-        merged: dict[tuple[str, str, int], Window] = {}
-        for (challenger, segments, start), cell in self.monitor.state.windows.items():
-            for segment in ("", *segments):
-                merged.setdefault((challenger, segment, start), Window()).merge(cell)
-        return [window_row(c, seg, start, start + window_ms, w)
-                for (c, seg, start), w in sorted(merged.items())]
 
     def _window_columns(self, rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
         version = int(time.time() * 1000)

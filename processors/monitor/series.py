@@ -53,7 +53,6 @@ from shadowpipe.processors.monitor.core import (
     Window,
     pair_key,
     record_time,
-    window_row,
 )
 
 SEP = "\x1f"
@@ -199,14 +198,8 @@ class SeriesMonitor(Monitor):
         return [r for r in rows if r["segment"] == self.segment], alerts
 
     def open_rows(self) -> list[Record]:
-        """This key's rows of the windows still open, as they stand (a provisional row,
-        merged as a close would merge it)."""
-        merged: dict[tuple[str, int], Window] = {}
-        for challenger, _segments, start in sorted(self.state.windows):
-            cell = self.state.windows[(challenger, _segments, start)]
-            merged.setdefault((challenger, start), Window()).merge(cell)
-        return [window_row(c, self.segment, start, start + self.window_ms, w)
-                for (c, start), w in sorted(merged.items())]
+        """This key's segment's rows of :meth:`.core.Monitor.open_rows`."""
+        return [r for r in super().open_rows() if r["segment"] == self.segment]
 
     def _close(self, key: tuple[str, str, int], w: Window) -> Record:
         if key[1] != self.segment:  # another key's row (the overall one of a segment key)
