@@ -233,11 +233,16 @@ def test_a_scrape_never_waits_for_the_consuming_thread(settings: Settings) -> No
 
 def test_bench_shadow_measures_the_scrape_cost_in_the_same_run(
         settings: Settings, tmp_path: Path) -> None:
-    """``bench shadow --scrape S`` adds a pass scraped every S s beside the plain one."""
+    """``bench shadow --scrape S`` adds a pass scraped every S s beside the plain one, and
+    the worker's CPU per scrape."""
     out = _bench(settings, tmp_path, "shadow", "--events", "2000", "--lag-events", "200",
                  "--lag-rate", "1000", "--passes", "1", "--scrape", "0.05")
     assert out["scrape_interval_s"] == 0.05
     assert out["scrapes"] > 0 and out["scrape_failures"] == 0, out
     ratio = out["scrape_events_per_s"] / out["worker_events_per_s"]
     assert out["scrape_ratio"] == pytest.approx(ratio, abs=0.002)
+    # a scrape's work shows in the worker's CPU (200 back-to-back scrapes, idle subtracted)
+    assert out["scrape_cpu_ms"] > 0, out
+    assert out["scrape_cost"] == pytest.approx(out["scrape_cpu_ms"] / 1000 / 0.05,
+                                                  rel=0.01, abs=1e-4)
     assert out["predictions"] == 2200  # the plain pass's; the scraped one is not counted

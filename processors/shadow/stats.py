@@ -98,10 +98,13 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, JSON-serialisable."""
-        with self._lock:
-            lags = sorted(self._lags)
-            timings = {step: sorted(v) for step, v in self._timings.items()}
+        with self._lock:  # copied under the lock, sorted outside: the loop never waits
+            lags = list(self._lags)
+            timings = {step: list(v) for step, v in self._timings.items()}
             dead = dict(self.dead_letters)
+        lags.sort()
+        for values in timings.values():
+            values.sort()
         uptime = max(time.time() - self.started, 1e-9)
         return {
             "uptime_s": round(uptime, 3),

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--passes", type=int, default=2, help="ceiling + worker passes; best counts")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
     p.add_argument("--scrape", type=float, default=0.0, metavar="S",
-                   help="also passes with /metrics scraped every S s: scrape_ratio")
+                   help="also passes with /metrics scraped every S s: scrape_cost (worker "
+                        "CPU per scrape / S) and scrape_ratio (throughput)")
     p.add_argument("--kind", choices=("sklearn", "onnx", "oip"), default="sklearn",
                    help="also run the worker with the model as this challenger kind: onnx "
                         "(events/s against the scikit-learn kind), oip (served by MLServer: "
@@ -229,6 +230,8 @@ def _pass(base: Settings, work: Path, model: Any, events: int, lag: tuple[int, i
     with shadow_scrape.scraper(settings.web_port, scrape_s) if scrape_s else nullcontext(
             {}) as scrapes:
         _wait_consumed(settings.web_port, events, proc, timeout_s=600)
+    if scrape_s:
+        scrapes["scrape_cpu_s"] = shadow_scrape.cpu_per_scrape(proc.pid, settings.web_port)
     expected = events
     if lag is not None:
         say(f"worker caught up; lag phase: {lag[0]} events at {lag[1]}/s")
