@@ -13,8 +13,10 @@ directory. With ``monitor_mode=single`` the first monitor is active and the othe
 standbys (``python -m shadowpipe.fleet standby``): each waits until the directory is free
 (the active one died or stopped), then runs ``worker monitor``, which resumes from the
 Redis checkpoint. With ``monitor_mode=partitioned`` every monitor shares the series work
-and only the first writes ClickHouse (the others run with ``monitor_sink=off``). With a
-ClickHouse server every monitor starts as a member of the group.
+and only the first writes ClickHouse; the others run with ``monitor_sink=off`` under
+``python -m shadowpipe.fleet sink-standby``, which restarts one of them with the sink on
+once the directory is free, so the writes survive the sink's process. With a ClickHouse
+server every monitor starts as a member of the group.
 
 What ``up`` started is recorded in ``<home>/workers.json`` so that ``stack status`` shows
 each process and its port and ``stack down`` stops exactly those.
@@ -202,26 +204,25 @@ class Fleet:
         env = {**os.environ, **self.settings.to_env(), "SHADOWPIPE_WEB_PORT": str(port)}
         if kind == "join" and cluster_url:
             env["SHADOWPIPE_REDIS_URL"] = cluster_url
-        standby, role = self._monitor_role(n) if kind == "monitor" else (False, {})
-        env.update(role)
-        argv = [sys.executable, "-m", "shadowpipe.fleet", "standby"] if standby else [
-            sys.executable, "-m", "shadowpipe.cli", "worker", kind]
+        role = self._monitor_role(n) if kind == "monitor" else ""
+        standby = role == "standby"
+        argv = ([sys.executable, "-m", "shadowpipe.fleet", role] if role else
+                [sys.executable, "-m", "shadowpipe.cli", "worker", kind])
         log = logs / f"worker-{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         return Worker(name, kind, proc.pid, port, str(log), standby)
 
-    def _monitor_role(self, n: int) -> tuple[bool, dict[str, str]]:
-        """(standby?, settings) of the ``n``-th monitor. The embedded ClickHouse admits one
-        process: in ``monitor_mode=single`` the others wait as standbys, in ``partitioned``
-        they share the series work and leave the ClickHouse writes to the first
-        (``SHADOWPIPE_MONITOR_SINK=off``). With a ClickHouse server every one is a member."""
+    def _monitor_role(self, n: int) -> str:
+        """How the ``n``-th monitor runs: ``""`` (``worker monitor``), or the
+        :data:`ROLES` wrapper that runs it. The embedded ClickHouse admits one process: in
+        ``monitor_mode=single`` the others wait as standbys, in ``partitioned`` they share
+        the series work with the sink off and take the sink over when its process is gone
+        (:func:`sink_standby`). With a ClickHouse server every one is a member."""
         if n == 1 or chdb_directory(self.settings) is None:
-            return False, {}
-        if self.settings.monitor_mode == "partitioned":
-            return False, {"SHADOWPIPE_MONITOR_SINK": "off"}
-        return True, {}
+            return ""
+        return "sink-standby" if self.settings.monitor_mode == "partitioned" else "standby"
 
     def _wait_started(self, started: list[Worker], say: Callable[[str], None],
                       timeout_s: float) -> None:
@@ -336,45 +337,92 @@ def _tail(path: str, lines: int = 15) -> str:
     return "\n".join(f"  {line}" for line in text.splitlines()[-lines:])
 
 
+class _Child:
+    """The ``worker monitor`` child of a standby, SIGTERM and SIGINT passed on to it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.stopping = False
+        self._passed: set[int] = set()  # children the stop was passed on to
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signum)
+            self._passed.add(self.proc.pid)
+
+    def start(self, sink: str | None = None) -> subprocess.Popen:
+        """Run ``worker monitor`` (with ``SHADOWPIPE_MONITOR_SINK=sink`` if given)."""
+        env = {**os.environ, **({"SHADOWPIPE_MONITOR_SINK": sink} if sink else {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker",
+                                      "monitor"], env=env)
+        if self.stopping and self.proc.pid not in self._passed:  # came while it started
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc
+
+    def await_holder(self, path: Path | None) -> None:
+        """Started with the monitor that opens the directory: let it take it first, or a
+        standby could win the race and that monitor would exit at start-up."""
+        grace = time.monotonic() + STANDBY_GRACE_S
+        while (path is not None and not self.stopping and not directory_held(path)
+               and time.monotonic() < grace):
+            time.sleep(STANDBY_POLL_S / 4)
+
+
 def standby(settings: Settings) -> int:
-    """Wait while another process holds the ClickHouse directory, then run ``worker
-    monitor`` in a child; again after it exits with 2 (it lost the race). SIGTERM is passed
-    on to the child."""
+    """``monitor_mode=single``: wait while another process holds the ClickHouse directory,
+    then run ``worker monitor`` in a child; again after it exits with 2 (it lost the race)."""
     path = chdb_directory(settings)
-    child: list[subprocess.Popen] = []
-    stopping: list[bool] = []
-    passed: list[subprocess.Popen] = []  # children the stop was passed on to
-
-    def stop(signum: int, _frame: object) -> None:
-        stopping.append(True)
-        if child and child[0].poll() is None:
-            child[0].send_signal(signum)
-            passed.append(child[0])
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    # Started with the active monitor: let it take the directory first, or the standby
-    # could win the race and the active one would exit at start-up.
-    grace = time.monotonic() + STANDBY_GRACE_S
-    while (path is not None and not stopping and not directory_held(path)
-           and time.monotonic() < grace):
-        time.sleep(STANDBY_POLL_S / 4)
-    while not stopping:
+    child = _Child()
+    child.await_holder(path)
+    while not child.stopping:
         if path is not None and directory_held(path):
             time.sleep(STANDBY_POLL_S)
             continue
-        child[:] = [subprocess.Popen([sys.executable, "-m", "shadowpipe.cli", "worker",
-                                      "monitor"])]
-        if stopping and child[0] not in passed:  # the stop came while it was being started
-            child[0].send_signal(signal.SIGTERM)
-        code = child[0].wait()
-        if code != 2 or stopping:
+        code = child.start().wait()
+        if code != 2 or child.stopping:
             return code
         time.sleep(STANDBY_POLL_S)
     return 0
 
 
+def sink_standby(settings: Settings) -> int:
+    """``monitor_mode=partitioned`` on the embedded ClickHouse, a monitor that does not run
+    the sink: run ``worker monitor`` with ``monitor_sink=off`` (it shares the series work);
+    once the directory is free (the sink's process died or stopped), stop it and run it
+    again with the sink on, so the writes and the reads (queries, verdict, SQL) move to
+    this process; with the sink off again if another monitor took the directory first (the
+    child exits with 2). The restart moves this process's series partitions away and back
+    (a rebalance; at-least-once as always)."""
+    path = chdb_directory(settings)
+    child = _Child()
+    child.await_holder(path)
+    sink = "off"
+    while not child.stopping:
+        proc = child.start(sink)
+        while proc.poll() is None and (sink == "on" or child.stopping or path is None
+                                       or directory_held(path)):
+            time.sleep(STANDBY_POLL_S)
+        if proc.poll() is None:
+            print("[fleet] the sink's ClickHouse directory is free: restarting this "
+                  "monitor with the sink on", file=sys.stderr, flush=True)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            sink = "on"
+            continue
+        if proc.returncode != 2 or sink == "off" or child.stopping:
+            return proc.returncode
+        sink = "off"  # another monitor took the directory first
+        time.sleep(STANDBY_POLL_S)
+    return 0
+
+
+ROLES = {"standby": standby, "sink-standby": sink_standby}
+
+
 if __name__ == "__main__":
-    if sys.argv[1:] != ["standby"]:
-        sys.exit("usage: python -m shadowpipe.fleet standby (started by `stack up`)")
-    sys.exit(standby(Settings.load()))
+    if len(sys.argv) != 2 or sys.argv[1] not in ROLES:
+        sys.exit(f"usage: python -m shadowpipe.fleet {'|'.join(ROLES)} (started by `stack up`)")
+    sys.exit(ROLES[sys.argv[1]](Settings.load()))

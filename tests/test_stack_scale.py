@@ -7,7 +7,8 @@ Both shadow workers get partitions of the inference topic, the joiners merge on 
 ClickHouse; after a SIGKILL of one shadow worker its partitions move to the other and the
 counts stay exact. The second monitor is a standby (one process may open the embedded
 ClickHouse) that serves once the first is killed; in ``monitor_mode=partitioned`` both
-monitors work and the first alone writes.
+monitors work, the first alone writes, and the second takes the writes over once the
+first is killed.
 """
 
 from __future__ import annotations
@@ -117,11 +118,13 @@ def test_two_of_each_split_partitions_and_join_exactly_once(scale_env: dict[str,
     assert {r[1] for r in rows} == {1}  # one challenger: one row per request
 
 
-def test_partitioned_monitors_share_the_series_and_one_writes(
+def test_partitioned_monitors_share_the_series_and_the_sink_fails_over(
     scale_env: dict[str, str]
 ) -> None:
     """``monitor_mode=partitioned``: ``monitor=2`` starts two active monitors (no standby)
-    that split the series partitions; the first one alone writes the embedded ClickHouse."""
+    that split the series partitions; the first one alone writes the embedded ClickHouse.
+    Killed with SIGKILL, its sink moves to the second (restarted with the sink on), which
+    stores the traffic sent afterwards and serves the queries."""
     env = {**scale_env, "SHADOWPIPE_MONITOR_MODE": "partitioned", "SHADOWPIPE_SEGMENTS": "site"}
     up = _cli(env, "stack", "up", "--workers", "shadow=1,join=1,monitor=2")
     assert up.returncode == 0, up.stderr[-2000:]
@@ -141,10 +144,20 @@ def test_partitioned_monitors_share_the_series_and_one_writes(
     wait_for("both monitors counting their series",
              lambda: all(_stats(w)["counted"] > 0 for w in monitors))
 
+    os.killpg(monitors[0].pid, signal.SIGKILL)
+    wait_for("the second monitor running the sink",
+             lambda: (get_json(monitors[1].stats_url) or {}).get("rows_written") is not None,
+             timeout_s=180)
+    more = _emit(settings, "q", 500, sites=8)
+    total = len(ids) + len(more)
+    wait_for("the traffic after the kill stored by the second monitor",
+             lambda: _arm_counts(monitors[1]) == (total, total // 2), timeout_s=180)
+    assert "restarting this monitor with the sink on" in Path(monitors[1].log).read_text()
+
     down = _cli(env, "stack", "down", timeout=120)
     assert down.returncode == 0
-    for w in monitors:
-        assert f"{w.name}: stopped in " in down.stdout, down.stdout
+    assert f"{monitors[0].name}: was not running" in down.stdout, down.stdout
+    assert f"{monitors[1].name}: stopped in " in down.stdout, down.stdout
 
 
 def _emit(settings: Settings, prefix: str, n: int, sites: int = 0) -> list[str]:
