@@ -103,6 +103,41 @@ def test_transient_processing_errors_retry_the_batch_then_commit(settings: Setti
     assert sorted(values) == [b"v0", b"v1", b"v2"]
 
 
+class Holding(Echo):
+    """Settles only when ``due``; records the messages of each settled step."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(topic)
+        self.due = False
+        self.settled_steps: list[list[int]] = []
+
+    def settle_due(self) -> bool:
+        return self.due
+
+    def settled(self, batch: list[Message]) -> None:
+        self.settled_steps.append([m.offset for m in batch])
+
+
+def test_held_batches_settle_together_when_due_and_always_when_forced(
+        settings: Settings) -> None:
+    """A handler that is not due holds its delivered batches: nothing settled or committed
+    until it is due (then all of them at once), or until a forced settle (rebalance, stop)."""
+    handler = Holding(settings.topic("joined"))
+    loop = BatchLoop(handler, lambda: Publisher(settings), overlap=False)
+    loop.step([Message(b"a", b"k", "in", 0, 5), Message(b"b", b"k", "in", 1, 7)])
+    loop.step([Message(b"c", b"k", "in", 0, 6)])
+    assert handler.settled_steps == [] and loop.positions == {}
+    handler.due = True
+    loop.step([])  # an empty poll settles what is held once due
+    assert handler.settled_steps == [[5, 7, 6]]
+    assert loop.positions == {("in", 0): 7, ("in", 1): 8}
+    handler.due = False
+    loop.step([Message(b"d", b"k", "in", 1, 8)])
+    assert loop.positions[("in", 1)] == 8
+    loop.settle(asynchronous=False, force=True)
+    assert handler.settled_steps == [[5, 7, 6], [8]] and loop.positions[("in", 1)] == 9
+
+
 def test_checkpoint_is_versioned_and_migrates_an_unversioned_one(settings: Settings) -> None:
     redis = redis_client(settings)
     key = f"{settings.topic_prefix}monitor:state"

@@ -15,7 +15,8 @@ thread with its own consumer group, in every monitor process (the sink only wher
    ``<prefix>series.``); closed windows become rows on ``<prefix>monitor-rows`` (JSON), alerts
    go to the alerts topic; then each touched partition's state is checkpointed to Redis
    (``<prefix>monitor:series:<partition>``) in one transaction with that partition's dedup
-   bits; then the offsets are committed. On a Redis Cluster a partition's keys carry the
+   bits; then the offsets are committed (both at most every :data:`CHECKPOINT_S`, for the
+   batches delivered since). On a Redis Cluster a partition's keys carry the
    hash tag ``{monitor-series-<partition>}`` after the prefix, so its transaction stays in
    one slot (:meth:`Series.tag`). A rebalance settles the batch in flight, drops the revoked
    partitions' state, and loads the assigned ones' checkpoints: the state moves with the
@@ -104,6 +105,10 @@ HEADER = b"shadowpipe-series-state/1\n"
 SINK_FIELDS = frozenset(("request_id", "challenger", "state", "event_time", "label_time"))
 RECENT = 4096  # decoded series messages kept (a record's copies arrive close together)
 PROFILES_REFRESH_S = 5.0  # a Redis GET: new reference profiles apply within seconds
+# Pickling a partition's series after every batch was a sixth of this mode's CPU: batches
+# are settled (checkpoint, then commit) at most this often; a crash replays the rest,
+# which the dedup bits in the same transaction keep from counting twice.
+CHECKPOINT_S = 1.0
 ROW_KEYS = {"windows": ("challenger", "segment", "window_start"), "alerts": ("alert_id",),
             "drift_stats": ("model", "challenger", "metric", "window_start")}
 ROW_COLUMNS = {"windows": WINDOW_COLUMNS, "alerts": ALERT_COLUMNS, "drift_stats": DRIFT_COLUMNS}
@@ -199,6 +204,7 @@ class Series(Handler):
         self.profiles: dict[str, Profile] = {}  # the reference profiles, from Redis
         self.recent: dict[bytes | None, dict[str, Any]] = {}  # message value -> record
         self.profiles_at = 0.0  # monotonic time of the next look for new ones
+        self.checkpointed_at = time.monotonic()
 
     def tag(self, partition: int) -> str:
         """What follows the prefix in the keys of ``partition``'s transaction: its hash tag
@@ -334,6 +340,9 @@ class Series(Handler):
         out = list(alert_outputs(self.settings, BatchResult(alerts=alerts), self.codec))
         return [*out, (rows_topic(self.settings), rows)]
 
+    def settle_due(self) -> bool:
+        return time.monotonic() - self.checkpointed_at >= CHECKPOINT_S
+
     def settled(self, batch: list[Message]) -> None:
         self.checkpoint()
 
@@ -353,6 +362,7 @@ class Series(Handler):
             pipe.execute()
             dedup.committed()
         self.touched.clear()
+        self.checkpointed_at = time.monotonic()
         self.windows_open = self.count_open()
 
     def count_open(self) -> int:

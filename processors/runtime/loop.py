@@ -13,6 +13,10 @@ processor's own after-flush step (:meth:`Handler.settled`, the monitor's checkpo
   the retrying, the batch stays uncommitted and is replayed after the restart.
 * **Transient processing errors** (``Handler.transient``: the joiner's Redis) retry the
   batch the same way; any other error propagates (the worker stops: see :mod:`.thread`).
+* **Held settling** (the partitioned monitor's series stage): a handler whose after-flush
+  step is costly may hold delivered batches (:meth:`Handler.settle_due`) and settle them
+  together later; their offsets wait with them, so a crash replays them against the
+  last settled state. A rebalance and the stop always settle.
 * **Revoke**: a rebalance (inside ``consume``, on the loop's thread) first settles and
   commits the batch in flight, so the partitions' next owner starts after it.
 
@@ -93,6 +97,12 @@ class Handler:
 
     def settled(self, batch: list[Message]) -> None:
         """The broker acknowledged ``batch``'s outputs; its offsets are committed next."""
+
+    def settle_due(self) -> bool:
+        """Settle now? A handler whose :meth:`settled` step is costly (a checkpoint) may
+        say no: the delivered batches are held and settled together, with their offsets,
+        at the next step it says yes, at a rebalance or at the stop."""
+        return True
 
     def retried(self, what: str, exc: BaseException) -> None:
         """A retry of the loop (``what`` failed with ``exc``): count it."""
@@ -209,6 +219,7 @@ class BatchLoop:
         self.retrying: str | None = None  # what a retry is waiting for, if any
         self.batch_started: float | None = None  # monotonic start of the step running
         self._inflight: tuple[list[Message], Outputs, float] | None = None
+        self._held: list[Message] = []  # delivered, not settled yet (Handler.settle_due)
 
     # -- the threaded driver -------------------------------------------------------------
 
@@ -236,7 +247,7 @@ class BatchLoop:
                 if batch:
                     self.timing("consume_ms", (time.perf_counter() - waited) * 1000)
                 self.step(batch)
-            self.settle(asynchronous=False)
+            self.settle(asynchronous=False, force=True)
             h.closing()
         except Stopped:
             log.warning("%s stopped while retrying %s: the batch in flight is replayed "
@@ -247,7 +258,8 @@ class BatchLoop:
             h.stopped()
 
     def _on_revoke(self) -> None:
-        self.settle(asynchronous=False)  # before the partitions' next owner reads our commit
+        # before the partitions' next owner reads our commit
+        self.settle(asynchronous=False, force=True)
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -267,17 +279,21 @@ class BatchLoop:
         finally:
             self.batch_started = None
 
-    def settle(self, asynchronous: bool = True) -> None:
+    def settle(self, asynchronous: bool = True, force: bool = False) -> None:
         """Flush the batch in flight (producing it again until the broker has it all),
-        then :meth:`Handler.settled`, then commit its offsets."""
-        if self._inflight is None:
+        then, unless the handler holds it (:meth:`Handler.settle_due`, overridden by
+        ``force``), :meth:`Handler.settled` and the commit of every delivered batch."""
+        if self._inflight is not None:
+            batch, outputs, produced_at = self._inflight
+            self._deliver(outputs, produced=True)
+            self._inflight = None
+            self.timing("publish_ms", (time.perf_counter() - produced_at) * 1000)
+            self._held += batch
+        if not self._held or not (force or self.handler.settle_due()):
             return
-        batch, outputs, produced_at = self._inflight
-        self._deliver(outputs, produced=True)
-        self._inflight = None
-        self.timing("publish_ms", (time.perf_counter() - produced_at) * 1000)
-        self.handler.settled(batch)
-        self._commit(batch, asynchronous)
+        held, self._held = self._held, []
+        self.handler.settled(held)
+        self._commit(held, asynchronous)
 
     def deliver(self, outputs: Outputs) -> None:
         """Produce ``outputs`` and flush until the broker acknowledged them all (outside a
