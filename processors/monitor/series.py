@@ -111,6 +111,10 @@ class SeriesMonitor(Monitor):
         self.key = key
         self.role, self.owner, self.segment = key
         self.feeds: list[Feed] = feeds or []
+        # The earliest window start among the feeds: most advances close none of them, and
+        # a scan of every held feed per batch grew with the window.
+        self._feeds_from = min((f[0] - f[0] % self.window_ms for f in self.feeds),
+                               default=None)
 
     def due_starts(self) -> list[int]:
         """Window starts holding anything still to close (cells, PSI values, feeds)."""
@@ -180,6 +184,9 @@ class SeriesMonitor(Monitor):
     def _feed(self, of_model: bool, owner: str, segments: tuple[str, ...], metric: str,
               arm: str | None, name: str, x: float, t: int) -> None:
         self.feeds.append((t, name, x, of_model, owner, metric, arm))
+        start = t - t % self.window_ms
+        if self._feeds_from is None or start < self._feeds_from:
+            self._feeds_from = start
 
     def advance(self, watermark: int | None = None) -> tuple[list[Record], list[Record]]:
         """As :meth:`.core.Monitor.advance`, first feeding the held detector inputs of the
@@ -188,14 +195,22 @@ class SeriesMonitor(Monitor):
         if watermark is not None:
             state.watermark = max(state.watermark, watermark)
         horizon = state.watermark - self.window_ms - self.lateness_ms
-        w = self.window_ms
-        due = [f for f in self.feeds if f[0] - f[0] % w <= horizon]
-        if due:
-            self.feeds = [f for f in self.feeds if f[0] - f[0] % w > horizon]
-            for t, name, x, of_model, owner, metric, arm in sorted(due, key=_feed_order):
-                Monitor._feed(self, of_model, owner, (), metric, arm, name, x, t)
+        if self._feeds_from is not None and self._feeds_from <= horizon:
+            self._feed_due(horizon)
         rows, alerts = super().advance()
         return [r for r in rows if r["segment"] == self.segment], alerts
+
+    def _feed_due(self, horizon: int) -> None:
+        """Feed the held inputs of the windows starting at or before ``horizon``, in
+        event-time order; keep the rest."""
+        w = self.window_ms
+        due, kept = [], []
+        for f in self.feeds:
+            (due if f[0] - f[0] % w <= horizon else kept).append(f)
+        self.feeds = kept
+        self._feeds_from = min((f[0] - f[0] % w for f in kept), default=None)
+        for t, name, x, of_model, owner, metric, arm in sorted(due, key=_feed_order):
+            Monitor._feed(self, of_model, owner, (), metric, arm, name, x, t)
 
     def open_rows(self) -> list[Record]:
         """This key's segment's rows of :meth:`.core.Monitor.open_rows`."""
