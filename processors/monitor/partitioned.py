@@ -95,7 +95,6 @@ from shadowpipe.processors.runtime.message import Message
 from shadowpipe.processors.runtime.metrics import DELAY_BOUNDS, Buckets
 from shadowpipe.schemas import schema
 from shadowpipe.schemas.codec import SINGLE_OBJECT, Codec, DecodeError
-from shadowpipe.schemas.validate import check
 from shadowpipe.stores import is_cluster_url
 from shadowpipe.tables import ALERT_COLUMNS, DRIFT_COLUMNS, WINDOW_COLUMNS
 
@@ -148,10 +147,9 @@ def ensure_topics(settings: Settings) -> None:
 
 
 def decode(codec: Codec, m: Message) -> dict[str, Any]:
-    """The validated JoinedRecord of ``m`` (raises :class:`DecodeError`)."""
-    rec = codec.decode(m.value, "JoinedRecord")
-    check("JoinedRecord", rec)
-    return rec
+    """The validated JoinedRecord of ``m`` (raises :class:`DecodeError`; the codec checks
+    it)."""
+    return codec.decode(m.value, "JoinedRecord")
 
 
 class Repartition(Handler):
