@@ -207,6 +207,19 @@ def test_reference_set_through_a_running_monitor(settings: Settings, tmp_path: P
     assert found == {"features": sorted([AMOUNT, REGION]), "refs": ["profile"]}
 
 
+def _feature_references(s: Settings) -> list[str] | None:
+    """The references of the stored feature PSI rows, through the sink's SQL endpoint."""
+    import clickhouse_connect
+
+    try:
+        client = clickhouse_connect.get_client(host="127.0.0.1", port=s.sql_port)
+        rows = client.query("SELECT DISTINCT reference FROM ref.drift_stats FINAL "
+                            f"WHERE metric = 'feature:{AMOUNT}'").result_rows
+    except Exception:  # noqa: BLE001 - not serving yet: asked again
+        return None
+    return [r[0] for r in rows]
+
+
 def _series_profiles(s: Settings) -> dict[str, int] | None:
     url = f"http://{s.web_host}:{s.web_port}/shadowpipe/monitor/stats"
     try:
@@ -227,8 +240,8 @@ def test_reference_set_reaches_every_partitioned_monitor(settings: Settings,
                          log_level="WARNING", monitor_batch_ms=100, monitor_mode="partitioned",
                          topic_prefix=f"{settings.topic_prefix}p{uuid.uuid4().hex[:6]}.",
                          drift_features=(AMOUNT,))
-    sink, other = s.replace(monitor_sink="on"), s.replace(monitor_sink="off",
-                                                           web_port=free_port())
+    sink, other = (s.replace(monitor_sink="on", sql_port=free_port()),
+                   s.replace(monitor_sink="off", web_port=free_port()))
     procs = [spawn_cli(sink, "worker", "monitor", log=tmp_path / "sink.log"),
              spawn_cli(other, "worker", "monitor", log=tmp_path / "other.log")]
     try:
@@ -240,6 +253,10 @@ def test_reference_set_reaches_every_partitioned_monitor(settings: Settings,
               lambda: _series_profiles(other) == {"m": version})
 
         _feed_until_a_window(s, sink)
+        # the model's series may close its window in the other process: its rows reach the
+        # sink through the rows topic, after the first window row seen
+        _wait("the feature's PSI against the profile stored",
+              lambda: _feature_references(sink) == ["profile"])
     finally:
         for proc in procs:
             proc.terminate()
