@@ -53,6 +53,11 @@ def test_bench_pipeline_accounts_for_every_request(settings: Settings, tmp_path:
     assert 0 < out["cores_busy"] <= os.cpu_count() + 0.5  # tick rounding
     assert out["cpu_bound_requests_per_s"] == pytest.approx(
         os.cpu_count() * 1e6 / cpu["total"], rel=0.01)
+    # Which stage's lag grows: a least-squares slope is linear, so the stages' add up.
+    slopes = out["lag_slope_by_stage"]
+    assert set(slopes) == set(out["lag_max_by_stage"]) == {"shadow", "join", "monitor"}
+    assert sum(slopes.values()) == pytest.approx(out["lag_slope_per_s"], abs=0.1 * len(slopes))
+    assert out["trials"][0]["lag_slope_by_stage"] == slopes
 
 
 def test_bench_pipeline_scale_2_reports_both_runs(settings: Settings, tmp_path: Path) -> None:
@@ -65,7 +70,7 @@ def test_bench_pipeline_scale_2_reports_both_runs(settings: Settings, tmp_path: 
     assert out["monitor_mode"] == "partitioned"
     assert out["monitor_processes_active"] == 2 and out["with_1"]["monitor_processes_active"] == 1
     stages = {"shadow", "join", "monitor-repartition", "monitor-series", "monitor"}
-    assert set(out["lag_max_by_stage"]) == stages
+    assert set(out["lag_max_by_stage"]) == set(out["lag_slope_by_stage"]) == stages
     # Queryable = committed by the sink: the end-to-end latency is resolved in this mode too.
     assert out["e2e_samples"] > 0 and out["with_1"]["e2e_samples"] > 0
     assert out["requests_accounted"] is True and out["with_1"]["requests_accounted"] is True
