@@ -113,8 +113,7 @@ class SeriesMonitor(Monitor):
         self.feeds: list[Feed] = feeds or []
         # The earliest window start among the feeds: most advances close none of them, and
         # a scan of every held feed per batch grew with the window.
-        self._feeds_from = min((f[0] - f[0] % self.window_ms for f in self.feeds),
-                               default=None)
+        self._feeds_from = _earliest_start(self.feeds, self.window_ms)
 
     def due_starts(self) -> list[int]:
         """Window starts holding anything still to close (cells, PSI values, feeds)."""
@@ -208,7 +207,7 @@ class SeriesMonitor(Monitor):
         for f in self.feeds:
             (due if f[0] - f[0] % w <= horizon else kept).append(f)
         self.feeds = kept
-        self._feeds_from = min((f[0] - f[0] % w for f in kept), default=None)
+        self._feeds_from = _earliest_start(kept, w)
         for t, name, x, of_model, owner, metric, arm in sorted(due, key=_feed_order):
             Monitor._feed(self, of_model, owner, (), metric, arm, name, x, t)
 
@@ -220,6 +219,11 @@ class SeriesMonitor(Monitor):
         if key[1] != self.segment:  # another key's row (the overall one of a segment key)
             return {"segment": key[1]}
         return super()._close(key, w)
+
+
+def _earliest_start(feeds: list[Feed], window_ms: int) -> int | None:
+    """The start of the earliest window holding one of ``feeds`` (None: none held)."""
+    return min((f[0] - f[0] % window_ms for f in feeds), default=None)
 
 
 def _feed_order(feed: Feed) -> tuple[int, str, float]:
