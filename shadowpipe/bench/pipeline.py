@@ -22,8 +22,10 @@ How the highest sustainable rate is found:
    backlog) over the second half of the window is below 1 % of the messages entering the
    stages per second. While trials are sustainable the next offers 1.25x more (the probe
    counts the pipeline's fixed latency as time, so it underestimates a fast pipeline);
-   until one is, the next offers 0.8x (and the search ends at the first that is). The
-   highest sustainable trial is reported (the last one when none was).
+   until one is, the next offers 0.8x; once there is both a sustainable and an
+   unsustainable rate, the next offers their geometric middle (bisection), until they are
+   within 12 % (:func:`next_rate`). The highest sustainable trial is reported (the last
+   one when none was).
 
 Figures (of that trial):
 
@@ -89,6 +91,7 @@ PRIMARY_FEATURES = 6
 POOL = 4096  # distinct feature vectors, cycled (requests get unique ids)
 PROBE_EVERY = 50  # one request in 50 is sampled for the end-to-end latency
 BUSY_S = 200e-6
+RESOLUTION = 1.12  # the search stops once the sustainable rate is known within 12 %
 FLOOR_S = 2.5  # lag floors over this span: > the longest commit cadence plus a batch
 
 
@@ -112,7 +115,8 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     bench.add_argument("--probe-requests", type=int, default=40_000,
                        help="requests of the capacity probe (sent as fast as possible)")
     bench.add_argument("--max-trials", type=int, default=4,
-                       help="rates tried: 0.9 x capacity, up while sustainable, else down")
+                       help="rates tried: 0.9 x capacity, up while sustainable, else down, then "
+                            "bisected")
     bench.add_argument("--drop-at", type=float, default=0.6,
                        help="fraction of the window at which the accuracy drop is injected")
     bench.add_argument("--alert-timeout-s", type=float, default=60.0,
@@ -437,7 +441,7 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
             if rate is None:
                 break
             trials.append(run_trial(s, world, args, max(50.0, rate), f"{tag}t{k}", meter))
-            rate = next_rate(rate, trials)
+            rate = next_rate(trials)
         sustained = [t for t in trials if t["sustainable"]]
         trial = max(sustained, key=lambda t: t["offered_per_s"]) if sustained else trials[-1]
         active = sum(1 for w in fleet.recorded()[0] if w.kind == "monitor" and not w.standby)
@@ -458,19 +462,28 @@ def search(settings: Settings, world: World, args: argparse.Namespace, processes
             "requests_accounted": bool(stored) and all(n == emitted for n in stored.values())}
 
 
-def next_rate(rate: float, trials: list[dict[str, Any]]) -> float | None:
-    """The rate of the trial after ``trials`` (the last one offered ``rate``), None when
-    the search is over: up 1.25x while sustainable, down 0.8x until one is.
+def next_rate(trials: list[dict[str, Any]]) -> float | None:
+    """The rate of the trial after ``trials``, None when the search is over: up 1.25x
+    while every trial was sustainable, down 0.8x until one is; then the geometric middle
+    of the highest sustainable and the lowest unsustainable rate, while they are more than
+    :data:`RESOLUTION` apart.
 
-    >>> ok, no = {"sustainable": True}, {"sustainable": False}
-    >>> next_rate(100.0, [ok]), next_rate(100.0, [ok, no]), next_rate(100.0, [no])
-    (125.0, None, 80.0)
-    >>> next_rate(80.0, [no, ok]) is None  # found on the way down: 1.25x was too much
-    True
+    >>> ok = lambda r: {"offered_per_s": r, "sustainable": True}
+    >>> no = lambda r: {"offered_per_s": r, "sustainable": False}
+    >>> next_rate([ok(100)]), next_rate([no(100)]), next_rate([ok(100), no(125)])
+    (125.0, 80.0, 111.80339887498948)
+    >>> next_rate([ok(100), no(125), ok(112)])  # within 12 %: the sustained 112 stands
+    >>> next_rate([no(100), ok(80)])  # a bisection step on the way down too
+    89.44271909999159
     """
-    if trials[-1]["sustainable"]:
-        return None if len(trials) > 1 and not trials[-2]["sustainable"] else rate * 1.25
-    return None if any(t["sustainable"] for t in trials) else rate * 0.8
+    ok = [t["offered_per_s"] for t in trials if t["sustainable"]]
+    no = [t["offered_per_s"] for t in trials if not t["sustainable"]]
+    if not no:
+        return max(ok) * 1.25
+    if not ok:
+        return min(no) * 0.8
+    low, high = max(ok), min(no)
+    return math.sqrt(low * high) if high > low * RESOLUTION else None
 
 
 def cpu_meter(settings: Settings, fleet: Any) -> CpuMeter:
