@@ -114,7 +114,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                             "challenger; prints scale_ratio")
     bench.add_argument("--probe-requests", type=int, default=40_000,
                        help="requests of the capacity probe (sent as fast as possible)")
-    bench.add_argument("--max-trials", type=int, default=4,
+    bench.add_argument("--max-trials", type=int, default=5,
                        help="rates tried: 0.9 x capacity, up while sustainable, else down, then "
                             "bisected")
     bench.add_argument("--drop-at", type=float, default=0.6,
