@@ -196,8 +196,7 @@ def test_reference_set_through_a_running_monitor(settings: Settings, tmp_path: P
         "from shadowpipe.processors.monitor import reference\n"
         "c = clickhouse_client(Settings.load())\n"
         "p = reference.load(c, 'ref')\n"
-        "r = c.query(\"SELECT DISTINCT reference FROM ref.drift_stats FINAL \"\n"
-        f"           \"WHERE metric = 'feature:{AMOUNT}'\").result_rows\n"
+        f"r = c.query({FEATURE_REFERENCES_SQL!r}).result_rows\n"
         "print(json.dumps({'features': sorted(p['m'].features), 'refs': [x[0] for x in r]}))\n")
     env = {**os.environ, **s.to_env()}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
@@ -207,14 +206,18 @@ def test_reference_set_through_a_running_monitor(settings: Settings, tmp_path: P
     assert found == {"features": sorted([AMOUNT, REGION]), "refs": ["profile"]}
 
 
+# The references the stored feature PSI rows were measured against (database "ref").
+FEATURE_REFERENCES_SQL = ("SELECT DISTINCT reference FROM ref.drift_stats FINAL "
+                          f"WHERE metric = 'feature:{AMOUNT}'")
+
+
 def _feature_references(s: Settings) -> list[str] | None:
-    """The references of the stored feature PSI rows, through the sink's SQL endpoint."""
+    """:data:`FEATURE_REFERENCES_SQL` through the sink's SQL endpoint."""
     import clickhouse_connect
 
     try:
         client = clickhouse_connect.get_client(host="127.0.0.1", port=s.sql_port)
-        rows = client.query("SELECT DISTINCT reference FROM ref.drift_stats FINAL "
-                            f"WHERE metric = 'feature:{AMOUNT}'").result_rows
+        rows = client.query(FEATURE_REFERENCES_SQL).result_rows
     except Exception:  # noqa: BLE001 - not serving yet: asked again
         return None
     return [r[0] for r in rows]
@@ -266,8 +269,7 @@ def test_reference_set_reaches_every_partitioned_monitor(settings: Settings,
         "from shadowpipe.config import Settings\n"
         "from shadowpipe.stores import clickhouse_client\n"
         "c = clickhouse_client(Settings.load())\n"
-        "r = c.query(\"SELECT DISTINCT reference FROM ref.drift_stats FINAL \"\n"
-        f"           \"WHERE metric = 'feature:{AMOUNT}'\").result_rows\n"
+        f"r = c.query({FEATURE_REFERENCES_SQL!r}).result_rows\n"
         "print(json.dumps([x[0] for x in r]))\n")
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **s.to_env()},
                           capture_output=True, text=True, timeout=120)
