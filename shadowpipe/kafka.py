@@ -76,3 +76,72 @@ def check_reachable(settings: Settings, service: str, timeout_s: float = 5.0) ->
             f"no Kafka broker answers at {settings.kafka_bootstrap} ({exc.args[0].str()})",
             service,
         ) from None
+
+
+class EndOffsets:
+    """Each partition's end offset (where its next record will be written), right on every
+    broker: the embedded tansu answers ListOffsets "latest" with the base offset of the
+    partition's last batch + 1, short of the end by the rest of that batch. So the listed
+    offset is checked by reading from the one before it up to the partition's end, where
+    the fetch's high watermark is right (on Kafka the listed offset already is).
+
+    One instance per thread: it owns a consumer that it assigns.
+
+    >>> from shadowpipe.config import Settings
+    >>> ends = EndOffsets(Settings())  # no broker contacted until asked
+    >>> ends({})
+    {}
+    >>> ends.close()
+    """
+
+    def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
+        import uuid
+
+        self.timeout_s = timeout_s
+        # EOF events say "this partition was read to its end"; short fetch waits so an
+        # empty fetch at the end answers at once.
+        self.consumer = consumer(settings, f"shadowpipe-ends-{uuid.uuid4().hex[:8]}",
+                                 **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})
+        self._known: dict[tuple[str, int], tuple[int, int]] = {}  # listed -> true end
+
+    def __call__(self, tps: Any) -> dict[tuple[str, int], int]:
+        """``{(topic, partition): end}`` for the ``TopicPartition`` objects ``tps``."""
+        ends, check = {}, []
+        for tp in tps:
+            key = (tp.topic, tp.partition)
+            low, listed = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s,
+                                                              cached=False)
+            ends[key] = listed
+            known = self._known.get(key)
+            if known and known[0] == listed:  # no new batch since: the same end
+                ends[key] = known[1]
+            elif listed > low:
+                check.append((key, listed))
+        if check:
+            ends.update(self._read_to_end(check))
+            self._known.update({key: (listed, ends[key]) for key, listed in check})
+        return ends
+
+    def _read_to_end(self, check: list[tuple[tuple[str, int], int]]) -> dict[tuple[str, int], int]:
+        import time
+
+        from confluent_kafka import KafkaError, TopicPartition
+
+        self.consumer.assign([TopicPartition(t, p, listed - 1) for (t, p), listed in check])
+        waiting = {key: listed for key, listed in check}
+        ends: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while waiting and time.monotonic() < deadline:
+            for msg in self.consumer.consume(10_000, 0.02):
+                key = (msg.topic(), msg.partition())
+                err = msg.error()
+                if key in waiting and err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    ends[key] = max(msg.offset(), waiting.pop(key))
+        self.consumer.unassign()
+        if waiting:
+            raise KafkaException(f"partitions not read to their end in {self.timeout_s:.0f} s: "
+                                 f"{sorted(waiting)}")
+        return ends
+
+    def close(self) -> None:
+        self.consumer.close()

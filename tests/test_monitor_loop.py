@@ -109,11 +109,10 @@ def test_worker_commits_what_it_stored_in_its_own_group(settings: Settings, tmp_
     for r in records:
         prod.produce(s.topic("joined"), codec.encode("JoinedRecord", r), r["request_id"].encode())
     prod.flush(30)
-    ends = {}
-    meta = kafka.consumer(s, "meta")
-    for p in range(s.partitions):
-        ends[p] = meta.get_watermark_offsets(TopicPartition(s.topic("joined"), p), timeout=10)[1]
-    meta.close()
+    end_offsets = kafka.EndOffsets(s)
+    ends = {p: o for (_, p), o in end_offsets(
+        [TopicPartition(s.topic("joined"), p) for p in range(s.partitions)]).items()}
+    end_offsets.close()
     worker = spawn_cli(s, "worker", "monitor", log=tmp_path / "monitor.log")
     try:
         wait_for(f"the monitor group's commits at the topic's end {ends}",

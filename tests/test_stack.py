@@ -63,6 +63,31 @@ def test_keys_partition_like_java_clients(settings) -> None:
         assert partition == java_partition(key, settings.partitions)
 
 
+def test_end_offsets_count_every_record_of_the_last_batch(settings) -> None:
+    """The embedded broker lists a partition's end as its last batch's base offset + 1;
+    :class:`kafka.EndOffsets` reads on to the real end (a batch at a time, as workers
+    produce)."""
+    from confluent_kafka import TopicPartition
+
+    producer = kafka.producer(settings, **{"linger.ms": 200})
+    topic = settings.topic("feedback")
+    tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+    ends = kafka.EndOffsets(settings)
+    try:
+        assert ends(tps) == {(topic, p): 0 for p in range(settings.partitions)}
+        written = 0
+        for batch in (1, 120, 300):
+            for _ in range(batch):
+                producer.produce(topic, b"x", partition=0)
+            producer.flush(10)
+            written += batch
+            assert ends(tps)[(topic, 0)] == written
+        assert ends(tps)[(topic, 0)] == written  # unchanged: from what it knows
+        assert all(ends(tps)[(topic, p)] == 0 for p in range(1, settings.partitions))
+    finally:
+        ends.close()
+
+
 def test_redis_round_trip(stack_settings) -> None:
     client = redis_client(stack_settings)
     key = f"test:{uuid.uuid4()}"

@@ -314,8 +314,9 @@ def monitor_stages(s: Settings, tps: dict[str, list[Any]]) -> dict[str, tuple[st
 
 
 class Watch(threading.Thread):
-    """Samples every stage's lag, resolves sampled requests' end-to-end latency, and reads
-    the alert topic, on its own thread (librdkafka calls only)."""
+    """Samples every stage's lag (to the partitions' real ends: :class:`~shadowpipe.kafka.
+    EndOffsets`), resolves sampled requests' end-to-end latency, and reads the alert topic,
+    on its own thread (librdkafka calls only)."""
 
     def __init__(self, settings: Settings, traffic: Traffic | None) -> None:
         super().__init__(daemon=True)
@@ -335,7 +336,7 @@ class Watch(threading.Thread):
         }
         self.groups = {name: kafka.consumer(s, group, **{"enable.auto.commit": False})
                        for name, (group, _) in self.stages.items()}
-        self.meta = kafka.consumer(s, f"bench-meta-{uuid.uuid4().hex[:6]}")
+        self.ends = kafka.EndOffsets(s)  # this thread's (the one before start() included)
         self.tps = tps
         self.samples: list[tuple[float, int, dict[str, int], int]] = []  # t, lag, by stage, in
         self.e2e_ms: list[float] = []
@@ -351,11 +352,10 @@ class Watch(threading.Thread):
         from shadowpipe import kafka
 
         consumer = kafka.consumer(self.settings, f"bench-read-{uuid.uuid4().hex[:6]}")
-        consumer.assign([TopicPartition(tp.topic, tp.partition, self.high(tp)) for tp in tps])
+        ends = self.ends(tps)
+        consumer.assign([TopicPartition(tp.topic, tp.partition, ends[(tp.topic, tp.partition)])
+                         for tp in tps])
         return consumer
-
-    def high(self, tp: Any) -> int:
-        return self.meta.get_watermark_offsets(tp, timeout=10, cached=False)[1]
 
     def committed(self, stage: str) -> dict[tuple[str, int], int]:
         group, tps = self.stages[stage]
@@ -364,8 +364,7 @@ class Watch(threading.Thread):
 
     def lag(self) -> tuple[int, dict[str, int], int]:
         """Total lag, lag per stage, and the sum of the stages' input ends."""
-        highs = {(tp.topic, tp.partition): self.high(tp)
-                 for tps in self.tps.values() for tp in tps}
+        highs = self.ends([tp for tps in self.tps.values() for tp in tps])
         by_stage, ends = {}, 0
         for stage, (_, tps) in self.stages.items():
             done = self.committed(stage)
@@ -409,7 +408,7 @@ class Watch(threading.Thread):
         self.stop_event.set()
         if self.ident is not None:  # the probe only samples, without the thread
             self.join(30)
-        for consumer in (*self.groups.values(), self.meta, self._joined, self._alerts):
+        for consumer in (*self.groups.values(), self.ends, self._joined, self._alerts):
             consumer.close()
 
 
@@ -557,9 +556,12 @@ def run_trial(settings: Settings, world: World, args: argparse.Namespace, rate: 
               model: str, meter: CpuMeter) -> dict[str, Any]:
     """Offer ``rate`` for the window; lag, end-to-end latency, drift-to-alert and CPU
     figures (from the first request until the trial's traffic is drained)."""
+    from shadowpipe.kafka import EndOffsets
+
     traffic = Traffic(settings, world, model)
     watch = Watch(settings, traffic)
-    predictions_before = sum(watch.high(tp) for tp in watch.tps["predictions"])
+    ends = EndOffsets(settings)  # the main thread's: the watch's own runs on its thread
+    predictions_before = sum(ends(watch.tps["predictions"]).values())
     watch.start()
     drop: list[float] = []
     say(f"trial: {rate:.0f} requests/s for {args.lag_window_s:.0f} s")
@@ -573,7 +575,8 @@ def run_trial(settings: Settings, world: World, args: argparse.Namespace, rate: 
                       drained - started)
     alert_at = wait_alert(watch, model, end + args.alert_timeout_s)
     time.sleep(1.5)  # the last probes' commits
-    predictions = sum(watch.high(tp) for tp in watch.tps["predictions"]) - predictions_before
+    predictions = sum(ends(watch.tps["predictions"]).values()) - predictions_before
+    ends.close()
     watch.close()
     floor = lag_floor(watch.samples)
     slope, entering = lag_trend(floor, end)
