@@ -98,10 +98,12 @@ class EndOffsets:
         import uuid
 
         self.timeout_s = timeout_s
-        # EOF events say "this partition was read to its end"; short fetch waits so an
-        # empty fetch at the end answers at once.
+        # A fetch answers with the partition's high watermark, right on every broker: one
+        # small fetch per partition (the batch at the listed offset) is all it takes.
         self.consumer = consumer(settings, f"shadowpipe-ends-{uuid.uuid4().hex[:8]}",
-                                 **{"enable.partition.eof": True, "fetch.wait.max.ms": 10})
+                                 **{"enable.partition.eof": True, "fetch.wait.max.ms": 10,
+                                    "max.partition.fetch.bytes": 1, "queued.min.messages": 1,
+                                    "fetch.queue.backoff.ms": 10})
         self._known: dict[tuple[str, int], tuple[int, int]] = {}  # listed -> true end
 
     def __call__(self, tps: Any) -> dict[tuple[str, int], int]:
@@ -123,23 +125,25 @@ class EndOffsets:
         return ends
 
     def _read_to_end(self, check: list[tuple[tuple[str, int], int]]) -> dict[tuple[str, int], int]:
+        """Fetch from the offset before each listed end; the first answer (a record, or
+        end-of-partition) updates librdkafka's cached high watermark, the true end."""
         import time
 
-        from confluent_kafka import KafkaError, TopicPartition
+        from confluent_kafka import TopicPartition
 
-        self.consumer.assign([TopicPartition(t, p, listed - 1) for (t, p), listed in check])
-        waiting = {key: listed for key, listed in check}
+        tps = {key: TopicPartition(*key, listed - 1) for key, listed in check}
+        self.consumer.assign(list(tps.values()))
+        waiting = dict(check)
         ends: dict[tuple[str, int], int] = {}
         deadline = time.monotonic() + self.timeout_s
         while waiting and time.monotonic() < deadline:
-            for msg in self.consumer.consume(10_000, 0.02):
-                key = (msg.topic(), msg.partition())
-                err = msg.error()
-                if key in waiting and err is not None and err.code() == KafkaError._PARTITION_EOF:
-                    ends[key] = max(msg.offset(), waiting.pop(key))
+            for msg in self.consumer.consume(1000, 0.02):
+                if (key := (msg.topic(), msg.partition())) in waiting:
+                    high = self.consumer.get_watermark_offsets(tps[key], cached=True)[1]
+                    ends[key] = max(high, waiting.pop(key))
         self.consumer.unassign()
         if waiting:
-            raise KafkaException(f"partitions not read to their end in {self.timeout_s:.0f} s: "
+            raise KafkaException(f"no fetch answered in {self.timeout_s:.0f} s: "
                                  f"{sorted(waiting)}")
         return ends
 
