@@ -7,9 +7,11 @@ broker answers JoinGroup only after half of it.
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from shadowpipe.config import TOPIC_KINDS, ConfigError, Settings, env_name
@@ -82,8 +84,8 @@ class EndOffsets:
     """Each partition's end offset (where its next record will be written), right on every
     broker: the embedded tansu answers ListOffsets "latest" with the base offset of the
     partition's last batch + 1, short of the end by the rest of that batch. So the listed
-    offset is checked by reading from the one before it up to the partition's end, where
-    the fetch's high watermark is right (on Kafka the listed offset already is).
+    offset is checked with one fetch from the offset before it, whose high watermark is
+    right (on Kafka the listed offset already is).
 
     One instance per thread: it owns a consumer that it assigns.
 
@@ -95,8 +97,6 @@ class EndOffsets:
     """
 
     def __init__(self, settings: Settings, timeout_s: float = 10.0) -> None:
-        import uuid
-
         self.timeout_s = timeout_s
         # A fetch answers with the partition's high watermark, right on every broker: one
         # small fetch per partition (the batch at the listed offset) is all it takes.
@@ -113,24 +113,21 @@ class EndOffsets:
             key = (tp.topic, tp.partition)
             low, listed = self.consumer.get_watermark_offsets(tp, timeout=self.timeout_s,
                                                               cached=False)
-            ends[key] = listed
             known = self._known.get(key)
             if known and known[0] == listed:  # no new batch since: the same end
                 ends[key] = known[1]
             elif listed > low:
                 check.append((key, listed))
+            else:
+                ends[key] = listed  # empty
         if check:
-            ends.update(self._read_to_end(check))
+            ends.update(self._fetched_ends(check))
             self._known.update({key: (listed, ends[key]) for key, listed in check})
         return ends
 
-    def _read_to_end(self, check: list[tuple[tuple[str, int], int]]) -> dict[tuple[str, int], int]:
+    def _fetched_ends(self, check: list[tuple[tuple[str, int], int]]) -> dict[tuple[str, int], int]:
         """Fetch from the offset before each listed end; the first answer (a record, or
         end-of-partition) updates librdkafka's cached high watermark, the true end."""
-        import time
-
-        from confluent_kafka import TopicPartition
-
         tps = {key: TopicPartition(*key, listed - 1) for key, listed in check}
         self.consumer.assign(list(tps.values()))
         waiting = dict(check)
